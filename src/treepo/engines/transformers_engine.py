@@ -1,0 +1,289 @@
+"""The embedded engine: batched segment decoding on a transformers causal LM with a forked KV cache.
+
+State between calls:
+- the *front*: the rows decoded in the last call (one per request that did not stop at EOS),
+  each a KV row plus its pending token (sampled, not yet run through the model);
+- the *roots*: per prompt, the KV of the prompt minus its last token, which is pending.
+
+A request whose parent is in the front starts from a copy of the parent's row (children of one
+parent are repeated rows: prefix shared, nothing re-prefilled). Any other request starts from its
+prompt's root and prefills only the kept prefix (fallback branches), so the prompt is prefilled
+once per rollout. Rows that stop early keep decoding until a quarter of the batch has stopped,
+then the batch is compacted; the front keeps only rows that ran every step of the call.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..config import EngineConfig
+from ..errors import ConfigError, InputError
+from .backends import HFDecoder, LeanDecoder, lean_unsupported_reason
+from .base import EngineStats, SegmentOutput, SegmentRequest
+from .kvcache import RowCache
+from .sampling import sample_tokens
+
+log = logging.getLogger(__name__)
+
+PREFILL_TOKENS_PER_CALL = 4096  # rows x padded length of one prefill forward (bounds activation memory)
+
+
+@dataclass
+class _Rows:
+    """Cached rows and the token each row will feed next."""
+
+    cache: RowCache
+    pending: torch.Tensor  # [B] int64
+    index: dict  # key -> row
+
+
+def eos_token_ids(model, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        getattr(model.config, "eos_token_id", None),
+    ):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(x) for x in source)
+    return frozenset(ids)
+
+
+def context_length(config) -> int:
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def kv_shape(model) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim), read from one real forward so any architecture reports its own."""
+    from transformers import DynamicCache
+
+    probe = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model.device), past_key_values=probe, use_cache=True)
+    shapes = {tuple(layer.keys.shape[1:2]) + tuple(layer.keys.shape[3:]) for layer in probe.layers}
+    kinds = {type(layer).__name__ for layer in probe.layers}
+    if len(shapes) != 1 or kinds != {"DynamicLayer"}:
+        raise InputError(
+            f"{model.config.model_type}: layers with different cache shapes or kinds ({sorted(kinds)}) "
+            "are not supported by the embedded engine; use a model with uniform full attention."
+        )
+    (heads, dim), = shapes
+    return len(probe.layers), heads, dim
+
+
+def choose_decoder(model, backend: str):
+    """The lean decoder where it applies and reproduces the model's own logits, else the HF forward."""
+    if backend == "hf":
+        return HFDecoder(model)
+    reason = lean_unsupported_reason(model)
+    if reason:
+        if backend == "lean":
+            raise ConfigError(f"backend='lean' cannot run this model: {reason}. Use backend='hf' or 'auto'.")
+        log.info("lean decoder not used (%s); using the model's own forward", reason)
+        return HFDecoder(model)
+    lean = LeanDecoder(model)
+    if backend == "auto":
+        vocab = model.config.vocab_size
+        tokens = (torch.arange(1, 10, device=model.device) * 7919 % vocab)[None]  # [1, 9]
+        with torch.inference_mode():
+            ref = model(input_ids=tokens).logits[0, -1].float()
+        shape = kv_shape(model)
+        cache = RowCache.empty(shape, 1, tokens.shape[1], model.dtype, model.device)
+        lean.forward(tokens[:, :-1], cache, want_logits=False)
+        cache.lens += tokens.shape[1] - 1
+        got = lean.forward(tokens[:, -1:], cache, want_logits=True)[0]
+        tol = (1e-3 if model.dtype == torch.float32 else 5e-2) * max(1.0, float(ref.abs().max()))
+        if float((got - ref).abs().max()) > tol:
+            log.warning("lean decoder disagrees with the model's forward; using the model's own forward")
+            return HFDecoder(model)
+    return lean
+
+
+class TransformersEngine:
+    """`Engine` on a loaded transformers model and tokenizer. See `treepo.models.load_engine`."""
+
+    def __init__(self, model, tokenizer, cfg: Optional[EngineConfig] = None, *, seed: int = 0):
+        self.cfg = cfg or EngineConfig()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = model.device
+        self.stats = EngineStats()
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        if not self.eos_ids and not self.cfg.ignore_eos:
+            raise InputError("the model and tokenizer define no EOS token: set one, or run with ignore_eos.")
+        self.max_context = context_length(model.config)
+        self.shape = kv_shape(model)
+        self.decoder = choose_decoder(model, self.cfg.backend)
+        self.generator = torch.Generator(device=self.device)
+        self.reseed(seed)
+        self._eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=self.device)
+        self._front: Optional[_Rows] = None
+        self._roots: dict[int, tuple[tuple[int, ...], _Rows]] = {}
+        self._check_every = 1 if self.device.type == "cpu" else 4  # host syncs for stop checks
+
+    # -- protocol ---------------------------------------------------------------------------
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def release(self, group: int) -> None:
+        self._roots.pop(group, None)
+
+    def generate(self, requests: Sequence[SegmentRequest]) -> list[SegmentOutput]:
+        if not requests:
+            return []
+        self.stats.generate_calls += 1
+        groups = {r.group for r in requests}
+        for g in [g for g in self._roots if g not in groups]:  # a prompt with no request this round is done
+            del self._roots[g]
+
+        # 1. Where each request starts: its parent's row, or its prompt's root plus a prefix to prefill.
+        front = self._front
+        ext: list[list[int]] = []
+        from_front: list[Optional[int]] = []
+        missing: dict[int, tuple[int, ...]] = {}
+        for r in requests:
+            row = front.index.get((r.group, r.parent_id)) if front is not None else None
+            from_front.append(row)
+            ext.append([] if row is not None else [t for chunk in r.context[1:] for t in chunk])
+            if row is None:
+                root = self._roots.get(r.group)
+                if root is None or root[0] != tuple(r.context[0]):
+                    missing[r.group] = tuple(r.context[0])
+        if missing:
+            self._prefill_roots(missing)
+
+        # 2. One batch: rows needing a prefix first (prefilled as one slice), then root children, then front rows.
+        order = sorted(range(len(requests)), key=lambda i: (from_front[i] is not None, not ext[i]))
+        parts = []
+        for i in order:
+            if from_front[i] is not None:
+                parts.append((front, from_front[i]))
+            else:
+                parts.append((self._roots[requests[i].group][1], 0))
+        starts = [int(src.cache.lens[row]) for src, row in parts]
+        m = [requests[i].max_new_tokens for i in order]
+        lengths = [len(ext[i]) for i in order]
+        longest_ext = max(lengths)
+        cap = max(max(s + e + k for s, e, k in zip(starts, lengths, m)), max(starts) + longest_ext) + 1
+        pending = torch.stack([src.pending[row] for src, row in parts])  # [B]
+        cache = RowCache.gather(_runs(parts), cap)
+        del parts, front
+        self._front = None  # the old front's memory can go once gathered
+
+        # 3. Prefill kept prefixes (fallback branches): feed the pending token and all but the prefix's last.
+        n_ext = sum(1 for e in lengths if e)
+        if n_ext:
+            feeds = [[int(pending[j])] + ext[order[j]][:-1] for j in range(n_ext)]
+            self._prefill(cache.view(0, n_ext), feeds)
+            pending[:n_ext] = torch.tensor([ext[order[j]][-1] for j in range(n_ext)], device=self.device)
+
+        # 4. Decode up to max(m) tokens for every row.
+        toks, lps, ents, counts, hit_eos, live_rows = self._decode(cache, pending, torch.tensor(m, device=self.device))
+
+        # 5. Outputs, and the rows the next call may continue from.
+        outputs: list[Optional[SegmentOutput]] = [None] * len(requests)
+        counts_l, eos_l = counts.tolist(), hit_eos.tolist()
+        toks_l, lps_l, ents_l = toks.tolist(), lps.tolist(), ents.tolist()
+        for j, i in enumerate(order):
+            n = counts_l[j]
+            outputs[i] = SegmentOutput(toks_l[j][:n], lps_l[j][:n], ents_l[j][:n], bool(eos_l[j]))
+        self.stats.decode_tokens += sum(counts_l)
+        cache_now, pending_now, alive = live_rows
+        index = {
+            (requests[order[j]].group, requests[order[j]].node_id): row
+            for row, j in enumerate(alive.tolist())
+            if not eos_l[j]
+        }
+        self._front = _Rows(cache_now, pending_now, index) if index else None
+        return outputs  # type: ignore[return-value]
+
+    # -- internals --------------------------------------------------------------------------
+    def _prefill(self, cache: RowCache, feeds: list[list[int]]) -> None:
+        """Run each row's tokens through the model (right-padded), in chunks, advancing `lens`."""
+        self.stats.prefill_tokens += sum(len(f) for f in feeds)
+        longest = max(len(f) for f in feeds)
+        if longest == 0:
+            return
+        per_call = max(1, PREFILL_TOKENS_PER_CALL // longest)
+        for a in range(0, len(feeds), per_call):
+            chunk = feeds[a : a + per_call]
+            width = max(len(f) for f in chunk)
+            tokens = torch.tensor([f + [0] * (width - len(f)) for f in chunk], device=self.device)  # [b, T]
+            view = cache.view(a, a + len(chunk))
+            self.decoder.forward(tokens, view, want_logits=False)
+            view.lens += torch.tensor([len(f) for f in chunk], device=self.device)
+            self.stats.forward_passes += 1
+
+    def _prefill_roots(self, prompts: dict[int, tuple[int, ...]]) -> None:
+        groups = sorted(prompts, key=lambda g: len(prompts[g]))
+        longest = max(len(prompts[g]) for g in groups)
+        cache = RowCache.empty(self.shape, len(groups), max(longest - 1, 1), self.model.dtype, self.device)
+        self._prefill(cache, [list(prompts[g][:-1]) for g in groups])
+        for row, g in enumerate(groups):
+            n = int(cache.lens[row])
+            one = RowCache(cache.kv[:, :, row : row + 1, :, :n].clone(), cache.lens[row : row + 1].clone())
+            last = torch.tensor([prompts[g][-1]], dtype=torch.long, device=self.device)
+            self._roots[g] = (prompts[g], _Rows(one, last, {}))
+
+    def _decode(self, cache: RowCache, pending: torch.Tensor, max_new: torch.Tensor):
+        cfg = self.cfg
+        rows, steps = cache.rows, int(max_new.max())
+        toks = torch.zeros(rows, steps, dtype=torch.long, device=self.device)
+        lps = torch.zeros(rows, steps, device=self.device)
+        ents = torch.zeros(rows, steps, device=self.device)
+        counts = torch.zeros(rows, dtype=torch.long, device=self.device)
+        hit_eos = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        stopped = max_new <= 0
+        alive = torch.arange(rows, device=self.device)  # batch row -> original row
+        ran = 0
+        for step in range(steps):
+            logits = self.decoder.forward(pending[:, None], cache, want_logits=True)  # [b, V]
+            cache.lens += 1
+            self.stats.forward_passes += 1
+            self.stats.computed_decode_rows += cache.rows
+            tok, lp, ent = sample_tokens(logits, cfg.temperature, cfg.top_p, cfg.top_k, self.generator)
+            ran = step + 1
+            live = ~stopped[alive]  # [b]
+            target = alive[live]
+            toks[target, step], lps[target, step], ents[target, step] = tok[live], lp[live], ent[live]
+            counts[target] += 1
+            is_eos = torch.isin(tok, self._eos) if not cfg.ignore_eos else torch.zeros_like(live)
+            hit_eos[target] |= is_eos[live]
+            stopped[alive] |= live & (is_eos | (counts[alive] >= max_new[alive]))
+            pending = tok
+            if (step + 1) % self._check_every and step + 1 < steps:
+                continue
+            n_stopped = int(stopped[alive].sum())
+            if n_stopped == len(alive):
+                break
+            if n_stopped * 4 >= len(alive) and steps - step > 2:  # compact: stop computing stopped rows
+                keep = (~stopped[alive]).nonzero().squeeze(-1)
+                cache, pending, alive = cache.select(keep), pending[keep], alive[keep]
+        # Rows that ran every step hold exactly their context + output (their last token pending).
+        full = (counts[alive] == ran).nonzero().squeeze(-1)
+        live_rows = (cache.select(full), pending[full], alive[full]) if len(full) < len(alive) else (cache, pending, alive)
+        return toks, lps, ents, counts, hit_eos, live_rows
+
+
+def _runs(parts: list[tuple[_Rows, int]]) -> list[tuple[RowCache, torch.Tensor]]:
+    """Group consecutive rows from the same source into (cache, row indices) runs for `RowCache.gather`."""
+    runs: list[tuple[RowCache, list[int]]] = []
+    for src, row in parts:
+        if runs and runs[-1][0] is src.cache:
+            runs[-1][1].append(row)
+        else:
+            runs.append((src.cache, [row]))
+    return [(c, torch.tensor(rows, dtype=torch.long, device=c.kv.device)) for c, rows in runs]

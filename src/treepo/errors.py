@@ -1,0 +1,16 @@
+"""User-facing errors: each message names the field or input at fault and how to fix it.
+
+The CLI prints these without a traceback and exits non-zero; anything else is a bug.
+"""
+
+
+class TreepoError(ValueError):
+    """Base of every error caused by the user's input rather than by treepo."""
+
+
+class ConfigError(TreepoError):
+    """A configuration value that cannot work."""
+
+
+class InputError(TreepoError):
+    """A model path, prompts file, dataset row or prompt that cannot be used."""

@@ -1,0 +1,98 @@
+"""Where prompts come from: reasoning-gym tasks by name, or a JSONL file; and how they are rendered.
+
+Every problem with the source is reported before any model work, naming the task setting or the
+file line at fault.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import InputError
+
+
+@dataclass
+class Prompt:
+    """One task instance: the question, its reference answer (if any) and the source's metadata."""
+
+    question: str
+    answer: Optional[str] = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_task_args(text: Optional[str]) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"task_args={text!r} is not valid JSON ({e.msg}); write e.g. '{{\"min_terms\": 2}}'.") from e
+    if not isinstance(value, dict):
+        raise InputError(f"task_args={text!r} must be a JSON object like '{{\"min_terms\": 2}}'.")
+    return value
+
+
+def load_task(name: str, count: int, seed: int, task_args: Optional[dict[str, Any]] = None) -> list[Prompt]:
+    """`count` problems of a reasoning-gym task (procedurally generated offline)."""
+    import reasoning_gym
+    from reasoning_gym.factory import DATASETS
+
+    if name not in DATASETS:
+        close = difflib.get_close_matches(name, list(DATASETS), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise InputError(f"task={name!r} is not a reasoning-gym task.{hint} See reasoning_gym.factory.DATASETS.")
+    args = task_args or {}
+    try:
+        dataset = reasoning_gym.create_dataset(name, size=count, seed=seed, **args)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise InputError(f"task={name!r} with task_args={json.dumps(args)}: {e}. Fix or drop the setting.") from e
+    return [
+        Prompt(question=entry["question"], answer=str(entry["answer"]), metadata={"task": name, "index": i, **entry})
+        for i, entry in enumerate(dataset)
+    ]
+
+
+def load_jsonl(path: str | Path, count: Optional[int] = None) -> list[Prompt]:
+    """Prompts from a JSONL file: one object per line with a 'prompt' string and an optional 'answer'."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"prompts={str(path)!r}: no such file.")
+    prompts: list[Prompt] = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path} line {number}: not valid JSON ({e.msg}). Each line must be one JSON object.") from e
+            if not isinstance(row, dict):
+                raise InputError(f"{path} line {number}: expected a JSON object with a 'prompt' field.")
+            if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                raise InputError(f"{path} line {number}: missing or empty 'prompt' string field.")
+            answer = row.get("answer")
+            if answer is not None and not isinstance(answer, (str, int, float)):
+                raise InputError(f"{path} line {number}: 'answer' must be a string or a number.")
+            prompts.append(Prompt(question=row["prompt"], answer=None if answer is None else str(answer), metadata=row))
+            if count is not None and len(prompts) == count:
+                break
+    if not prompts:
+        raise InputError(f"{path}: no prompts. Write one JSON object per line, e.g. {{\"prompt\": \"What is 2+2?\"}}.")
+    return prompts
+
+
+def render(prompt: Prompt, tokenizer, system_prompt: str) -> list[int]:
+    """Token ids of the prompt in the model's chat format (a plain layout for tokenizers without a template)."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": prompt.question})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding here
+            ids = ids["input_ids"]
+        return list(ids)
+    text = f"{system_prompt}\n\n{prompt.question}\n\nAnswer:" if system_prompt else f"{prompt.question}\n\nAnswer:"
+    return list(tokenizer(text)["input_ids"])
