@@ -9,7 +9,9 @@ The structural bound is the saving of the ideal tree for a config: every path ru
 with full segments, so the tree forks by `children_total` until it holds `width` paths. For a
 full b-ary tree (width = fanout * b^(d-1)) it is the spec's 1 - b(1 - b^-d) / ((b - 1) d).
 Where branching alone cannot reach `width` leaves by depth d, the missing leaves are counted at
-their cheapest (one regrown segment each), so the figure stays an upper bound.
+their cheapest (one regrown segment each). A run with no early stops (e.g. `--ignore-eos`, no
+answer or repetition stops) saves exactly this; early stops move the measured saving either way
+(budget transfer gives a finished path's forks to the survivors).
 """
 
 from __future__ import annotations

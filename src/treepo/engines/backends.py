@@ -9,9 +9,10 @@ overhead decides speed at small batch:
   any causal LM whose attention goes through `Cache.update` (transformers 5).
 - `LeanDecoder` runs the Llama-family block itself (Llama, Mistral, Qwen2, Qwen3): q/k/v and
   gate/up fused into one matmul each, one mask and one rotary table per call, no per-module
-  hooks. On CPU a small-batch matmul is issued as W @ x^T, which MKL runs 1.3-2.4x faster than
-  x @ W^T for 2-64 rows (measured on 2 cores). Every field is read from the HF modules, so its
-  logits match the model's own forward; `TransformersEngine` checks that before using it.
+  hooks. On CPU (float32) its matmuls use oneDNN with weights packed once, 1.3-2.4x faster than
+  `F.linear` for 2-128 rows on 2 cores. Its fused and packed weights are copies: call `refresh()`
+  after the model's weights change. Its logits match the model's own forward;
+  `TransformersEngine` checks that before using it.
 """
 
 from __future__ import annotations
@@ -69,6 +70,18 @@ def lean_unsupported_reason(model) -> Optional[str]:
     return None
 
 
+def _onednn_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """oneDNN packed float32 linear on CPU, where this torch build has it."""
+    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w, x = torch.randn(8, 4), torch.randn(3, 4)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)
+        return torch.allclose(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), x @ w.t(), atol=1e-5)
+    except (RuntimeError, AttributeError):
+        return False
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -78,52 +91,63 @@ class LeanDecoder:
     """A fused Llama-family decoder reading the HF model's weights (no copies beyond fused matmuls)."""
 
     name = "lean"
-    SMALL_BATCH = 128  # rows up to which the CPU matmul is issued as W @ x^T
 
     def __init__(self, model):
         reason = lean_unsupported_reason(model)
         if reason:
             raise ValueError(reason)
-        cfg, base = model.config, model.model
+        self.model = model
+        cfg = model.config
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.inter = cfg.intermediate_size
+        self.onednn = _onednn_works(model.device, model.dtype)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read (fuse, pack) the model's weights; needed after they change, e.g. an optimizer step."""
+        base = self.model.model
         self.embed = base.embed_tokens.weight
         self.rotary = base.rotary_emb
         self.norm = (base.norm.weight, base.norm.variance_epsilon)
-        self.head_w = model.lm_head.weight
-        self.head_b = getattr(model.lm_head, "bias", None)
-        self.cpu = self.embed.device.type == "cpu"
+        self.head = self._pack(self.model.lm_head.weight, getattr(self.model.lm_head, "bias", None))
         self.layers = [self._fuse(layer) for layer in base.layers]
 
-    @staticmethod
-    def _fuse(layer) -> dict:
+    def _pack(self, w: torch.Tensor, b: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        w, b = w.detach(), (b.detach() if b is not None else None)
+        return (torch.ops.mkldnn._reorder_linear_weight(w, 16), b) if self.onednn else (w, b)
+
+    def _fuse(self, layer) -> dict:
         att, mlp = layer.self_attn, layer.mlp
 
-        def cat(*ts):
-            return None if ts[0] is None else torch.cat(ts, 0).contiguous()
+        def cat(*linears):
+            w = torch.cat([m.weight for m in linears], 0)
+            b = None if linears[0].bias is None else torch.cat([m.bias for m in linears], 0)
+            return self._pack(w, b)
 
         return {
             "ln1": (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
             "ln2": (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
-            "qkv": cat(att.q_proj.weight, att.k_proj.weight, att.v_proj.weight),
-            "qkv_b": cat(att.q_proj.bias, att.k_proj.bias, att.v_proj.bias),
-            "o": att.o_proj.weight,
-            "o_b": att.o_proj.bias,
-            "q_norm": (att.q_norm.weight, att.q_norm.variance_epsilon) if hasattr(att, "q_norm") else None,
-            "k_norm": (att.k_norm.weight, att.k_norm.variance_epsilon) if hasattr(att, "k_norm") else None,
-            "gate_up": cat(mlp.gate_proj.weight, mlp.up_proj.weight),
-            "gate_up_b": cat(mlp.gate_proj.bias, mlp.up_proj.bias),
-            "down": mlp.down_proj.weight,
-            "down_b": mlp.down_proj.bias,
+            "qkv": cat(att.q_proj, att.k_proj, att.v_proj),
+            "o": cat(att.o_proj),
+            "qk_norm": self._qk_norm(att),
+            "gate_up": cat(mlp.gate_proj, mlp.up_proj),
+            "down": cat(mlp.down_proj),
         }
 
-    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-        # x: [N, in] row-major -> [N, out] row-major
-        if self.cpu and x.shape[0] <= self.SMALL_BATCH:
-            y = torch.mm(w, x.t()).t().contiguous()  # [out, N] -> [N, out]; faster MKL path for small N
-            return y + b if b is not None else y
+    def _qk_norm(self, att) -> Optional[tuple[torch.Tensor, float]]:
+        """Qwen3's q_norm and k_norm as one per-head weight [H + KV, D] (same eps), or None."""
+        if not hasattr(att, "q_norm"):
+            return None
+        h, kvh = self.heads, self.kv_heads
+        weight = torch.cat([att.q_norm.weight.expand(h, -1), att.k_norm.weight.expand(kvh, -1)]).detach()
+        return weight, att.q_norm.variance_epsilon
+
+    def _linear(self, x: torch.Tensor, weight: tuple[torch.Tensor, Optional[torch.Tensor]]) -> torch.Tensor:
+        w, b = weight  # x: [N, in] -> [N, out]
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
         return F.linear(x, w, b)
 
     @staticmethod
@@ -140,31 +164,29 @@ class LeanDecoder:
         x = self.embed[tokens]  # [B, T, hidden]
         positions = lens[:, None] + torch.arange(t, device=tokens.device)  # [B, T]
         cos, sin = self.rotary(x, positions)  # [B, T, D] each
-        cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]
+        cos, sin = cos[:, :, None], sin[:, :, None]  # [B, T, 1, D]: broadcast over heads
         rows, cols = write_columns(lens, t)  # [B, 1], [B, T]
         # One decode token per row at equal lengths sees every column: no mask needed.
         uniform = t == 1 and bool((lens == lens[0]).all())
         mask = None if uniform else attention_mask(lens, t, kv_len)  # [B, 1, T, S]
         x = x.reshape(n, -1)  # [N, hidden]
         for i, ly in enumerate(self.layers):
-            hs = self._rms(x, ly["ln1"])
-            q, k, v = self._linear(hs, ly["qkv"], ly["qkv_b"]).split([h * d, kvh * d, kvh * d], dim=-1)
-            q, k, v = q.reshape(b, t, h, d), k.reshape(b, t, kvh, d), v.reshape(b, t, kvh, d)
-            if ly["q_norm"] is not None:  # Qwen3: per-head RMSNorm before rotary
-                q, k = self._rms(q, ly["q_norm"]), self._rms(k, ly["k_norm"])
-            q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D], [B, H_kv, T, D]
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            keys, values = cache.kv[i, 0], cache.kv[i, 1]  # [B, H_kv, cap, D]
-            keys[rows, :, cols] = k.transpose(1, 2).to(keys.dtype)  # [B, T, H_kv, D] at (r, c)
+            qkv = self._linear(self._rms(x, ly["ln1"]), ly["qkv"]).view(b, t, h + 2 * kvh, d)  # [B, T, H+2KV, D]
+            qk, v = qkv[:, :, : h + kvh], qkv[:, :, h + kvh :]  # [B, T, H+KV, D], [B, T, KV, D]
+            if ly["qk_norm"] is not None:  # Qwen3: per-head RMSNorm of q and k before rotary
+                qk = self._rms(qk, ly["qk_norm"])
+            qk = qk * cos + _rotate_half(qk) * sin  # rotary for q and k in one pass
+            q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:]  # [B, H, T, D], [B, T, KV, D]
+            keys, values = cache.kv[i, 0], cache.kv[i, 1]  # [B, KV, cap, D]
+            keys[rows, :, cols] = k.to(keys.dtype)  # each (row, column) gets a [KV, D] slice
             values[rows, :, cols] = v.to(values.dtype)
             a = F.scaled_dot_product_attention(
                 q, keys[:, :, :kv_len], values[:, :, :kv_len], attn_mask=mask, enable_gqa=kvh != h
             )  # [B, H, T, D]
-            x = x + self._linear(a.transpose(1, 2).reshape(n, h * d), ly["o"], ly["o_b"])
-            gate, up = self._linear(self._rms(x, ly["ln2"]), ly["gate_up"], ly["gate_up_b"]).split(self.inter, dim=-1)
-            x = x + self._linear(F.silu(gate) * up, ly["down"], ly["down_b"])  # [N, hidden]
+            x = x + self._linear(a.transpose(1, 2).reshape(n, h * d), ly["o"])
+            gate, up = self._linear(self._rms(x, ly["ln2"]), ly["gate_up"]).split(self.inter, dim=-1)
+            x = x + self._linear(F.silu(gate) * up, ly["down"])  # [N, hidden]
         if not want_logits:
             return None
         last = x.reshape(b, t, -1)[:, -1]  # [B, hidden]
-        return self._linear(self._rms(last, self.norm), self.head_w, self.head_b).float()  # [B, V]
+        return self._linear(self._rms(last, self.norm), self.head).float()  # [B, V]

@@ -71,6 +71,7 @@ class Engine(Protocol):
 
     stats: EngineStats
     max_context: int  # most tokens (prompt + response) one sequence may hold
+    tokenizer: object  # a transformers tokenizer: renders prompts (chat template) and decodes
 
     def generate(self, requests: Sequence[SegmentRequest]) -> list[SegmentOutput]:
         """Decode up to `max_new_tokens` for every request (stopping at EOS unless ignored), batched."""

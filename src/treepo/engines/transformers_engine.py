@@ -29,7 +29,7 @@ from .sampling import sample_tokens
 
 log = logging.getLogger(__name__)
 
-PREFILL_TOKENS_PER_CALL = 4096  # rows x padded length of one prefill forward (bounds activation memory)
+PREFILL_TOKENS_PER_CALL = 2048  # rows x padded length of one prefill forward (bounds memory and padding)
 
 
 @dataclass
@@ -166,7 +166,7 @@ class TransformersEngine:
             self._prefill_roots(missing)
 
         # 2. One batch: rows needing a prefix first (prefilled as one slice), then root children, then front rows.
-        order = sorted(range(len(requests)), key=lambda i: (from_front[i] is not None, not ext[i]))
+        order = sorted(range(len(requests)), key=lambda i: (from_front[i] is not None, not ext[i], len(ext[i])))
         parts = []
         for i in order:
             if from_front[i] is not None:
@@ -212,20 +212,26 @@ class TransformersEngine:
 
     # -- internals --------------------------------------------------------------------------
     def _prefill(self, cache: RowCache, feeds: list[list[int]]) -> None:
-        """Run each row's tokens through the model (right-padded), in chunks, advancing `lens`."""
+        """Run each row's tokens through the model, advancing `lens`.
+
+        Rows go in chunks of consecutive rows, each right-padded to its longest row and holding at
+        most PREFILL_TOKENS_PER_CALL padded tokens; callers put rows in length order so that
+        chunks hold rows of similar length and little padding.
+        """
         self.stats.prefill_tokens += sum(len(f) for f in feeds)
-        longest = max(len(f) for f in feeds)
-        if longest == 0:
-            return
-        per_call = max(1, PREFILL_TOKENS_PER_CALL // longest)
-        for a in range(0, len(feeds), per_call):
-            chunk = feeds[a : a + per_call]
-            width = max(len(f) for f in chunk)
-            tokens = torch.tensor([f + [0] * (width - len(f)) for f in chunk], device=self.device)  # [b, T]
-            view = cache.view(a, a + len(chunk))
-            self.decoder.forward(tokens, view, want_logits=False)
-            view.lens += torch.tensor([len(f) for f in chunk], device=self.device)
-            self.stats.forward_passes += 1
+        a = 0
+        while a < len(feeds):
+            z, width = a + 1, len(feeds[a])
+            while z < len(feeds) and (z + 1 - a) * max(width, len(feeds[z])) <= PREFILL_TOKENS_PER_CALL:
+                width = max(width, len(feeds[z]))
+                z += 1
+            if width:
+                tokens = torch.tensor([f + [0] * (width - len(f)) for f in feeds[a:z]], device=self.device)  # [b, T]
+                view = cache.view(a, z)
+                self.decoder.forward(tokens, view, want_logits=False)
+                view.lens += torch.tensor([len(f) for f in feeds[a:z]], device=self.device)
+                self.stats.forward_passes += 1
+            a = z
 
     def _prefill_roots(self, prompts: dict[int, tuple[int, ...]]) -> None:
         groups = sorted(prompts, key=lambda g: len(prompts[g]))

