@@ -43,6 +43,7 @@ def check_tree_against_engine(tree: PromptTree, engine: FakeEngine, cfg: Sampler
         starts = [0] + traj.segment_ends[:-1]
         for k, (a, b) in enumerate(zip(starts, traj.segment_ends), start=1):
             assert traj.token_ids[a:b] == engine.generated[(tree.prompt_index, leaf[:k])][: b - a]
+            assert (tree.nodes[leaf[:k]].start, tree.nodes[leaf[:k]].end) == (a, b)  # the node's token span
         assert len(traj.token_ids) <= cfg.response_budget
         assert len(traj.logprobs) == len(traj.token_ids) == len(traj.entropies)
     # every request's context is the prompt plus the generated tokens of its ancestors

@@ -265,6 +265,7 @@ class TreeSampler:
             logprobs=list(out.logprobs[:n]),
             entropies=list(out.entropies[:n]),
             text=self.engine.decode(out.token_ids[:n]),
+            start=sum(len(chunk) for chunk in req.context[1:]),
             hit_eos=out.hit_eos and n == len(out.token_ids),
             fallback=fallback,
         )

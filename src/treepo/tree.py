@@ -28,6 +28,7 @@ class Node:
     logprobs: list[float]
     entropies: list[float]
     text: str = ""
+    start: int = 0  # offset of the segment's first token in the response: its tokens are [start, end)
     hit_eos: bool = False
     finish_reason: Optional[str] = None  # set when the path ends at this node (a leaf)
     fallback: bool = False  # created by backtracking from finished paths
@@ -40,6 +41,10 @@ class Node:
     def depth(self) -> int:
         return len(self.id)
 
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
+
     def __len__(self) -> int:
         return len(self.token_ids)
 
@@ -50,6 +55,7 @@ class Node:
             "logprobs": self.logprobs,
             "entropies": self.entropies,
             "text": self.text,
+            "start": self.start,
             "hit_eos": self.hit_eos,
             "finish_reason": self.finish_reason,
             "fallback": self.fallback,
