@@ -24,16 +24,19 @@ class Prompt:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_task_args(text: Optional[str]) -> dict[str, Any]:
-    if not text:
-        return {}
+def json_object(text: str, where: str, example: str) -> dict[str, Any]:
+    """Parse one JSON object; an error names `where` the text came from and shows an `example`."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputError(f"task_args={text!r} is not valid JSON ({e.msg}); write e.g. '{{\"min_terms\": 2}}'.") from e
+        raise InputError(f"{where}: not valid JSON ({e.msg}); write one JSON object, e.g. {example}.") from e
     if not isinstance(value, dict):
-        raise InputError(f"task_args={text!r} must be a JSON object like '{{\"min_terms\": 2}}'.")
+        raise InputError(f"{where}: expected a JSON object, e.g. {example}.")
     return value
+
+
+def parse_task_args(text: Optional[str]) -> dict[str, Any]:
+    return json_object(text, f"task_args={text!r}", '{"min_terms": 2}') if text else {}
 
 
 def load_task(name: str, count: int, seed: int, task_args: Optional[dict[str, Any]] = None) -> list[Prompt]:
@@ -66,12 +69,7 @@ def load_jsonl(path: str | Path, count: Optional[int] = None) -> list[Prompt]:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path} line {number}: not valid JSON ({e.msg}). Each line must be one JSON object.") from e
-            if not isinstance(row, dict):
-                raise InputError(f"{path} line {number}: expected a JSON object with a 'prompt' field.")
+            row = json_object(line, f"{path} line {number}", '{"prompt": "What is 2+2?", "answer": "4"}')
             if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
                 raise InputError(f"{path} line {number}: missing or empty 'prompt' string field.")
             answer = row.get("answer")
