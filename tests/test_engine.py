@@ -157,3 +157,60 @@ def test_inverse_cdf_draw_matches_the_weights_and_never_picks_a_zero():
     freq = torch.bincount(picks, minlength=4).float() / len(picks)
     assert freq[1] == 0
     assert torch.allclose(freq, torch.tensor([0.1, 0.0, 0.6, 0.3]), atol=0.015)
+
+
+@pytest.mark.parametrize("check_every", [1, 4])  # 4 = the CUDA setting: stopped rows run several extra steps
+def test_rows_with_long_contexts_and_short_budgets_stay_inside_the_cache(check_every):
+    eng = engine(temperature=0.0, ignore_eos=True)
+    eng._check_every = check_every
+    long_prompt = tuple(range(2, 202))
+    requests = [SegmentRequest(0, (0,), (long_prompt,), 2)] + [
+        SegmentRequest(i, (0,), (tuple(tiny.prompts()[2]),), 40) for i in range(1, 8)
+    ]
+    out = eng.generate(requests)
+    assert [len(o.token_ids) for o in out] == [2] + [40] * 7
+    for req, o in zip(requests, out):
+        assert o.token_ids == greedy_reference(eng.model, req.context_ids(), req.max_new_tokens)
+
+
+def test_fallback_siblings_share_one_prefill_of_their_kept_prefix():
+    eng = engine(temperature=0.0, ignore_eos=True)
+    p = tuple(tiny.prompts()[0])
+    prefix = tuple(tiny.tokenizer()("the lazy dog while the cat sleeps")["input_ids"])
+    eng.generate([SegmentRequest(0, (0,), (p,), 3)])  # the prompt's root is now cached
+    before = eng.stats.prefill_tokens
+    siblings = [SegmentRequest(0, (0, k), (p, prefix), 4) for k in (1, 2, 3)]
+    out = eng.generate(siblings)
+    assert eng.stats.prefill_tokens - before == len(prefix)  # once, not three times
+    assert out[0].token_ids == out[1].token_ids == out[2].token_ids == greedy_reference(eng.model, p + prefix, 4)
+
+
+def test_a_front_row_is_only_reused_for_the_same_context():
+    eng = engine(temperature=0.0, ignore_eos=True)
+    p = tuple(tiny.prompts()[0])
+    first = eng.generate([SegmentRequest(0, (0,), (p,), 3)])[0]
+    # same parent id (0,), but a different parent segment: must not continue the cached row
+    other = tuple(t for t in tiny.tokenizer()("fox jumps")["input_ids"])
+    assert other != tuple(first.token_ids)
+    out = eng.generate([SegmentRequest(0, (0, 0), (p, other), 3)])[0]
+    assert out.token_ids == greedy_reference(eng.model, p + other, 3)
+
+
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_rollouts_with_frequent_eos_and_fallbacks_keep_exact_logprobs(check_every):
+    model = tiny.model()
+    model.generation_config.eos_token_id = [t for t in range(2, model.config.vocab_size) if t % 5 == 0]
+    eng = TransformersEngine(model, tiny.tokenizer(), EngineConfig(temperature=1.0))
+    eng._check_every = check_every
+    # root fan-out 1, b=2, depth 3 reaches only 4 of 8 leaves: fallbacks must cut at depth 2 and keep a prefix
+    cfg = SamplerConfig(width=8, depth=3, segment_len=4, branching=2, init_divergence=1, seed=5, answer_policy="none",
+                        rep_count=0, fallback_policy="any", fallback_max_backtrack=1, max_response_tokens=10)
+    result = TreeSampler(cfg, eng).rollout(tiny.prompts())
+    deep_fallbacks = [n for t in result.trees for n in t.nodes.values() if n.fallback and n.depth >= 3]
+    assert len(deep_fallbacks) >= 3, "the scenario must exercise fallbacks that keep a prefix"
+    assert any(n.hit_eos for t in result.trees for n in t.nodes.values()), "and rows that stop at EOS"
+    for tree in result.trees:
+        assert len(tree.leaves) == 8
+        for traj in tree.trajectories():
+            lp, _ = full_forward_logprobs(model, tree.prompt_ids, traj.token_ids)
+            assert torch.allclose(torch.tensor(traj.logprobs), lp, atol=1e-4), traj.node_path

@@ -7,9 +7,11 @@ State between calls:
 
 A request whose parent is in the front starts from a copy of the parent's row (children of one
 parent are repeated rows: prefix shared, nothing re-prefilled). Any other request starts from its
-prompt's root and prefills only the kept prefix (fallback branches), so the prompt is prefilled
-once per rollout. Rows that stop early keep decoding until a quarter of the batch has stopped,
-then the batch is compacted; the front keeps only rows that ran every step of the call.
+prompt's root, and a fallback branch from a staged row holding its kept prefix, prefilled once
+per fork point however many siblings grow there; so the prompt is prefilled once per rollout.
+Rows that stop early stay in the batch (their cache no longer advancing) until a quarter of the
+batch has stopped, then the batch is compacted; on CUDA that check runs every 4 steps to limit
+host syncs. The front keeps only rows that ran every step of the call.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class _Rows:
     cache: RowCache
     pending: torch.Tensor  # [B] int64
     index: dict  # key -> row
+    lengths: list[int]  # cache.lens on the host: positions cached per row
 
 
 def eos_token_ids(model, tokenizer) -> frozenset[int]:
@@ -149,51 +152,26 @@ class TransformersEngine:
         for g in [g for g in self._roots if g not in groups]:  # a prompt with no request this round is done
             del self._roots[g]
 
-        # 1. Where each request starts: its parent's row, or its prompt's root plus a prefix to prefill.
-        front = self._front
-        ext: list[list[int]] = []
-        from_front: list[Optional[int]] = []
-        missing: dict[int, tuple[int, ...]] = {}
-        for r in requests:
-            row = front.index.get((r.group, r.parent_id)) if front is not None else None
-            from_front.append(row)
-            ext.append([] if row is not None else [t for chunk in r.context[1:] for t in chunk])
-            if row is None:
-                root = self._roots.get(r.group)
-                if root is None or root[0] != tuple(r.context[0]):
-                    missing[r.group] = tuple(r.context[0])
-        if missing:
-            self._prefill_roots(missing)
-
-        # 2. One batch: rows needing a prefix first (prefilled as one slice), then root children, then front rows.
-        order = sorted(range(len(requests)), key=lambda i: (from_front[i] is not None, not ext[i], len(ext[i])))
-        parts = []
-        for i in order:
-            if from_front[i] is not None:
-                parts.append((front, from_front[i]))
-            else:
-                parts.append((self._roots[requests[i].group][1], 0))
-        starts = [int(src.cache.lens[row]) for src, row in parts]
+        # 1. Where each request's state comes from, and one batch with rows from the same source adjacent.
+        sources = self._sources(requests)
+        rank: dict[int, int] = {}
+        for src, _ in sources:
+            rank.setdefault(id(src), len(rank))
+        order = sorted(range(len(requests)), key=lambda i: (rank[id(sources[i][0])], sources[i][1]))
+        parts = [sources[i] for i in order]
         m = [requests[i].max_new_tokens for i in order]
-        lengths = [len(ext[i]) for i in order]
-        longest_ext = max(lengths)
-        cap = max(max(s + e + k for s, e, k in zip(starts, lengths, m)), max(starts) + longest_ext) + 1
+        cap = max(src.lengths[row] + k for (src, row), k in zip(parts, m)) + 1
         pending = torch.stack([src.pending[row] for src, row in parts])  # [B]
         cache = RowCache.gather(_runs(parts), cap)
-        del parts, front
+        del parts, sources
         self._front = None  # the old front's memory can go once gathered
 
-        # 3. Prefill kept prefixes (fallback branches): feed the pending token and all but the prefix's last.
-        n_ext = sum(1 for e in lengths if e)
-        if n_ext:
-            feeds = [[int(pending[j])] + ext[order[j]][:-1] for j in range(n_ext)]
-            self._prefill(cache.view(0, n_ext), feeds)
-            pending[:n_ext] = torch.tensor([ext[order[j]][-1] for j in range(n_ext)], device=self.device)
+        # 2. Decode up to max(m) tokens for every row.
+        toks, lps, ents, counts, hit_eos, (kept, kept_pending, alive) = self._decode(
+            cache, pending, torch.tensor(m, device=self.device)
+        )
 
-        # 4. Decode up to max(m) tokens for every row.
-        toks, lps, ents, counts, hit_eos, live_rows = self._decode(cache, pending, torch.tensor(m, device=self.device))
-
-        # 5. Outputs, and the rows the next call may continue from.
+        # 3. Outputs, and the rows the next call may continue from (those that ran every step, no EOS).
         outputs: list[Optional[SegmentOutput]] = [None] * len(requests)
         counts_l, eos_l = counts.tolist(), hit_eos.tolist()
         toks_l, lps_l, ents_l = toks.tolist(), lps.tolist(), ents.tolist()
@@ -201,16 +179,66 @@ class TransformersEngine:
             n = counts_l[j]
             outputs[i] = SegmentOutput(toks_l[j][:n], lps_l[j][:n], ents_l[j][:n], bool(eos_l[j]))
         self.stats.decode_tokens += sum(counts_l)
-        cache_now, pending_now, alive = live_rows
         index = {
             (requests[order[j]].group, requests[order[j]].node_id): row
             for row, j in enumerate(alive.tolist())
             if not eos_l[j]
         }
-        self._front = _Rows(cache_now, pending_now, index) if index else None
+        self._front = _Rows(kept, kept_pending, index, kept.lens.tolist()) if index else None
         return outputs  # type: ignore[return-value]
 
     # -- internals --------------------------------------------------------------------------
+    def _sources(self, requests: Sequence[SegmentRequest]) -> list[tuple[_Rows, int]]:
+        """(rows, row) holding each request's context, all but its last token cached.
+
+        A child of a node decoded in the last call continues that node's row. A child of the root
+        starts from its prompt's root (prefilled once per prompt). Any other request (a fallback
+        branch) starts from a staged row: root + its kept prefix, prefilled once per fork point
+        however many siblings grow from it.
+        """
+        front = self._front
+        prefixes: dict[tuple[int, tuple], list[int]] = {}
+        missing: dict[int, tuple[int, ...]] = {}
+        where: list[tuple[str, object]] = []
+        for r in requests:
+            key = (r.group, r.parent_id)
+            row = front.index.get(key) if front is not None else None
+            # A front row continues a request only if it holds exactly this context (prompt + prefix).
+            if row is not None and front.lengths[row] + 1 == sum(len(chunk) for chunk in r.context):
+                where.append(("front", row))
+                continue
+            root = self._roots.get(r.group)
+            if root is None or root[0] != tuple(r.context[0]):
+                missing[r.group] = tuple(r.context[0])
+            if len(r.context) == 1:
+                where.append(("root", r.group))
+            else:
+                prefixes.setdefault(key, [t for chunk in r.context[1:] for t in chunk])
+                where.append(("prefix", key))
+        if missing:
+            self._prefill_roots(missing)
+        staged = self._prefill_prefixes(prefixes) if prefixes else None
+        out: list[tuple[_Rows, int]] = []
+        for kind, ref in where:
+            if kind == "front":
+                out.append((front, ref))  # type: ignore[arg-type]
+            elif kind == "root":
+                out.append((self._roots[ref][1], 0))  # type: ignore[index]
+            else:
+                out.append((staged, staged.index[ref]))  # type: ignore[union-attr]
+        return out
+
+    def _prefill_prefixes(self, prefixes: dict[tuple[int, tuple], list[int]]) -> _Rows:
+        """One row per fork point: its prompt's root plus the kept prefix, prefilled."""
+        keys = sorted(prefixes, key=lambda k: len(prefixes[k]))  # similar lengths share a prefill chunk
+        roots = [self._roots[group][1] for group, _ in keys]
+        cap = max(root.lengths[0] for root in roots) + max(len(p) for p in prefixes.values()) + 1
+        cache = RowCache.gather(_runs([(root, 0) for root in roots]), cap)
+        # Feed the root's pending token and all but the prefix's last token, which becomes pending.
+        self._prefill(cache, [[int(root.pending[0])] + prefixes[k][:-1] for root, k in zip(roots, keys)])
+        pending = torch.tensor([prefixes[k][-1] for k in keys], dtype=torch.long, device=self.device)
+        return _Rows(cache, pending, {k: i for i, k in enumerate(keys)}, cache.lens.tolist())
+
     def _prefill(self, cache: RowCache, feeds: list[list[int]]) -> None:
         """Run each row's tokens through the model, advancing `lens`.
 
@@ -239,10 +267,10 @@ class TransformersEngine:
         cache = RowCache.empty(self.shape, len(groups), max(longest - 1, 1), self.model.dtype, self.device)
         self._prefill(cache, [list(prompts[g][:-1]) for g in groups])
         for row, g in enumerate(groups):
-            n = int(cache.lens[row])
+            n = len(prompts[g]) - 1
             one = RowCache(cache.kv[:, :, row : row + 1, :, :n].clone(), cache.lens[row : row + 1].clone())
             last = torch.tensor([prompts[g][-1]], dtype=torch.long, device=self.device)
-            self._roots[g] = (prompts[g], _Rows(one, last, {}))
+            self._roots[g] = (prompts[g], _Rows(one, last, {}, [n]))
 
     def _decode(self, cache: RowCache, pending: torch.Tensor, max_new: torch.Tensor):
         cfg = self.cfg
@@ -257,7 +285,9 @@ class TransformersEngine:
         ran = 0
         for step in range(steps):
             logits = self.decoder.forward(pending[:, None], cache, want_logits=True)  # [b, V]
-            cache.lens += 1
+            # A stopped row still runs (until compaction) but keeps rewriting one column past its
+            # output, so no row outgrows the capacity or the positions that its request asked for.
+            cache.lens += (~stopped[alive]).long()
             self.stats.forward_passes += 1
             self.stats.computed_decode_rows += cache.rows
             tok, lp, ent = sample_tokens(logits, cfg.temperature, cfg.top_p, cfg.top_k, self.generator)
