@@ -162,3 +162,33 @@ def test_installed_command_exits_2_without_a_traceback(tmp_path):
                           capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 2
     assert "width=0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unusable_out_and_device_and_predicate_fail_before_any_work(model_dir, prompts_file, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    base = ["rollout", "--model", str(model_dir), "--prompts", str(prompts_file)]
+    assert cli.main(base + ["--out", str(blocker / "run")]) == 2
+    assert "cannot create or write it" in capsys.readouterr().err
+    assert cli.main(base + ["--out", str(blocker)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert cli.main(base + ["--out", str(tmp_path / "o"), "--device", "cudafoo"]) == 2
+    assert "device='cudafoo'" in capsys.readouterr().err
+    # the predicate is imported before the (here nonexistent) model is looked at
+    assert cli.main(["rollout", "--model", "/no/model", "--prompts", str(prompts_file), "--out", str(tmp_path / "o"),
+                     "--answer-predicate", "no_such_module:fn"]) == 2
+    assert "cannot import module 'no_such_module'" in capsys.readouterr().err
+    assert cli.main(base + ["--out", str(tmp_path / "o"), "--answer-predicate", "m:f", "--answer-policy", "none"]) == 2
+    assert "drop one of the two" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_custom_answer_predicate_ends_paths(model_dir, prompts_file, tmp_path, monkeypatch):
+    mod = tmp_path / "mypred.py"
+    mod.write_text("def always(text):\n    return True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    assert rollout(model_dir, prompts_file, out, "--answer-predicate", "mypred:always", "--answer-policy",
+                   "boxed_as_eos") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finish_reasons"].get("answer", 0) >= 1

@@ -214,3 +214,23 @@ def test_rollouts_with_frequent_eos_and_fallbacks_keep_exact_logprobs(check_ever
         for traj in tree.trajectories():
             lp, _ = full_forward_logprobs(model, tree.prompt_ids, traj.token_ids)
             assert torch.allclose(torch.tensor(traj.logprobs), lp, atol=1e-4), traj.node_path
+
+
+def test_rows_from_mixed_sources_are_continued_from_the_right_row_next_call():
+    eng = engine(temperature=0.0, ignore_eos=True)
+    ps = [tuple(p) for p in tiny.prompts()]
+    r1 = eng.generate([SegmentRequest(0, (0,), (ps[0],), 3), SegmentRequest(2, (0,), (ps[2],), 3)])
+    prefix = tuple(tiny.tokenizer()("the cat sleeps")["input_ids"])
+    # front row, staged fallback row, front row: the batch reorders them by source
+    round2 = [
+        SegmentRequest(0, (0, 0), (ps[0], tuple(r1[0].token_ids)), 3),
+        SegmentRequest(1, (4, 0), (ps[1], prefix), 3),
+        SegmentRequest(2, (0, 0), (ps[2], tuple(r1[1].token_ids)), 3),
+    ]
+    r2 = eng.generate(round2)
+    round3 = [SegmentRequest(r.group, r.node_id + (0,), r.context + (tuple(o.token_ids),), 3) for r, o in zip(round2, r2)]
+    before = eng.stats.prefill_tokens
+    r3 = eng.generate(round3)
+    assert eng.stats.prefill_tokens == before  # every row continued from the front: nothing prefilled
+    for req, o in zip(round3, r3):
+        assert o.token_ids == greedy_reference(eng.model, req.context_ids(), 3)

@@ -329,8 +329,72 @@ def test_prompt_longer_than_context_is_refused_before_any_work():
         ({"width": 4, "init_divergence": 6}, "init_divergence=6 exceeds width=4"),
         ({"rep_count": 1}, "rep_count=1"),
         ({"answer_predicate": "nocolon"}, "module:function"),
+        ({"fallback_max_backtrack": -1}, "fallback_max_backtrack=-1"),
+        ({"divergence_temperature": 0.0}, "divergence_temperature=0.0"),
+        ({"divergence_temperature_end": -1.0}, "divergence_temperature_end=-1.0"),
     ],
 )
 def test_bad_sampler_config_names_the_field(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         SamplerConfig(**kwargs)
+
+
+def test_fallback_that_keeps_a_prefix_rebuilds_the_whole_context():
+    # fan-out 1, b=2, depth 3 reaches 4 of 8 leaves; backtracking one segment forks at depth 2
+    cfg = SamplerConfig(width=8, depth=3, segment_len=2, branching=2, init_divergence=1,
+                        fallback_policy="any", fallback_max_backtrack=1)
+    engine = FakeEngine()
+    tree = run(cfg, engine, PROMPTS[:1]).trees[0]
+    deep = [n for n in tree.nodes.values() if n.fallback]
+    assert deep and all(n.depth == 3 for n in deep)
+    check_tree_against_engine(tree, engine, cfg)  # each fallback request carried prompt + 2 segments
+
+
+def test_finished_policy_reopens_only_answer_or_eos_paths():
+    cfg = SamplerConfig(width=8, depth=4, branching=2, fallback_policy="finished")
+    tree = PromptTree(prompt_index=0, prompt_ids=[65])
+    for nid, reason in [((0,), None), ((0, 0), "depth"), ((1,), None), ((1, 0), "eos")]:
+        tree.nodes[nid] = Node(nid, [66], [-0.1], [0.1], finish_reason=reason)
+    tree.leaves = [(0, 0), (1, 0)]
+    under_depth_leaf = lambda plan: any(len(p) >= 2 and p[0] == 0 for p in plan)  # noqa: E731
+    for seed in range(20):  # 'finished' never reopens the depth-finished path (0, 0)
+        assert not under_depth_leaf(plan_fallback(tree, 6, cfg, random.Random(seed)))
+    any_cfg = SamplerConfig(width=8, depth=4, branching=2, fallback_policy="any")
+    assert any(under_depth_leaf(plan_fallback(tree, 6, any_cfg, random.Random(seed))) for seed in range(20))
+
+
+def test_path_scores_use_the_configured_statistic():
+    from treepo.sampler import path_score
+
+    tree = PromptTree(prompt_index=0, prompt_ids=[65])
+    tree.nodes[(0,)] = Node((0,), [1, 2], [-1.0, -3.0], [0.5, 1.5])
+    tree.nodes[(0, 0)] = Node((0, 0), [3], [-2.0], [4.0])
+    node = tree.nodes[(0, 0)]
+    assert path_score(tree, node, SamplerConfig(divergence_policy="high_prob", divergence_score="last_mean")) == -2.0
+    assert path_score(tree, node, SamplerConfig(divergence_policy="high_prob", divergence_score="path_mean")) == -2.0
+    assert path_score(tree, node, SamplerConfig(divergence_policy="high_prob", divergence_score="path_sum")) == -6.0
+    assert path_score(tree, node, SamplerConfig(divergence_policy="low_prob", divergence_score="path_sum")) == 6.0
+    assert path_score(tree, node, SamplerConfig(divergence_policy="entropy")) == 4.0
+
+
+def test_max_tokens_comes_before_depth_when_both_apply():
+    cfg = SamplerConfig(width=1, depth=2, segment_len=3, branching=1, max_response_tokens=6)
+    tree = run(cfg, FakeEngine(), PROMPTS[:1]).trees[0]
+    assert tree.nodes[tree.leaves[0]].finish_reason == "max_tokens"
+
+
+def test_an_engine_overshooting_the_cap_is_truncated_and_loses_its_eos():
+    class Overshoot(FakeEngine):
+        def generate(self, requests):
+            outs = super().generate(requests)
+            for o in outs:  # three extra tokens, the last an EOS, beyond max_new_tokens
+                o.token_ids += [120, 121, 0]
+                o.logprobs += [-1.0] * 3
+                o.entropies += [1.0] * 3
+                o.hit_eos = True
+            return outs
+
+    cfg = SamplerConfig(width=2, depth=2, segment_len=4)
+    tree = run(cfg, Overshoot(), PROMPTS[:1]).trees[0]
+    assert all(len(n.token_ids) == 4 and not n.hit_eos for n in tree.nodes.values())
+    assert {tree.nodes[leaf].finish_reason for leaf in tree.leaves} == {"depth"}

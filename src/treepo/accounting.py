@@ -5,44 +5,70 @@
 - decoded tokens: unique generated tokens (each segment once);
 - saving ratio = 1 - decoded / leaf.
 
-The structural bound is the saving of the ideal tree for a config: every path runs to full depth
-with full segments, so the tree forks by `children_total` until it holds `width` paths. For a
-full b-ary tree (width = fanout * b^(d-1)) it is the spec's 1 - b(1 - b^-d) / ((b - 1) d).
-Where branching alone cannot reach `width` leaves by depth d, the missing leaves are counted at
-their cheapest (one regrown segment each). A run with no early stops (e.g. `--ignore-eos`, no
-answer or repetition stops) saves exactly this; early stops move the measured saving either way
+The structural bound is what this sampler saves for a config when no path stops early: it runs
+the sampler itself on a stub engine that always decodes full segments, so branching, the width
+cap and fallbacks follow the configured rules exactly. For a full b-ary tree it is the spec's
+1 - b(1 - b^-d) / ((b - 1) d) (53.1% for b=2, d=4, width 16). Where the config draws at random
+(a root fan-out range, or fallback cuts with `fallback_policy=any`) it is the mean over 32 seeds.
+A run without early stops saves exactly this; early stops move the measured saving either way
 (budget transfer gives a finished path's forks to the survivors).
 """
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
-from typing import Iterable
+from dataclasses import astuple, replace
+from typing import Iterable, Sequence
 
 from .config import SamplerConfig
-from .sampler import RolloutResult, children_total
+from .engines.base import EngineStats, SegmentOutput, SegmentRequest
+from .sampler import RolloutResult, TreeSampler
+
+BOUND_SEEDS = 32
 
 
-def ideal_segments(width: int, depth: int, branching: int, fanout: int) -> int:
-    """Segments decoded by the ideal tree with root fan-out `fanout`."""
-    paths, total = fanout, 0
-    for level in range(1, depth + 1):
-        total += paths
-        if level < depth:
-            paths = children_total(paths, 0, width, branching)
-    return total + (width - paths)
+class _FullSegments:
+    """An engine that decodes every segment to its full length and never ends a path itself."""
+
+    max_context = 1 << 62
+    tokenizer = None
+
+    def __init__(self) -> None:
+        self.stats = EngineStats()
+
+    def generate(self, requests: Sequence[SegmentRequest]) -> list[SegmentOutput]:
+        return [SegmentOutput([1] * r.max_new_tokens, [0.0] * r.max_new_tokens, [0.0] * r.max_new_tokens, False)
+                for r in requests]
+
+    def release(self, group: int) -> None:
+        pass
+
+    def decode(self, token_ids) -> str:
+        return ""
+
+    def reseed(self, seed: int) -> None:
+        pass
 
 
 def bound_saving_ratio(cfg: SamplerConfig) -> float:
-    """Structural decoded-token saving for the config (averaged over a random root fan-out range)."""
+    """Structural decoded-token saving for the config (see the module docstring)."""
     if cfg.mode == "independent":
         return 0.0
+    return _bound(astuple(cfg))
+
+
+@functools.lru_cache(maxsize=64)
+def _bound(cfg_fields: tuple) -> float:
+    cfg = SamplerConfig(*cfg_fields)
+    ideal = replace(cfg, answer_policy="none", answer_predicate=None, rep_count=0)
     lo, hi = cfg.root_fanout_range
-    ratios = [
-        1.0 - ideal_segments(cfg.width, cfg.depth, cfg.branching, f) / (cfg.width * cfg.depth)
-        for f in range(lo, hi + 1)
-    ]
-    return sum(ratios) / len(ratios)
+    seeds = BOUND_SEEDS if lo != hi or cfg.fallback_policy == "any" else 1
+    savings = []
+    for seed in range(seeds):
+        tree = TreeSampler(replace(ideal, seed=seed), _FullSegments()).rollout([[0]]).trees[0]
+        savings.append(1.0 - tree.decoded_tokens / tree.leaf_tokens)
+    return sum(savings) / len(savings)
 
 
 def summarize(results: Iterable[RolloutResult], cfg: SamplerConfig) -> dict:

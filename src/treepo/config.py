@@ -7,6 +7,7 @@ Defaults are sized for a small model on a CPU; the paper's training values are g
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from typing import Literal, Optional
 
@@ -65,7 +66,7 @@ class EngineConfig:
         _require(self.top_k >= 0, f"top_k={self.top_k}: must be >= 0; use 0 to turn top-k off.")
         _require(self.threads >= 0, f"threads={self.threads}: must be >= 0 (0 = torch default).")
         _require(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             f"device={self.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'.",
         )
 
@@ -187,6 +188,10 @@ class SamplerConfig:
         _require(
             self.answer_predicate is None or ":" in self.answer_predicate,
             f"answer_predicate={self.answer_predicate!r}: write it as 'module:function'.",
+        )
+        _require(
+            not (self.answer_predicate and self.answer_policy == "none"),
+            "answer_predicate is set but answer_policy='none' never asks it: drop one of the two.",
         )
 
     @property

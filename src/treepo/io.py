@@ -8,9 +8,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
+
+from .errors import InputError
 
 
 @contextlib.contextmanager
@@ -30,6 +33,35 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def check_output_dir(path: str | Path, what: str = "out") -> Path:
+    """Fail early, before any work, if `path` cannot become a folder we write into."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what}={str(path)!r} is a file: pass a folder for the outputs.")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{what}={str(path)!r}: cannot create or write it ({existing} is not a writable folder).")
+    return path
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | Path) -> Iterator[Path]:
+    """Write a set of files into a temporary folder; on success move them all into `path`.
+
+    An error while writing leaves `path` untouched (no partial set of outputs next to older ones).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield stage
+        path.mkdir(exist_ok=True)
+        for item in stage.iterdir():
+            os.replace(item, path / item.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _umask() -> int:

@@ -28,6 +28,7 @@ from .config import EngineConfig, RolloutConfig, SamplerConfig
 from .engines.base import Engine
 from .prompts import Prompt, load_jsonl, load_task, parse_task_args, render
 from .sampler import RolloutResult, RoundInfo, TreeSampler
+from .stopping import answer_predicate
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,15 @@ def run_rollout(
 ) -> dict:
     """Run the job and return its summary. Pass `engine` to reuse a loaded one (its tokenizer renders prompts)."""
     console = console or Console(stderr=True)
+    out = io.check_output_dir(rollout_cfg.out)
+    predicate = answer_predicate(sampler_cfg)  # imports a custom predicate now, before model work
     prompts = load_prompts(rollout_cfg, sampler_cfg.seed)
     if engine is None:
         from .models import load_engine
 
         with console.status(f"loading model {engine_cfg.model} ..."):
             engine = load_engine(engine_cfg, seed=sampler_cfg.seed)
-    sampler = TreeSampler(sampler_cfg, engine)
+    sampler = TreeSampler(sampler_cfg, engine, predicate=predicate)
     ids = [render(p, engine.tokenizer, rollout_cfg.system_prompt) for p in prompts]
     for i, p in enumerate(ids):
         sampler.check_fits(p, i)
@@ -85,7 +88,7 @@ def run_rollout(
     summary = summarize(results, sampler_cfg)
     summary["model"] = engine_cfg.model
     summary["config"] = {"engine": asdict(engine_cfg), "sampler": asdict(sampler_cfg), "rollout": asdict(rollout_cfg)}
-    write_outputs(Path(rollout_cfg.out), results, summary, engine)
+    write_outputs(out, results, summary, engine)
     console.print(summary_table(summary))
     console.print(f"wrote {rollout_cfg.out}/rollouts.jsonl, trees.jsonl, summary.json")
     return summary
@@ -100,9 +103,10 @@ def write_outputs(out: Path, results: list[RolloutResult], summary: dict, engine
                 traj = tree.trajectory(leaf, text=engine.decode(tree.response_ids(leaf)))
                 yield traj.to_dict()
 
-    io.write_jsonl(out / "rollouts.jsonl", rows())
-    io.write_jsonl(out / "trees.jsonl", (t.to_dict() for t in trees))
-    io.write_json(out / "summary.json", summary)
+    with io.staged_dir(out) as stage:  # all three files appear together, or none
+        io.write_jsonl(stage / "rollouts.jsonl", rows())
+        io.write_jsonl(stage / "trees.jsonl", (t.to_dict() for t in trees))
+        io.write_json(stage / "summary.json", summary)
 
 
 def _progress(console: Console) -> Progress:
