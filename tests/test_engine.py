@@ -234,3 +234,17 @@ def test_rows_from_mixed_sources_are_continued_from_the_right_row_next_call():
     assert eng.stats.prefill_tokens == before  # every row continued from the front: nothing prefilled
     for req, o in zip(round3, r3):
         assert o.token_ids == greedy_reference(eng.model, req.context_ids(), 3)
+
+
+def test_sync_weights_makes_the_engine_follow_updated_weights():
+    eng = engine(temperature=1.0)
+    cfg = SamplerConfig(width=2, depth=2, segment_len=4, seed=1)
+    TreeSampler(cfg, eng).rollout(tiny.prompts()[:1])
+    with torch.no_grad():
+        for p in eng.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # an "optimizer step"
+    eng.sync_weights()
+    tree = TreeSampler(cfg, eng).rollout(tiny.prompts()[:1]).trees[0]
+    for traj in tree.trajectories():
+        lp, _ = full_forward_logprobs(eng.model, tree.prompt_ids, traj.token_ids)
+        assert torch.allclose(torch.tensor(traj.logprobs), lp, atol=1e-4)

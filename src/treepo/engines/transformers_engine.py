@@ -144,6 +144,14 @@ class TransformersEngine:
     def release(self, group: int) -> None:
         self._roots.pop(group, None)
 
+    def sync_weights(self) -> None:
+        """Call after the model's weights change (e.g. an optimizer step): re-reads them and drops cached KV."""
+        refresh = getattr(self.decoder, "refresh", None)
+        if refresh is not None:
+            refresh()
+        self._front = None
+        self._roots.clear()
+
     def generate(self, requests: Sequence[SegmentRequest]) -> list[SegmentOutput]:
         if not requests:
             return []
