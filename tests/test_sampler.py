@@ -20,7 +20,7 @@ from treepo.sampler import (
     plan_fallback,
     split_children,
 )
-from treepo.tree import Node, PromptTree
+from treepo.tree import FINISH_REASONS, Node, PromptTree
 
 PROMPTS = [[ord(c) for c in "what is 2+2?"], [ord(c) for c in "name a colour"], [ord(c) for c in "hi"]]
 
@@ -258,10 +258,16 @@ def test_fallback_without_candidates_restarts_from_the_prompt():
     ],
 )
 def test_every_finish_reason_is_reachable(reason, cfg_kwargs, script):
+    assert reason in FINISH_REASONS
     cfg = SamplerConfig(width=2, depth=3, segment_len=16, **cfg_kwargs)
     engine = FakeEngine(script=script)
     tree = run(cfg, engine, PROMPTS[:1]).trees[0]
     assert {tree.nodes[leaf].finish_reason for leaf in tree.leaves} == {reason}
+
+
+def test_the_reachability_cases_cover_every_finish_reason():
+    cases = test_every_finish_reason_is_reachable.pytestmark[0].args[1]
+    assert {case[0] for case in cases} == set(FINISH_REASONS)
 
 
 def test_box_split_across_segments_is_found():

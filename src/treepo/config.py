@@ -8,7 +8,7 @@ Defaults are sized for a small model on a CPU; the paper's training values are g
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from .errors import ConfigError
@@ -243,7 +243,3 @@ class RolloutConfig:
         if not self.prompts and not self.task:
             self.task = "gsm_symbolic"
 
-
-def field_help(cls) -> dict[str, str]:
-    """Field name -> help string, for documentation and tests."""
-    return {f.name: f.metadata.get("help", "") for f in fields(cls)}

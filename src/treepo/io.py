@@ -85,11 +85,6 @@ def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def read_jsonl(path: str | Path) -> list[Any]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def read_json(path: str | Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)

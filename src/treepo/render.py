@@ -47,7 +47,7 @@ def load_trees(run_dir: Path) -> list[PromptTree]:
         raise InputError(f"run folder {run_dir} does not exist; pass a folder written by `treepo rollout --out`")
     if not path.is_file():
         raise InputError(f"{run_dir} has no trees.jsonl; pass a folder written by `treepo rollout --out`")
-    # Line by line rather than io.read_jsonl, so that an error can name the line.
+    # Line by line, so that an error can name the line.
     trees = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):

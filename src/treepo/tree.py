@@ -123,10 +123,6 @@ class PromptTree:
         kids = self.children(node_id)
         return kids[-1][-1] + 1 if kids else 0
 
-    def leaves_under(self, node_id: NodeId) -> list[NodeId]:
-        k = len(node_id)
-        return [leaf for leaf in self.leaves if leaf[:k] == node_id]
-
     def response_ids(self, node_id: NodeId) -> list[int]:
         return [t for n in self.path(node_id) for t in n.token_ids]
 

@@ -84,8 +84,11 @@ def kv_shape(model) -> tuple[int, int, int]:
     return len(probe.layers), heads, dim
 
 
-def choose_decoder(model, backend: str):
-    """The lean decoder where it applies and reproduces the model's own logits, else the HF forward."""
+def choose_decoder(model, backend: str, shape: tuple[int, int, int]):
+    """The lean decoder where it applies and reproduces the model's own logits, else the HF forward.
+
+    `shape` is the model's (layers, kv heads, head dim), from `kv_shape`.
+    """
     if backend == "hf":
         return HFDecoder(model)
     reason = lean_unsupported_reason(model)
@@ -100,7 +103,6 @@ def choose_decoder(model, backend: str):
         tokens = (torch.arange(1, 10, device=model.device) * 7919 % vocab)[None]  # [1, 9]
         with torch.inference_mode():
             ref = model(input_ids=tokens).logits[0, -1].float()
-        shape = kv_shape(model)
         cache = RowCache.empty(shape, 1, tokens.shape[1], model.dtype, model.device)
         lean.forward(tokens[:, :-1], cache, want_logits=False)
         cache.lens += tokens.shape[1] - 1
@@ -126,7 +128,7 @@ class TransformersEngine:
             raise InputError("the model and tokenizer define no EOS token: set one, or run with ignore_eos.")
         self.max_context = context_length(model.config)
         self.shape = kv_shape(model)
-        self.decoder = choose_decoder(model, self.cfg.backend)
+        self.decoder = choose_decoder(model, self.cfg.backend, self.shape)
         self.generator = torch.Generator(device=self.device)
         self.reseed(seed)
         self._eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=self.device)
