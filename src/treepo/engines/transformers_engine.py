@@ -295,14 +295,14 @@ class TransformersEngine:
         ran = 0
         for step in range(steps):
             logits = self.decoder.forward(pending[:, None], cache, want_logits=True)  # [b, V]
+            live = ~stopped[alive]  # [b]: rows still producing tokens
             # A stopped row still runs (until compaction) but keeps rewriting one column past its
             # output, so no row outgrows the capacity or the positions that its request asked for.
-            cache.lens += (~stopped[alive]).long()
+            cache.lens += live.long()
             self.stats.forward_passes += 1
             self.stats.computed_decode_rows += cache.rows
             tok, lp, ent = sample_tokens(logits, cfg.temperature, cfg.top_p, cfg.top_k, self.generator)
             ran = step + 1
-            live = ~stopped[alive]  # [b]
             target = alive[live]
             toks[target, step], lps[target, step], ents[target, step] = tok[live], lp[live], ent[live]
             counts[target] += 1
