@@ -2,8 +2,9 @@
 
     treepo rollout --task gsm_symbolic --num-prompts 4 --width 8 --out runs/rollout
 
-Every input is checked before any model work (prompt source, model, prompt lengths), and the
-output files are written only when the rollout is complete, each atomically:
+Every input is checked before any model work (output folder, answer predicate, prompt source,
+model, prompt lengths), and the output files are written only when the rollout is complete, as
+one set moved into place together:
 
 - `rollouts.jsonl`: one line per trajectory (prompt_index, node_path, token_ids, logprobs,
   entropies, segment_ends, finish_reason, text);
