@@ -2,6 +2,8 @@
 
     treepo rollout [--model smollm2] [--task gsm_symbolic | --prompts FILE.jsonl] [--width 8] ... --out DIR
     treepo show DIR
+    treepo train [--config FILE.yaml] [--steps 20] [--resume] ... [--out runs/train]
+    treepo eval [--model runs/train/model] [--mode tree|independent] [--width 8] ... [--out runs/eval]
 
 Options come from the config dataclasses (`treepo.config`), so the command line and the Python
 API take the same names and the same checks; `treepo rollout --help` lists them with their help.
@@ -10,6 +12,8 @@ Bad input ends with one line naming the field and the fix, and exit status 2.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 import sys
 from pathlib import Path
@@ -18,26 +22,114 @@ from typing import Optional, Sequence
 from rich.console import Console
 from rich.logging import RichHandler
 
-from .config import EngineConfig, RolloutConfig, SamplerConfig
-from .errors import TreepoError
+from .config import EngineConfig, EvalConfig, RewardConfig, RolloutConfig, SamplerConfig, TrainConfig
+from .errors import ConfigError, TreepoError
 
 USAGE = """usage: treepo <command> [options]
 
 commands:
   rollout   grow tree (or independent) rollouts for a batch of prompts and write them to --out
   show      render the rollout trees of a run folder as trees.html and trees.png
+  train     TreePO training: tree rollouts, rewards, tree advantages, PPO updates (--config FILE.yaml)
+  eval      mean@k / pass@k / maj@k on held-out problems with tree or independent sampling
 
 `treepo <command> --help` lists a command's options."""
 
 
-def _rollout(argv: Sequence[str], console: Console) -> int:
+def parse_configs(types: tuple, argv: Sequence[str], prog: str) -> tuple:
+    """The config dataclasses from `--config FILE.yaml` (flat keys, or sections named engine /
+    sampler / reward / train / eval / rollout) overridden by command-line flags.
+
+    An unknown key or flag is an error that suggests the closest known name.
+    """
     from transformers import HfArgumentParser
 
+    parser = HfArgumentParser(types, prog=prog)
+    parser.add_argument("--config", default=None, help="YAML file of settings; command-line flags override it.")
+    # (--config is read before parsing; it is declared so that --help shows it)
+    known = {f.name for t in types for f in dataclasses.fields(t)}
+    argv = list(argv)
+    config_path = _pop_config(argv)
+    if config_path:
+        parser.set_defaults(**_read_yaml(config_path, known))
+    *configs, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if remaining:
+        flag = next((a for a in remaining if a.startswith("-")), remaining[0])
+        raise ConfigError(f"unknown option {flag!r}{_suggest(flag.lstrip('-').split('=')[0], known, '--')}; "
+                          f"`{prog} --help` lists them.")
+    return tuple(c for c in configs if dataclasses.is_dataclass(c))  # drop the namespace holding --config
+
+
+def _pop_config(argv: list[str]) -> Optional[str]:
+    """Remove `--config FILE` (or `--config=FILE`) from argv and return FILE."""
+    for i, arg in enumerate(argv):
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a file name, e.g. --config run.yaml.")
+            path = argv[i + 1]
+            del argv[i : i + 2]
+            return path
+        if arg.startswith("--config="):
+            del argv[i]
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _read_yaml(path: str, known: set[str]) -> dict:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"config={path!r}: cannot read it ({e.strerror}).") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config={path!r}: not valid YAML ({e}).") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config={path!r}: expected a mapping of settings, e.g. 'steps: 20'.")
+    flat: dict = {}
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    for key in flat:
+        key_ = str(key).replace("-", "_")
+        if key_ not in known:
+            raise ConfigError(f"config={path!r}: unknown key {key!r}{_suggest(key_, known, '')}.")
+    return {str(k).replace("-", "_"): v for k, v in flat.items()}
+
+
+SECTIONS = ("engine", "sampler", "reward", "train", "eval", "rollout")
+
+
+def _suggest(name: str, known: set[str], prefix: str) -> str:
+    close = difflib.get_close_matches(name.replace("-", "_"), sorted(known), n=2)
+    return f" (did you mean {' or '.join(prefix + c for c in close)}?)" if close else ""
+
+
+def _rollout(argv: Sequence[str], console: Console) -> int:
     from .rollout import run_rollout
 
-    parser = HfArgumentParser((EngineConfig, SamplerConfig, RolloutConfig), prog="treepo rollout")
-    engine_cfg, sampler_cfg, rollout_cfg = parser.parse_args_into_dataclasses(args=list(argv))
+    engine_cfg, sampler_cfg, rollout_cfg = parse_configs((EngineConfig, SamplerConfig, RolloutConfig), argv,
+                                                         "treepo rollout")
     run_rollout(engine_cfg, sampler_cfg, rollout_cfg, console=console)
+    return 0
+
+
+def _train(argv: Sequence[str], console: Console) -> int:
+    from .trainer import run_train
+
+    configs = parse_configs((EngineConfig, SamplerConfig, RewardConfig, TrainConfig), argv, "treepo train")
+    run_train(*configs, console=console)
+    return 0
+
+
+def _eval(argv: Sequence[str], console: Console) -> int:
+    from .evaluate import run_eval
+
+    configs = parse_configs((EngineConfig, SamplerConfig, RewardConfig, EvalConfig), argv, "treepo eval")
+    run_eval(*configs, console=console)
     return 0
 
 
@@ -62,7 +154,7 @@ def _show(argv: Sequence[str], console: Console) -> int:
     return 0
 
 
-COMMANDS = {"rollout": _rollout, "show": _show}
+COMMANDS = {"rollout": _rollout, "show": _show, "train": _train, "eval": _eval}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -87,7 +179,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         console.print(f"[red]error:[/red] {e}")
         return 2
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]: output files are written only when a run completes")
+        console.print("[yellow]interrupted[/yellow]: rollout and eval files are written only when a run completes; "
+                      "training resumes from its last checkpoint with --resume")
         return 130
 
 

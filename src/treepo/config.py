@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from .errors import ConfigError
 
@@ -213,6 +213,9 @@ class SamplerConfig:
 class RolloutConfig:
     """The `treepo rollout` job: which prompts, how many at once, where results go."""
 
+    DEFAULT_TASK: ClassVar[str] = "gsm_symbolic"  # used when neither task nor prompts is given
+    DEFAULT_TASK_ARGS: ClassVar[Optional[str]] = None
+
     task: Optional[str] = field(
         default=None,
         metadata=_help("reasoning-gym task name (e.g. gsm_symbolic, chain_sum); default gsm_symbolic unless --prompts."),
@@ -241,5 +244,170 @@ class RolloutConfig:
         _require(self.num_prompts >= 1, f"num_prompts={self.num_prompts}: must be >= 1.")
         _require(self.prompt_batch_size >= 1, f"prompt_batch_size={self.prompt_batch_size}: must be >= 1.")
         if not self.prompts and not self.task:
-            self.task = "gsm_symbolic"
+            self.task = self.DEFAULT_TASK
+            if self.task_args is None:
+                self.task_args = self.DEFAULT_TASK_ARGS
 
+
+
+@dataclass
+class RewardConfig:
+    """How a finished trajectory is scored (train and eval)."""
+
+    reward: str = field(
+        default="auto",
+        metadata=_help(
+            "'auto' (reasoning-gym's scorer for a task, else math_verify), 'math_verify', 'reasoning_gym', "
+            "or 'module:function' with TRL's signature fn(prompts, completions, **columns) -> list[float]."
+        ),
+    )
+    reward_timeout: float = field(
+        default=5.0, metadata=_help("Seconds allowed per answer; a timeout scores as a failure (wrong).")
+    )
+    failure_reward: float = field(
+        default=-1.0, metadata=_help("Reward of a trajectory whose reward function raised, hung or returned NaN.")
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.reward_timeout > 0, f"reward_timeout={self.reward_timeout}: must be > 0 seconds.")
+        _require(
+            self.reward in ("auto", "math_verify", "reasoning_gym") or ":" in self.reward,
+            f"reward={self.reward!r}: use auto, math_verify, reasoning_gym or 'module:function'.",
+        )
+
+
+# The default training problems: easy enough that SmolLM2-135M starts above zero and can improve.
+EASY_TASK = "letter_counting"
+EASY_TASK_ARGS = '{"min_words": 1, "max_words": 3}'
+
+DEFAULT_TRAIN_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Answer briefly: give the final answer as a number in the form \\boxed{ANSWER}."
+)
+
+
+@dataclass
+class TrainConfig(RolloutConfig):
+    """The `treepo train` job: data, optimisation, TreePO loss, logging and checkpoints."""
+
+    DEFAULT_TASK: ClassVar[str] = EASY_TASK
+    DEFAULT_TASK_ARGS: ClassVar[Optional[str]] = EASY_TASK_ARGS
+
+    task: Optional[str] = field(
+        default=None,
+        metadata=_help(f"reasoning-gym task (unless --prompts); default {EASY_TASK} with {EASY_TASK_ARGS}."),
+    )
+    num_prompts: int = field(default=2000, metadata=_help("Training problems in the pool (cycled, reshuffled each epoch)."))
+    system_prompt: str = field(
+        default=DEFAULT_TRAIN_SYSTEM_PROMPT, metadata=_help("System message placed before each prompt.")
+    )
+    out: str = field(default="runs/train", metadata=_help("Run folder: metrics, checkpoints, final model, plots."))
+    steps: int = field(
+        default=12, metadata=_help("Training steps: each rolls out prompts_per_step groups and updates the policy.")
+    )
+    prompts_per_step: int = field(default=4, metadata=_help("Prompt groups (of width trajectories) per step."))
+    mini_batches: int = field(
+        default=1, metadata=_help("PPO updates per step; the step's prompt groups are split evenly between them.")
+    )
+    ppo_epochs: int = field(default=1, metadata=_help("Passes over each step's trajectories [paper: 1]."))
+    micro_batch_size: int = field(
+        default=8, metadata=_help("Trajectories per forward/backward (gradient accumulation inside an update).")
+    )
+    learning_rate: float = field(default=1e-5, metadata=_help("AdamW peak learning rate [paper: 1e-6 on 7B]."))
+    warmup_steps: int = field(default=2, metadata=_help("Linear learning-rate warm-up, in optimizer updates."))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    grad_clip: float = field(default=1.0, metadata=_help("Max gradient norm; 0 = no clipping."))
+    advantage: Literal["average", "size_weighted", "segment", "grpo"] = field(
+        default="average",
+        metadata=_help(
+            "'average' (tree advantage, Eq. 5), 'size_weighted' (Eq. 6), 'segment' (per-segment value "
+            "differences), 'grpo' (group mean/std)."
+        ),
+    )
+    whiten: Optional[bool] = field(
+        default=None,
+        metadata=_help("Whiten advantages over the batch's tokens; default on for tree estimators, off for grpo."),
+    )
+    clip_low: float = field(default=0.2, metadata=_help("PPO clip below: ratio >= 1 - clip_low."))
+    clip_high: float = field(default=0.28, metadata=_help("PPO clip above (clip-higher): ratio <= 1 + clip_high."))
+    dual_clip: float = field(default=10.0, metadata=_help("Dual-clip bound c for negative advantages; <= 1 = off."))
+    kl_coef: float = field(default=0.0, metadata=_help("k3 KL penalty to the frozen initial model; 0 = no reference."))
+    entropy_coef: float = field(default=0.0, metadata=_help("Entropy bonus coefficient; 0 = off."))
+    old_logprobs: Literal["recompute", "engine"] = field(
+        default="recompute",
+        metadata=_help(
+            "Old log-probs for the PPO ratio: 'recompute' with the policy before the update, or 'engine' "
+            "(the sampler's, valid when it runs the same weights)."
+        ),
+    )
+    dynamic_sampling: bool = field(
+        default=True, metadata=_help("Drop prompt groups whose rewards are all equal (no signal); resample to refill.")
+    )
+    max_resample_rounds: int = field(
+        default=2, metadata=_help("Extra rollout rounds per step to refill dropped groups (bounded cost).")
+    )
+    eval_prompts: int = field(
+        default=0, metadata=_help("Held-out problems evaluated before training and at the end; 0 = none.")
+    )
+    eval_every: int = field(default=0, metadata=_help("Also evaluate every N steps; 0 = only before and after."))
+    checkpoint_every: int = field(default=5, metadata=_help("Write a checkpoint every N steps (and at the end); 0 = only at the end."))
+    keep_checkpoints: int = field(default=2, metadata=_help("Newest checkpoints kept; older ones are deleted."))
+    resume: bool = field(default=False, metadata=_help("Continue the run in --out from its latest checkpoint."))
+    tensorboard: bool = field(default=True, metadata=_help("Also log metrics for TensorBoard (out/tb)."))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive = ("steps", "prompts_per_step", "mini_batches", "ppo_epochs", "micro_batch_size")
+        for name in positive:
+            _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)}: must be an integer >= 1.")
+        _require(
+            self.prompts_per_step % self.mini_batches == 0,
+            f"prompts_per_step={self.prompts_per_step} is not divisible by mini_batches={self.mini_batches}: "
+            f"each PPO update takes an equal share of the prompt groups; make prompts_per_step a multiple.",
+        )
+        _require(self.learning_rate > 0, f"learning_rate={self.learning_rate}: must be > 0.")
+        for name in ("warmup_steps", "max_resample_rounds", "eval_prompts", "eval_every", "checkpoint_every"):
+            _require(getattr(self, name) >= 0, f"{name}={getattr(self, name)}: must be >= 0.")
+        _require(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints}: must be >= 1.")
+        _require(0 <= self.clip_low < 1, f"clip_low={self.clip_low}: must be in [0, 1).")
+        _require(self.clip_high >= 0, f"clip_high={self.clip_high}: must be >= 0.")
+        for name in ("grad_clip", "kl_coef", "entropy_coef", "weight_decay"):
+            _require(getattr(self, name) >= 0, f"{name}={getattr(self, name)}: must be >= 0.")
+        _require(
+            self.num_prompts >= self.prompts_per_step,
+            f"num_prompts={self.num_prompts} is smaller than prompts_per_step={self.prompts_per_step}: "
+            "raise num_prompts (the training pool).",
+        )
+
+    @property
+    def whiten_advantages(self) -> bool:
+        return self.whiten if self.whiten is not None else self.advantage != "grpo"
+
+
+@dataclass
+class EvalConfig(RolloutConfig):
+    """The `treepo eval` job: k samples per held-out problem, mean@k / pass@k / maj@k."""
+
+    DEFAULT_TASK: ClassVar[str] = EASY_TASK  # the same default problems as treepo train
+    DEFAULT_TASK_ARGS: ClassVar[Optional[str]] = EASY_TASK_ARGS
+
+    task: Optional[str] = field(
+        default=None,
+        metadata=_help(f"reasoning-gym task (unless --prompts); default {EASY_TASK} with {EASY_TASK_ARGS}."),
+    )
+    num_prompts: int = field(default=32, metadata=_help("Problems to evaluate."))
+    system_prompt: str = field(default=DEFAULT_TRAIN_SYSTEM_PROMPT, metadata=_help("System message before each prompt."))
+    split: Literal["heldout", "train"] = field(
+        default="heldout",
+        metadata=_help("'heldout' = problems from a seed training never uses, minus any that training could draw; "
+                       "'train' = the training pool."),
+    )
+    k: int = field(default=0, metadata=_help("k of mean@k / pass@k / maj@k; 0 = width (all samples)."))
+    train_pool: int = field(
+        default=2000,
+        metadata=_help("Size of the training pool (treepo train's num_prompts) that the held-out split excludes."),
+    )
+    out: str = field(default="runs/eval", metadata=_help("Output folder for eval.json and samples.jsonl."))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.k >= 0, f"k={self.k}: must be >= 0 (0 = width).")

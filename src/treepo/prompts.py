@@ -94,3 +94,23 @@ def render(prompt: Prompt, tokenizer, system_prompt: str) -> list[int]:
         return list(ids)
     text = f"{system_prompt}\n\n{prompt.question}\n\nAnswer:" if system_prompt else f"{prompt.question}\n\nAnswer:"
     return list(tokenizer(text)["input_ids"])
+
+
+HELDOUT_SEED_OFFSET = 1_000_003  # held-out problems come from a seed the training pool never uses
+
+
+def load_heldout(task: str, count: int, seed: int, task_args: Optional[dict[str, Any]], exclude: set[str]) -> list[Prompt]:
+    """`count` problems of a reasoning-gym task from a seed disjoint from training's, minus any whose
+    question text is in `exclude` (the training pool), so a small problem space cannot leak."""
+    kept: list[Prompt] = []
+    size = count
+    for _ in range(4):  # a few tries with a larger draw when the exclusion removes many
+        drawn = load_task(task, size, seed + HELDOUT_SEED_OFFSET, task_args)
+        kept = [p for p in drawn if p.question not in exclude][:count]
+        if len(kept) == count:
+            return kept
+        size *= 2
+    raise InputError(
+        f"task={task!r}: only {len(kept)} of {count} held-out problems differ from the training pool; the "
+        "task's problem space is too small: lower the held-out count or the training pool (num_prompts)."
+    )

@@ -65,7 +65,7 @@ def run_rollout(
 
     results: list[RolloutResult] = []
     size = rollout_cfg.prompt_batch_size
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("rollout", total=len(ids), info="")
         done_before = 0
 
@@ -110,12 +110,12 @@ def write_outputs(out: Path, results: list[RolloutResult], summary: dict, engine
         io.write_json(stage / "summary.json", summary)
 
 
-def _progress(console: Console) -> Progress:
+def progress_bar(console: Console, unit: str = "prompts") -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("prompts"),
+        TextColumn(unit),
         TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"),
         console=console,

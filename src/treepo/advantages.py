@@ -1,0 +1,129 @@
+"""Advantage estimators (spec section 5): pure functions over a prompt's leaf ids and rewards.
+
+A trajectory is named by its leaf id, the tuple of child indices from the root, so the
+trajectories under its ancestor at depth j are exactly the leaves whose ids share its first j
+elements. Every estimator here takes `leaves` (ids) and `rewards` (one float per leaf, same
+order) and returns per-token advantages through `token_advantages`, which the loss consumes.
+
+- `tree_advantage`, aggregate 'average' (the paper's Eq. 5, default): for each level
+  j = 0 .. depth-1, a_ij = R_i - mean(R over G_j(i)); level 0 (the whole prompt group) always,
+  deeper levels only when their group has more than one member; the used terms are averaged.
+- aggregate 'size_weighted' (Eq. 6): sum_j |G_j| a_ij / sum_j |G_j| over the same terms.
+- `segment_advantages`: per segment, V(node_k) - V(node_{k-1}), V = mean reward of the leaves
+  under a node; a shared segment gets one value whichever descendant carries it.
+- `grpo_advantage`: (R - mean) / (std + eps) over the prompt group.
+- `whiten`: (x - mean) / sqrt(var + 1e-8) over every valid token of the batch.
+
+Worked example (paper Fig. 3), leaf c22 with rewards a=-1, b=+1, c11=-1, c12=-1, c21=+1,
+c22=+1, c23=-1, c3=-1: terms +1.25 (root), +1.333 (node c), +0.667 (node c2), average 1.083.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+
+from .tree import NodeId
+
+Estimator = Literal["average", "size_weighted", "segment", "grpo"]
+ESTIMATORS: tuple[str, ...] = ("average", "size_weighted", "segment", "grpo")
+
+
+def _check(leaves: Sequence[NodeId], rewards: Sequence[float]) -> None:
+    if len(leaves) != len(rewards):
+        raise ValueError(f"{len(leaves)} leaves but {len(rewards)} rewards: give one reward per leaf.")
+    if len(set(leaves)) != len(leaves):
+        raise ValueError("leaf ids repeat: every trajectory must end at its own node.")
+    if any(len(leaf) == 0 for leaf in leaves):
+        raise ValueError("a leaf id is empty (the root): every trajectory has at least one segment.")
+
+
+def subtree_means(leaves: Sequence[NodeId], rewards: Sequence[float]) -> dict[NodeId, tuple[float, int]]:
+    """(mean reward, leaf count) of the leaves under every node that has a leaf below it, root () included."""
+    sums: dict[NodeId, float] = {}
+    counts: dict[NodeId, int] = {}
+    for leaf, r in zip(leaves, rewards):
+        for k in range(len(leaf) + 1):
+            prefix = leaf[:k]
+            sums[prefix] = sums.get(prefix, 0.0) + float(r)
+            counts[prefix] = counts.get(prefix, 0) + 1
+    return {node: (sums[node] / counts[node], counts[node]) for node in sums}
+
+
+def tree_advantage(
+    leaves: Sequence[NodeId], rewards: Sequence[float], aggregate: Literal["average", "size_weighted"] = "average"
+) -> list[float]:
+    """One scalar advantage per leaf: Eq. 5 ('average') or Eq. 6 ('size_weighted')."""
+    _check(leaves, rewards)
+    groups = subtree_means(leaves, rewards)
+    out = []
+    for leaf, r in zip(leaves, rewards):
+        terms: list[tuple[float, int]] = []  # (a_ij, |G_j|)
+        for j in range(len(leaf)):  # ancestors at depth 0 .. depth-1; the leaf itself is not a group
+            mean, size = groups[leaf[:j]]
+            if j == 0 or size > 1:
+                terms.append((float(r) - mean, size))
+        if aggregate == "average":
+            out.append(sum(a for a, _ in terms) / len(terms))
+        elif aggregate == "size_weighted":
+            out.append(sum(a * n for a, n in terms) / sum(n for _, n in terms))
+        else:
+            raise ValueError(f"aggregate={aggregate!r}: use 'average' or 'size_weighted'.")
+    return out
+
+
+def grpo_advantage(rewards: Sequence[float], eps: float = 1e-4) -> list[float]:
+    """GRPO: (R - mean) / (std + eps) over the prompt group; std is the sample std (n - 1), as TRL computes it."""
+    r = torch.tensor([float(x) for x in rewards], dtype=torch.float64)
+    std = r.std() if len(r) > 1 else torch.tensor(0.0, dtype=torch.float64)
+    return ((r - r.mean()) / (std + eps)).tolist()
+
+
+def segment_advantages(leaves: Sequence[NodeId], rewards: Sequence[float]) -> list[list[float]]:
+    """Per leaf, one advantage per segment on its path: V(node_k) - V(node_{k-1}), V(root) = group mean.
+
+    The values along a path telescope to R_i - mean(R): the same total credit as level-0
+    centring, assigned to the segments where the expected reward changed.
+    """
+    _check(leaves, rewards)
+    groups = subtree_means(leaves, rewards)
+    return [[groups[leaf[:k]][0] - groups[leaf[: k - 1]][0] for k in range(1, len(leaf) + 1)] for leaf in leaves]
+
+
+def token_advantages(
+    estimator: Estimator,
+    leaves: Sequence[NodeId],
+    rewards: Sequence[float],
+    segment_lengths: Sequence[Sequence[int]],
+) -> list[list[float]]:
+    """Per leaf, one advantage per response token.
+
+    segment_lengths[i] lists the token count of each segment on leaf i's path (root side first);
+    scalar estimators broadcast to every token, 'segment' gives each segment's tokens its value.
+    """
+    if estimator == "segment":
+        per_segment = segment_advantages(leaves, rewards)
+        return [
+            [a for a, n in zip(values, lengths) for _ in range(n)]
+            for values, lengths in zip(per_segment, segment_lengths)
+        ]
+    if estimator == "grpo":
+        scalars = grpo_advantage(rewards)
+    elif estimator in ("average", "size_weighted"):
+        scalars = tree_advantage(leaves, rewards, estimator)
+    else:
+        raise ValueError(f"advantage estimator {estimator!r}: use one of {', '.join(ESTIMATORS)}.")
+    return [[a] * sum(lengths) for a, lengths in zip(scalars, segment_lengths)]
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the tokens where mask is true; masked-out entries become 0.
+
+    values, mask: [B, T] (or any shape, the same for both). Population variance, no per-group std.
+    """
+    m = mask.to(values.dtype)
+    n = m.sum().clamp_min(1.0)
+    mean = (values * m).sum() / n
+    var = (((values - mean) * m) ** 2).sum() / n
+    return (values - mean) * torch.rsqrt(var + eps) * m

@@ -1,0 +1,531 @@
+"""The TreePO trainer: tree rollouts on the live policy -> rewards -> advantages -> PPO update.
+
+    treepo train                                  # the embedded default: SmolLM2-135M, easy chain_sum, CPU
+    treepo train --config run.yaml --steps 50     # a YAML file plus command-line overrides
+
+One step:
+1. roll out `prompts_per_step` prompt groups with the embedded engine, which runs the policy's
+   own weights (re-read after every update);
+2. score every trajectory; with dynamic sampling, drop groups whose rewards are all equal and
+   roll out more prompts (at most `max_resample_rounds` extra rounds);
+3. per-token advantages from the tree (`advantages.py`), whitened over the batch's tokens;
+4. `mini_batches` x `ppo_epochs` PPO updates (`loss.py`), each accumulating gradients over
+   micro-batches of `micro_batch_size` trajectories, normalised to the token-mean of the update;
+   AdamW with warm-up and gradient clipping, through accelerate (so `accelerate launch` works).
+
+Every step appends a row to `metrics.jsonl` (and TensorBoard under `tb/`); checkpoints go to
+`checkpoints/` atomically and `--resume` continues from the newest; at the end the run folder
+gets `model/` (the trained weights), `summary.json`, `reward.png` and `savings.png`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from . import checkpoint, io
+from .accounting import summarize
+from .advantages import token_advantages, whiten
+from .config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig
+from .errors import ConfigError, InputError
+from .evaluate import evaluate, score_trees
+from .loss import ppo_loss
+from .policy import Sample, collate, response_logprobs
+from .prompts import Prompt, load_heldout, load_jsonl, load_task, parse_task_args, render
+from .rewards import build_reward
+from .sampler import TreeSampler
+from .stopping import answer_predicate
+
+log = logging.getLogger(__name__)
+
+EVAL_SEED = 12345  # held-out evaluation samples with this seed every time, so runs compare
+
+
+def check_configs(engine: EngineConfig, sampler: SamplerConfig, reward: RewardConfig, train: TrainConfig) -> None:
+    """Combinations no single config can see; a ConfigError names the fields and the fix."""
+    if sampler.width < 2:
+        raise ConfigError(
+            f"width={sampler.width} with advantage={train.advantage!r}: a group of one trajectory has advantage 0 "
+            "and nothing to learn; use --width 2 or more."
+        )
+    if engine.temperature == 0:
+        raise ConfigError("temperature=0 (greedy) gives every trajectory of a group the same tokens: "
+                          "train with --temperature 1.0 (or > 0).")
+    if train.eval_prompts and train.prompts:
+        raise ConfigError("eval_prompts needs a reasoning-gym task for its held-out split; with --prompts, "
+                          "set --eval_prompts 0 and run `treepo eval --prompts TEST.jsonl` on the result.")
+    if train.old_logprobs == "engine" and (engine.top_p < 1 or engine.top_k > 0):
+        log.warning("old_logprobs='engine' with top_p/top_k: the engine's log-probs are of the untruncated "
+                    "distribution, as the policy's are, so the ratio is still consistent.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: the training pool, cycled in a seeded order, with a resumable position
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptStream:
+    prompts: list[Prompt]
+    seed: int
+    position: int = 0  # prompts handed out so far (across epochs)
+    _order: list[int] = field(default_factory=list)
+    _epoch: int = -1
+
+    def take(self, n: int) -> list[int]:
+        """Indices into `prompts` of the next n problems."""
+        out = []
+        for _ in range(n):
+            epoch, k = divmod(self.position, len(self.prompts))
+            if epoch != self._epoch:
+                self._order = list(range(len(self.prompts)))
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(self._order)
+                self._epoch = epoch
+            out.append(self._order[k])
+            self.position += 1
+        return out
+
+
+def load_training_prompts(train: TrainConfig, reward: RewardConfig, seed: int) -> tuple[list[Prompt], list[Prompt]]:
+    """(training pool, held-out problems)."""
+    if train.prompts:
+        pool = load_jsonl(train.prompts, train.num_prompts)
+        missing = [i for i, p in enumerate(pool) if p.answer is None]
+        if missing and reward.reward in ("auto", "math_verify"):
+            raise InputError(f"{train.prompts}: row {missing[0] + 1} has no 'answer' column, which the "
+                             f"{reward.reward} reward needs; add answers or pass --reward module:function.")
+        return pool, []
+    args = parse_task_args(train.task_args)
+    pool = load_task(train.task, train.num_prompts, seed, args)
+    heldout = load_heldout(train.task, train.eval_prompts, seed, args, {p.question for p in pool}) if train.eval_prompts else []
+    return pool, heldout
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Owns the model, optimizer, engine and run folder of one training run."""
+
+    def __init__(
+        self,
+        engine_cfg: EngineConfig,
+        sampler_cfg: SamplerConfig,
+        reward_cfg: RewardConfig,
+        train_cfg: TrainConfig,
+        *,
+        model=None,
+        tokenizer=None,
+        console: Optional[Console] = None,
+    ):
+        from accelerate import Accelerator
+        from .engines.transformers_engine import TransformersEngine
+
+        self.engine_cfg, self.sampler_cfg, self.reward_cfg, self.cfg = engine_cfg, sampler_cfg, reward_cfg, train_cfg
+        self.console = console or Console(stderr=True)
+        check_configs(engine_cfg, sampler_cfg, reward_cfg, train_cfg)
+        self.out = io.check_output_dir(train_cfg.out)
+        self.resume_from = self._check_run_folder()
+        # Everything that can fail on bad input fails here, before the model loads.
+        self.predicate = answer_predicate(sampler_cfg)
+        self.reward_fn = build_reward(reward_cfg.reward, task=None if train_cfg.prompts else train_cfg.task,
+                                      timeout=reward_cfg.reward_timeout, failure_reward=reward_cfg.failure_reward)
+        pool, self.heldout = load_training_prompts(train_cfg, reward_cfg, sampler_cfg.seed)
+        self.stream = PromptStream(pool, sampler_cfg.seed)
+
+        if model is None:
+            from .models import load_model
+
+            with self.console.status(f"loading model {engine_cfg.model} ..."):
+                model, tokenizer = load_model(engine_cfg)
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        torch.manual_seed(sampler_cfg.seed)
+        self.accelerator = Accelerator(cpu=model.device.type == "cpu")
+        self.reference = None
+        if train_cfg.kl_coef > 0:
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.learning_rate,
+                                      weight_decay=train_cfg.weight_decay)
+        warm = train_cfg.warmup_steps  # update k (0-based) runs at lr * min(1, (k + 1) / (warm + 1)): never 0
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / (warm + 1)))
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.policy = self.accelerator.unwrap_model(self.model)
+        self.engine = TransformersEngine(self.policy, tokenizer, engine_cfg, seed=sampler_cfg.seed)
+        self.sampler = TreeSampler(sampler_cfg, self.engine, predicate=self.predicate)
+        self.step = 0
+        self.rows: list[dict] = []
+        self.tb = None
+
+    # -- run folder ---------------------------------------------------------------------------
+    def _check_run_folder(self) -> Optional[Path]:
+        latest = checkpoint.latest_checkpoint(self.out)
+        has_metrics = (self.out / "metrics.jsonl").is_file()
+        if self.cfg.resume:
+            if latest is None:
+                raise InputError(f"resume: {self.out} has no complete checkpoint; start a new run without --resume.")
+            return latest
+        if latest is not None or has_metrics:
+            raise InputError(f"out={str(self.out)!r} already holds a training run: pass --resume to continue it, "
+                             "or choose another --out.")
+        return None
+
+    # -- the loop -----------------------------------------------------------------------------
+    def train(self) -> dict:
+        from .rollout import progress_bar
+
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+            self.console.print(f"resumed from {self.resume_from} (step {self.step})")
+        self._open_logs()
+        acc = self.accelerator
+        if self.heldout and self.step == 0:
+            self._evaluate_heldout()
+        with progress_bar(self.console, unit="steps") as progress:
+            task = progress.add_task("train", total=self.cfg.steps, completed=self.step, info="")
+            while self.step < self.cfg.steps:
+                row = self.train_step()
+                if self.heldout and self.cfg.eval_every and self.step % self.cfg.eval_every == 0 \
+                        and self.step < self.cfg.steps:
+                    row.update(self._evaluate_heldout(log_row=False))
+                self._log(row)
+                progress.update(task, completed=self.step, info=_brief(row))
+                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 \
+                        and self.step < self.cfg.steps:
+                    self.save_checkpoint()
+        if self.heldout:
+            self._evaluate_heldout()
+        self.save_checkpoint()
+        return self._finish()
+
+    def train_step(self) -> dict:
+        """Roll out, score, build advantages and update once; return the step's metric row."""
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        progress = self.step / max(cfg.steps, 1)
+        kept, results, failures, dropped, rounds, rewards_all, correct_all = [], [], Counter(), 0, 0, [], []
+        need = cfg.prompts_per_step
+        while True:
+            indices = self.stream.take(need)
+            prompts = [self.stream.prompts[i] for i in indices]
+            ids = [render(p, self.tokenizer, cfg.system_prompt) for p in prompts]
+            for i, p in enumerate(ids):
+                self.sampler.check_fits(p, indices[i])
+            result = self.sampler.rollout(ids, first_index=0, progress=progress)
+            results.append(result)
+            scored, fails = score_trees(result.trees, prompts, self.reward_fn, self.engine)
+            failures.update(fails)
+            for j, tree in enumerate(result.trees):
+                rewards = [tree.rewards[leaf] for leaf in tree.leaves]
+                rewards_all += rewards
+                correct_all += scored[j]["correct"]
+                if cfg.dynamic_sampling and max(rewards) - min(rewards) < 1e-9:
+                    dropped += 1
+                else:
+                    kept.append(tree)
+            if not cfg.dynamic_sampling or len(kept) >= cfg.prompts_per_step or rounds >= cfg.max_resample_rounds:
+                break
+            rounds += 1
+            need = cfg.prompts_per_step - len(kept)
+        kept = kept[: cfg.prompts_per_step]
+        rollout_seconds = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        update = self._update(kept) if kept else {}
+        if kept:
+            self.engine.sync_weights()
+        self.step += 1
+        roll = summarize(results, self.sampler_cfg)
+        depths = [len(leaf) for r in results for t in r.trees for leaf in t.leaves]
+        lengths = [len(t.response_ids(leaf)) for r in results for t in r.trees for leaf in t.leaves]
+        ents = [e for r in results for t in r.trees for n in t.nodes.values() for e in n.entropies]
+        row = {
+            "step": self.step,
+            "reward_mean": float(np.mean(rewards_all)),
+            "accuracy": float(np.mean(correct_all)),
+            **update,
+            "entropy": float(np.mean(ents)) if ents else None,
+            "lr": self.scheduler.get_last_lr()[0],
+            "prompts_rolled": sum(len(r.trees) for r in results),
+            "groups_trained": len(kept),
+            "groups_dropped": dropped,
+            "resample_rounds": rounds,
+            "trajectories_per_prompt": roll["trajectories"] / max(roll["prompts"], 1),
+            "tree_depth_mean": float(np.mean(depths)),
+            "tree_depth_max": max(depths),
+            "response_tokens_mean": float(np.mean(lengths)),
+            "fallbacks": roll["fallbacks"],
+            "decoded_tokens": roll["decoded_tokens"],
+            "leaf_tokens": roll["leaf_tokens"],
+            "saving_ratio": roll["saving_ratio"],
+            "finish_reasons": roll["finish_reasons"],
+            "reward_failures": sum(failures.values()),
+            "rollout_seconds": rollout_seconds,
+            "train_seconds": time.perf_counter() - t1,
+            "step_seconds": time.perf_counter() - t0,
+        }
+        if not kept:
+            log.warning("step %d: every group had equal rewards after %d resample rounds; no update this step",
+                        self.step, rounds)
+        return row
+
+    # -- the update ---------------------------------------------------------------------------
+    def _samples(self, trees) -> list[Sample]:
+        samples = []
+        for g, tree in enumerate(trees):
+            leaves = list(tree.leaves)
+            rewards = [tree.rewards[leaf] for leaf in leaves]
+            seg_lengths = [[len(n) for n in tree.path(leaf)] for leaf in leaves]
+            advs = token_advantages(self.cfg.advantage, leaves, rewards, seg_lengths)
+            for leaf, adv in zip(leaves, advs):
+                traj = tree.trajectory(leaf)
+                if traj.token_ids:
+                    samples.append(Sample(tree.prompt_ids, traj.token_ids, adv, traj.logprobs, group=g))
+        if self.cfg.whiten_advantages and samples:  # over every response token of the step
+            flat = torch.tensor([a for s in samples for a in s.advantages], dtype=torch.float64)
+            white = whiten(flat, torch.ones_like(flat, dtype=torch.bool)).tolist()
+            at = 0
+            for s in samples:
+                s.advantages, at = white[at : at + len(s.advantages)], at + len(s.advantages)
+        return samples
+
+    def _update(self, trees) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        samples = self._samples(trees)
+        T = self.engine_cfg.temperature
+        groups = sorted({s.group for s in samples})
+        shares = [groups[i::cfg.mini_batches] for i in range(cfg.mini_batches)]
+        minis = [[s for s in samples if s.group in set(share)] for share in shares]
+        minis = [m for m in minis if m]
+        fresh = cfg.old_logprobs == "recompute" and cfg.mini_batches == 1 and cfg.ppo_epochs == 1
+        if cfg.old_logprobs == "recompute" and not fresh:
+            self._recompute_old(samples)  # the policy before any of this step's updates
+        totals = Counter()
+        norms = []
+        for _ in range(cfg.ppo_epochs):
+            for mini in minis:
+                stats, norm = self._optimizer_step(mini, T, detach_old=fresh)
+                totals.update(stats)
+                norms.append(norm)
+        n = max(totals["tokens"], 1.0)
+        out = {
+            "loss": totals["loss"] / max(len(norms), 1),
+            "pg_loss": totals["pg"] / n,
+            "clip_fraction": totals["clipped"] / n,
+            "dual_clip_fraction": totals["dual_clipped"] / n,
+            "approx_kl_old": totals["approx_kl_old"] / n,
+            "grad_norm": float(np.mean(norms)),
+            "trained_tokens": int(totals["tokens"] / max(cfg.ppo_epochs, 1)),
+        }
+        if self.reference is not None:
+            out["kl_ref"] = totals["kl"] / n
+        return out
+
+    def _micro_batches(self, samples: Sequence[Sample]):
+        order = sorted(samples, key=lambda s: (len(s.prompt_ids) + len(s.response_ids)))  # less padding
+        size = self.cfg.micro_batch_size
+        for i in range(0, len(order), size):
+            yield collate(order[i : i + size], self.pad_id).to(self.policy.device)
+
+    @torch.no_grad()
+    def _recompute_old(self, samples: list[Sample]) -> None:
+        T = self.engine_cfg.temperature
+        order = sorted(samples, key=lambda s: (len(s.prompt_ids) + len(s.response_ids)))
+        size = self.cfg.micro_batch_size
+        for i in range(0, len(order), size):
+            chunk = order[i : i + size]
+            logp, _ = response_logprobs(self.model, collate(chunk, self.pad_id).to(self.policy.device), T)
+            for row, s in enumerate(chunk):
+                s.old_logprobs = logp[row, : len(s.response_ids)].tolist()
+
+    def _optimizer_step(self, samples: list[Sample], T: float, detach_old: bool) -> tuple[Counter, float]:
+        cfg, acc = self.cfg, self.accelerator
+        # Token-mean over the update's tokens on all ranks: each rank divides its token sum by
+        # (global tokens / world size), and the gradient all-reduce averages over ranks.
+        local = torch.tensor(float(sum(len(s.response_ids) for s in samples)), device=self.policy.device)
+        normaliser = float(acc.reduce(local, reduction="sum")) / acc.num_processes
+        batches = list(self._micro_batches(samples))
+        stats = Counter()
+        for i, mb in enumerate(batches):
+            sync = i == len(batches) - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                logp, entropy = response_logprobs(self.model, mb, T, with_entropy=cfg.entropy_coef > 0)
+                ref = None
+                if self.reference is not None:
+                    with torch.no_grad():
+                        ref, _ = response_logprobs(self.reference, mb, T)
+                old = logp.detach() if detach_old else mb.old_logprobs
+                parts = ppo_loss(logp, old, mb.advantages, mb.response_mask, normaliser,
+                                 clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+                                 ref_logp=ref, kl_coef=cfg.kl_coef, entropy=entropy, entropy_coef=cfg.entropy_coef)
+                acc.backward(parts.loss)
+            stats.update({"loss": float(parts.loss.detach()), "pg": parts.pg, "clipped": parts.clipped,
+                          "dual_clipped": parts.dual_clipped, "kl": parts.kl, "approx_kl_old": parts.approx_kl_old,
+                          "tokens": parts.tokens})
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.grad_clip > 0:
+            norm = float(acc.clip_grad_norm_(params, cfg.grad_clip))
+        else:
+            norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        if not math.isfinite(norm):
+            log.warning("step %d: gradient norm is %s; skipping this update", self.step + 1, norm)
+            self.optimizer.zero_grad(set_to_none=True)
+            return stats, norm
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stats, norm
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def _evaluate_heldout(self, log_row: bool = True) -> dict:
+        state = self.engine.generator.get_state()  # evaluation must not shift training's random stream
+        from dataclasses import replace
+
+        summary, _ = evaluate(self.engine, replace(self.sampler_cfg, seed=EVAL_SEED), self.heldout, self.reward_fn,
+                              system_prompt=self.cfg.system_prompt, batch_size=self.cfg.prompt_batch_size)
+        self.engine.generator.set_state(state)
+        k = summary["k"]
+        row = {"eval_step": self.step, "eval_accuracy": summary[f"mean@{k}"]["value"],
+               "eval_pass": summary[f"pass@{k}"]["value"], "eval_maj": summary[f"maj@{k}"]["value"]}
+        self.console.print(f"held-out ({len(self.heldout)} problems, step {self.step}): mean@{k} "
+                           f"{row['eval_accuracy']:.1%}, pass@{k} {row['eval_pass']:.1%}, maj@{k} {row['eval_maj']:.1%}")
+        self.evals = getattr(self, "evals", []) + [row]
+        if log_row:
+            self._log({"step": self.step, **row})
+        return row
+
+    # -- logs, checkpoints, the end -----------------------------------------------------------
+    def _open_logs(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / "metrics.jsonl"
+        # Keep only the rows the checkpoint covers: steps after it will be redone.
+        self.rows = [r for r in _read_rows(path) if r.get("step", 0) <= self.step] if self.resume_from else []
+        io.write_jsonl(path, self.rows)
+        self._metrics = open(path, "a", encoding="utf-8")
+        if self.cfg.tensorboard and self.accelerator.is_main_process:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.warning("tensorboard is not installed: metrics go to metrics.jsonl only (pip install tensorboard)")
+            else:
+                self.tb = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1 if self.step else None)
+
+    def _log(self, row: dict) -> None:
+        self.rows.append(row)
+        if not self.accelerator.is_main_process:
+            return
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        if self.tb is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step" and value is not None:
+                    self.tb.add_scalar(key, value, row["step"])
+            self.tb.flush()
+
+    def save_checkpoint(self) -> Optional[Path]:
+        if not self.accelerator.is_main_process:
+            return None
+        if checkpoint.latest_checkpoint(self.out) == checkpoint.step_dir(self.out, self.step):
+            return None
+        rng = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "sampler": self.sampler.rng.getstate(),
+            "engine": self.engine.generator.get_state(),
+        }
+        state = {"step": self.step, "data_position": self.stream.position, "rows": len(self.rows),
+                 "config": self._configs()}
+        return checkpoint.save(
+            self.out, self.step, model=self.policy, tokenizer=self.tokenizer,
+            optimizer_state={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            rng_state=rng, trainer_state=state, keep=self.cfg.keep_checkpoints,
+        )
+
+    def _restore(self, folder: Path) -> None:
+        ck = checkpoint.load(folder)
+        checkpoint.load_weights(self.policy, ck["model_dir"])
+        self.optimizer.load_state_dict(ck["optimizer"]["optimizer"])
+        self.scheduler.load_state_dict(ck["optimizer"]["scheduler"])
+        rng = ck["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        self.sampler.rng.setstate(rng["sampler"])
+        self.engine.generator.set_state(rng["engine"])
+        self.engine.sync_weights()
+        self.step = ck["trainer"]["step"]
+        self.stream.position = ck["trainer"]["data_position"]
+
+    def _configs(self) -> dict:
+        return {"engine": asdict(self.engine_cfg), "sampler": asdict(self.sampler_cfg),
+                "reward": asdict(self.reward_cfg), "train": asdict(self.cfg)}
+
+    def _finish(self) -> dict:
+        from .plots import plot_training
+
+        self._metrics.close()
+        if self.tb is not None:
+            self.tb.close()
+        train_rows = [r for r in self.rows if "reward_mean" in r]
+        summary = {
+            "steps": self.step,
+            "reward_first": train_rows[0]["reward_mean"] if train_rows else None,
+            "reward_last": train_rows[-1]["reward_mean"] if train_rows else None,
+            "accuracy_by_step": [r["accuracy"] for r in train_rows],
+            "decoded_tokens": sum(r["decoded_tokens"] for r in train_rows),
+            "leaf_tokens": sum(r["leaf_tokens"] for r in train_rows),
+            "wall_seconds": sum(r["step_seconds"] for r in train_rows),
+            "evals": getattr(self, "evals", []),
+            "config": self._configs(),
+        }
+        if summary["leaf_tokens"]:
+            summary["saving_ratio"] = 1 - summary["decoded_tokens"] / summary["leaf_tokens"]
+        if self.accelerator.is_main_process:
+            with io.staged_dir(self.out / "model") as stage:
+                self.policy.save_pretrained(stage, safe_serialization=True)
+                self.tokenizer.save_pretrained(stage)
+            io.write_json(self.out / "summary.json", summary)
+            pictures = plot_training(self.rows, self.out)
+            self.console.print(f"wrote {self.out}/model, metrics.jsonl, summary.json"
+                               + "".join(f", {p.name}" for p in pictures))
+        return summary
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """metrics.jsonl rows; a line cut short by a kill is skipped."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _brief(row: dict) -> str:
+    return (f"reward {row['reward_mean']:+.2f}, acc {row['accuracy']:.0%}, "
+            f"saving {row['saving_ratio']:.0%}, {row['step_seconds']:.0f} s/step")
+
+
+def run_train(engine_cfg: EngineConfig, sampler_cfg: SamplerConfig, reward_cfg: RewardConfig, train_cfg: TrainConfig,
+              *, model=None, tokenizer=None, console: Optional[Console] = None) -> dict:
+    """The `treepo train` job; returns the run summary."""
+    return Trainer(engine_cfg, sampler_cfg, reward_cfg, train_cfg, model=model, tokenizer=tokenizer,
+                   console=console).train()

@@ -1,0 +1,182 @@
+"""The trainer end to end on a tiny random model: updates, metrics, checkpoints, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny
+from treepo import checkpoint
+from treepo.cli import main
+from treepo.config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig
+from treepo.errors import ConfigError, InputError
+from treepo.policy import Sample, collate, response_logprobs
+from treepo.sampler import TreeSampler
+from treepo.trainer import Trainer, run_train
+
+ROW_KEYS = {"step", "reward_mean", "accuracy", "loss", "clip_fraction", "entropy", "grad_norm", "tree_depth_mean",
+            "fallbacks", "trajectories_per_prompt", "decoded_tokens", "leaf_tokens", "saving_ratio", "step_seconds"}
+
+
+@pytest.fixture
+def prompts(tmp_path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)}) + "\n"
+                            for i in range(12)))
+    return path
+
+
+def _cfgs(prompts: Path, out: Path, reward="toy_rewards:letter_share", **train):
+    args = dict(prompts=str(prompts), num_prompts=12, steps=2, prompts_per_step=2, micro_batch_size=3,
+                learning_rate=1e-3, out=str(out), checkpoint_every=1, tensorboard=False)
+    args.update(train)
+    return (EngineConfig(threads=1), SamplerConfig(width=4, depth=2, segment_len=8),
+            RewardConfig(reward=reward), TrainConfig(**args))
+
+
+def _run(prompts, out, **kw):
+    model = tiny.model("llama")
+    summary = run_train(*_cfgs(prompts, out, **kw), model=model, tokenizer=tiny.tokenizer())
+    return model, summary
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_steps_change_parameters_and_write_everything(prompts, tmp_path):
+    out = tmp_path / "run"
+    before = {k: v.clone() for k, v in tiny.model("llama").state_dict().items()}
+    model, summary = _run(prompts, out, tensorboard=True)
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "no parameter moved"
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert ROW_KEYS <= set(rows[0]), ROW_KEYS - set(rows[0])
+    assert all(r["trajectories_per_prompt"] == 4 for r in rows)
+    assert all(r["grad_norm"] > 0 for r in rows)
+    assert summary["steps"] == 2
+    for name in ("summary.json", "reward.png", "savings.png", "model/config.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert checkpoint.latest_checkpoint(out).name == "step-000002"
+    assert len(list((out / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints=2
+
+
+def test_resume_reproduces_the_next_step_exactly(prompts, tmp_path):
+    straight, _ = _run(prompts, tmp_path / "a", steps=3)
+    _run(prompts, tmp_path / "b", steps=2)
+    resumed, _ = _run(prompts, tmp_path / "b", steps=3, resume=True)
+    a, b = _rows(tmp_path / "a"), _rows(tmp_path / "b")
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for key in ("loss", "grad_norm", "reward_mean", "decoded_tokens", "pg_loss"):
+        assert a[2][key] == b[2][key], key
+    for (name, x), y in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_checkpoint(prompts, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(InputError, match="no complete checkpoint"):
+        _run(prompts, out, resume=True)
+    _run(prompts, out, steps=1)
+    with pytest.raises(InputError, match="--resume"):
+        _run(prompts, out, steps=1)
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one(prompts, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _run(prompts, out, steps=1)
+    good = checkpoint.latest_checkpoint(out)
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", broken)
+    with pytest.raises(OSError):
+        _run(prompts, out, steps=2, resume=True)
+    assert checkpoint.latest_checkpoint(out) == good
+    assert not list((out / "checkpoints").glob(".step-*"))  # no half-written folder left
+
+
+def test_all_equal_rewards_are_dropped_and_nothing_updates(prompts, tmp_path):
+    before = tiny.model("llama").state_dict()
+    model, _ = _run(prompts, tmp_path / "run", reward="toy_rewards:constant", steps=1, max_resample_rounds=1)
+    row = _rows(tmp_path / "run")[0]
+    assert row["groups_trained"] == 0 and row["groups_dropped"] == 4 and row["resample_rounds"] == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_raising_reward_is_counted_and_the_run_goes_on(prompts, tmp_path):
+    _run(prompts, tmp_path / "run", reward="toy_rewards:raises", steps=1, dynamic_sampling=False)
+    row = _rows(tmp_path / "run")[0]
+    assert row["reward_failures"] == 8 and row["reward_mean"] == -1.0
+
+
+def test_minibatches_epochs_kl_and_entropy_paths(prompts, tmp_path):
+    _, summary = _run(prompts, tmp_path / "run", steps=1, mini_batches=2, ppo_epochs=2, kl_coef=0.1,
+                      entropy_coef=0.01, advantage="segment")
+    row = _rows(tmp_path / "run")[0]
+    assert row["kl_ref"] >= 0 and row["approx_kl_old"] != 0  # later updates see a moved policy
+
+
+def test_policy_logprobs_match_the_engine(prompts):
+    from treepo.engines.transformers_engine import TransformersEngine
+
+    model, tok = tiny.model("llama"), tiny.tokenizer()
+    engine = TransformersEngine(model, tok, EngineConfig(temperature=0.7), seed=3)
+    trees = TreeSampler(SamplerConfig(width=4, depth=3, segment_len=6), engine).rollout(
+        [tok("What is 1 plus 1?")["input_ids"], tok("Count the letters")["input_ids"]]).trees
+    samples = [Sample(t.prompt_ids, t.response_ids(leaf), [0.0] * len(t.response_ids(leaf)),
+                      t.trajectory(leaf).logprobs) for t in trees for leaf in t.leaves]
+    batch = collate(samples, tok.pad_token_id)
+    with torch.no_grad():
+        logp, _ = response_logprobs(model, batch, temperature=0.7)
+    diff = (logp - batch.old_logprobs).abs()[batch.response_mask]
+    assert diff.max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompts_per_step=3, mini_batches=2), "not divisible by mini_batches"),
+        (dict(num_prompts=1), "raise num_prompts"),
+    ],
+)
+def test_impossible_train_configs(kwargs, message, prompts, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        _cfgs(prompts, tmp_path, **kwargs)
+
+
+def test_width_one_and_greedy_are_refused_before_work(prompts, tmp_path):
+    engine, sampler, reward, train = _cfgs(prompts, tmp_path / "run")
+    with pytest.raises(ConfigError, match="width=1"):
+        Trainer(engine, SamplerConfig(width=1), reward, train, model=tiny.model(), tokenizer=tiny.tokenizer())
+    with pytest.raises(ConfigError, match="greedy"):
+        Trainer(EngineConfig(temperature=0), sampler, reward, train, model=tiny.model(), tokenizer=tiny.tokenizer())
+    assert not (tmp_path / "run").exists()
+
+
+def test_rows_without_answers_are_named(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "answer": "1"}) + "\n" + json.dumps({"prompt": "b"}) + "\n")
+    engine, sampler, reward, train = _cfgs(path, tmp_path / "run", reward="math_verify", num_prompts=2)
+    with pytest.raises(InputError, match="row 2 has no 'answer'"):
+        Trainer(engine, sampler, reward, train, model=tiny.model(), tokenizer=tiny.tokenizer())
+
+
+def test_cli_yaml_unknown_key_and_overrides(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("train:\n  steps: 3\n  lerning_rate: 0.1\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "unknown key 'lerning_rate'" in capsys.readouterr().err
+    assert main(["train", "--stepz", "3"]) == 2
+    assert "did you mean --steps" in capsys.readouterr().err
+    cfg.write_text("sampler:\n  width: 1\ntrain:\n  steps: 3\n")
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert "width=1" in capsys.readouterr().err  # the YAML value reached the check
+    assert main(["train", "--config", str(cfg), "--width", "2", "--prompts_per_step", "3", "--mini_batches", "2"]) == 2
+    assert "mini_batches=2" in capsys.readouterr().err  # the flag overrode the YAML width
