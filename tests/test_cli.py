@@ -192,3 +192,34 @@ def test_a_custom_answer_predicate_ends_paths(model_dir, prompts_file, tmp_path,
                    "boxed_as_eos") == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finish_reasons"].get("answer", 0) >= 1
+
+
+def test_train_then_eval_the_trained_model(model_dir, tmp_path, capsys):
+    """`treepo train` from a YAML file plus overrides, then `treepo eval` on the model it wrote."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)}) + "\n"
+                               for i in range(8)))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"engine:\n  model: {model_dir}\nsampler:\n  width: 4\n  depth: 2\n  segment_len: 4\n"
+                   f"train:\n  prompts: {prompts}\n  num_prompts: 8\n  steps: 5\n  prompts_per_step: 2\n"
+                   "  learning_rate: 0.001\n  tensorboard: false\n")
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", str(cfg), "--steps", "1", "--reward", "toy_rewards:letter_share",
+                     "--out", str(run)]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1]  # --steps 1 overrode the file's 5
+    out = tmp_path / "eval"
+    assert cli.main(["eval", "--model", str(run / "model"), "--prompts", str(prompts), "--num_prompts", "3",
+                     "--width", "4", "--depth", "2", "--segment_len", "4", "--k", "2", "--out", str(out)]) == 0
+    summary = json.loads((out / "eval.json").read_text())
+    assert summary["problems"] == 3 and summary["samples_per_problem"] == 4
+    assert {"mean@2", "pass@2", "maj@2", "decoded_tokens_per_solved"} <= set(summary)
+    samples = (out / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 12
+    assert "mean@2" in capsys.readouterr().err
+
+
+def test_eval_k_above_width_is_refused(model_dir, prompts_file, tmp_path, capsys):
+    assert cli.main(["eval", "--model", str(model_dir), "--prompts", str(prompts_file), "--width", "2",
+                     "--k", "4", "--reward", "toy_rewards:letter_share", "--out", str(tmp_path / "e")]) == 2
+    assert "k=4 exceeds width=2" in capsys.readouterr().err

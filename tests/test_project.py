@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from treepo.config import EngineConfig, RolloutConfig, SamplerConfig
+from treepo.config import EngineConfig, EvalConfig, RewardConfig, RolloutConfig, SamplerConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
     assert ci == [second]
 
 
-@pytest.mark.parametrize("cls", [EngineConfig, SamplerConfig, RolloutConfig])
+@pytest.mark.parametrize("cls", [EngineConfig, SamplerConfig, RolloutConfig, RewardConfig, TrainConfig, EvalConfig])
 def test_every_config_field_has_help(cls):
     for f in fields(cls):
         assert len(f.metadata.get("help", "")) > 10, f"{cls.__name__}.{f.name} has no help string"

@@ -51,3 +51,20 @@ def test_default_model_greedy_tree_equals_greedy_independent(engine, prompt_ids)
     samples = {tuple(t.token_ids) for t in ind.trajectories()}
     assert len(leaves) == 1 and leaves == samples
     assert tree.decoded_tokens == 6 * 8 and ind.decoded_tokens == 8 * 8
+
+
+def test_default_model_trains_one_step_and_eval_reads_it(tmp_path):
+    """`treepo train` defaults (letter counting, reasoning-gym reward) on a tiny budget, then `treepo eval`."""
+    import json
+
+    from treepo import cli
+
+    out = tmp_path / "run"
+    assert cli.main(["train", "--steps", "1", "--prompts_per_step", "2", "--width", "4", "--depth", "2",
+                     "--segment_len", "16", "--out", str(out), "--tensorboard", "false"]) == 0
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["trajectories_per_prompt"] == 4 and row["reward_failures"] == 0
+    assert row["groups_trained"] == 0 or row["grad_norm"] > 0
+    assert cli.main(["eval", "--model", str(out / "model"), "--num_prompts", "2", "--width", "2", "--depth", "1",
+                     "--segment_len", "16", "--out", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["problems"] == 2

@@ -78,13 +78,24 @@ def test_resume_reproduces_the_next_step_exactly(prompts, tmp_path):
         assert torch.equal(x, y), name
 
 
-def test_existing_run_needs_resume_and_resume_needs_a_checkpoint(prompts, tmp_path):
+def test_existing_run_needs_resume_and_resume_keeps_the_settings(prompts, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(InputError, match="no complete checkpoint"):
-        _run(prompts, out, resume=True)
     _run(prompts, out, steps=1)
     with pytest.raises(InputError, match="--resume"):
         _run(prompts, out, steps=1)
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        _run(prompts, out, steps=2, resume=True, learning_rate=0.5)
+    _run(prompts, out, steps=2, resume=True, checkpoint_every=0)  # steps and checkpointing may change
+    assert [r["step"] for r in _rows(out)] == [1, 2]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again(prompts, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 0.0}\n{"step": 2, "rew')  # killed mid-line
+    _run(prompts, out, steps=1, resume=True)
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1] and "grad_norm" in rows[0]
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one(prompts, tmp_path, monkeypatch):
@@ -180,3 +191,79 @@ def test_cli_yaml_unknown_key_and_overrides(tmp_path, capsys):
     assert "width=1" in capsys.readouterr().err  # the YAML value reached the check
     assert main(["train", "--config", str(cfg), "--width", "2", "--prompts_per_step", "3", "--mini_batches", "2"]) == 2
     assert "mini_batches=2" in capsys.readouterr().err  # the flag overrode the YAML width
+
+
+def test_overlong_penalty_by_hand():
+    from treepo.trainer import overlong_penalty
+
+    assert overlong_penalty(80, budget=128, buffer=32, factor=1.0) == 0.0  # below 128 - 32 = 96
+    assert overlong_penalty(96, 128, 32, 1.0) == 0.0
+    assert overlong_penalty(104, 128, 32, 1.0) == pytest.approx(-0.25)  # 8 of 32 into the buffer
+    assert overlong_penalty(128, 128, 32, 0.5) == pytest.approx(-0.5)
+    assert overlong_penalty(500, 128, 0, 1.0) == 0.0  # off
+
+
+def test_old_logprobs_are_the_policy_before_the_step(prompts, tmp_path, monkeypatch):
+    """With 2 mini-batches x 2 epochs, every update's old log-probs are the pre-step policy's, batched the same."""
+    import treepo.trainer as trainer_mod
+
+    calls = []
+    real = trainer_mod.ppo_loss
+
+    def spy(logp, old, adv, mask, normaliser, **kw):
+        calls.append((logp.detach().clone(), old.clone(), mask.clone()))
+        return real(logp, old, adv, mask, normaliser, **kw)
+
+    monkeypatch.setattr(trainer_mod, "ppo_loss", spy)
+    _run(prompts, tmp_path / "run", steps=1, mini_batches=2, ppo_epochs=2, dynamic_sampling=False)
+    first = calls[0]
+    assert (first[0] - first[1]).abs()[first[2]].max() < 1e-5  # first update: old == current policy
+    half = len(calls) // 2
+    for a, b in zip(calls[:half], calls[half:]):  # epoch 2 reuses epoch 1's old log-probs
+        assert torch.equal(a[1], b[1])
+    assert any((c[0] - c[1]).abs()[c[2]].max() > 1e-4 for c in calls[1:])  # later updates see a moved policy
+
+
+def test_gradient_accumulation_equals_one_big_batch(prompts, tmp_path, monkeypatch):
+    """The update's gradient is the token-mean over all its trajectories however they are micro-batched."""
+    grads = []
+
+    def record(self, closure=None):  # replaces AdamW.step: keep the gradient, skip the update
+        grads.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    _run(prompts, tmp_path / "a", steps=1, micro_batch_size=1, dynamic_sampling=False, grad_clip=0.0)
+    _run(prompts, tmp_path / "b", steps=1, micro_batch_size=16, dynamic_sampling=False, grad_clip=0.0)
+    assert len(grads) == 2
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-7, rtol=1e-4)
+    assert any(g.abs().max() > 0 for g in grads[0])
+
+
+def test_step_advantages_are_whitened_over_tokens(prompts, tmp_path):
+    model = tiny.model("llama")
+    trainer = Trainer(*_cfgs(prompts, tmp_path / "run"), model=model, tokenizer=tiny.tokenizer())
+    result = trainer.sampler.rollout(trainer.pool_ids[:2])
+    for tree in result.trees:
+        for k, leaf in enumerate(tree.leaves):
+            tree.rewards[leaf] = float(k % 2)
+    flat = torch.tensor([a for s in trainer._samples(result.trees) for a in s.advantages], dtype=torch.float64)
+    assert abs(flat.mean()) < 1e-6 and abs(flat.var(unbiased=False) - 1) < 1e-4
+
+
+def test_yaml_skips_other_commands_sections_and_checks_value_types(tmp_path, capsys):
+    from treepo.cli import parse_configs
+
+    types = (EngineConfig, SamplerConfig, RewardConfig, TrainConfig)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("train:\n  num_prompts: 500\n  task_args: {min_words: 1, max_words: 2}\n"
+                   "eval:\n  num_prompts: 32\n  out: runs/eval\nsampler:\n  width: 6\n")
+    *_, train = parse_configs(types, ["--config", str(cfg)], "treepo train")
+    assert train.num_prompts == 500 and train.out == "runs/train"
+    assert json.loads(train.task_args) == {"min_words": 1, "max_words": 2}
+    cfg.write_text("train:\n  dual_clip: null\n")
+    with pytest.raises(ConfigError, match="dual_clip is empty"):
+        parse_configs(types, ["--config", str(cfg)], "treepo train")
+    cfg.write_text("train:\n  steps: 2.5\n")
+    with pytest.raises(SystemExit):  # argparse's own type error, as for the flag
+        parse_configs(types, ["--config", str(cfg)], "treepo train")

@@ -61,6 +61,27 @@ def save(
     return target
 
 
+def save_model_dir(target: Path, model, tokenizer) -> Path:
+    """save_pretrained into a temporary sibling folder, then swap it in: `target` is always one whole model."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _fsync_tree(tmp)
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
 def _fsync_tree(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
@@ -97,8 +118,12 @@ def load(folder: Path) -> dict[str, Any]:
         trainer = json.loads((folder / "trainer.json").read_text())
         optimizer = torch.load(folder / "optimizer.pt", weights_only=False)
         rng = torch.load(folder / "rng.pt", weights_only=False)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise InputError(f"checkpoint {folder} is unreadable ({e}); delete it to resume from an older one.") from e
+    except Exception as e:  # unpickling, truncated files, bad JSON: all mean a damaged folder
+        raise InputError(f"checkpoint {folder} is unreadable ({type(e).__name__}: {e}); delete it to resume "
+                         "from an older one.") from e
+    for key in ("step", "data_position"):
+        if key not in trainer:
+            raise InputError(f"checkpoint {folder}/trainer.json has no {key!r}; delete it to resume from an older one.")
     return {"model_dir": folder / "model", "optimizer": optimizer, "rng": rng, "trainer": trainer}
 
 
@@ -110,8 +135,11 @@ def load_weights(model, model_dir: Path) -> None:
     if not files:
         raise InputError(f"checkpoint {model_dir} has no weights (*.safetensors); delete it and resume from another.")
     state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(f))
+    try:
+        for f in files:
+            state.update(load_file(f))
+    except Exception as e:
+        raise InputError(f"checkpoint {model_dir}: unreadable weights ({e}); delete it and resume from another.") from e
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [m for m in missing if m not in tied and not m.endswith("lm_head.weight")]

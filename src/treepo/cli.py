@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import logging
 import sys
 from pathlib import Path
@@ -37,25 +38,27 @@ commands:
 
 
 def parse_configs(types: tuple, argv: Sequence[str], prog: str) -> tuple:
-    """The config dataclasses from `--config FILE.yaml` (flat keys, or sections named engine /
-    sampler / reward / train / eval / rollout) overridden by command-line flags.
+    """The config dataclasses from `--config FILE.yaml` overridden by command-line flags.
 
-    An unknown key or flag is an error that suggests the closest known name.
+    The YAML file holds flat keys, or sections: `engine`, `sampler`, `reward` and the running
+    command's own (`train`, `eval` or `rollout`; the other commands' sections are skipped, so
+    one file can serve them all). Its values go through the same parsing as flags, so a wrong
+    type fails the same way; an unknown key or flag suggests the closest known name.
     """
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(types, prog=prog)
+    # --config is read before parsing; it is declared so that --help shows it.
     parser.add_argument("--config", default=None, help="YAML file of settings; command-line flags override it.")
-    # (--config is read before parsing; it is declared so that --help shows it)
-    known = {f.name for t in types for f in dataclasses.fields(t)}
+    fields = {f.name: f for t in types for f in dataclasses.fields(t)}
     argv = list(argv)
     config_path = _pop_config(argv)
     if config_path:
-        parser.set_defaults(**_read_yaml(config_path, known))
+        argv = _yaml_argv(config_path, fields, prog.split()[-1], parser) + argv  # later flags win
     *configs, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
         flag = next((a for a in remaining if a.startswith("-")), remaining[0])
-        raise ConfigError(f"unknown option {flag!r}{_suggest(flag.lstrip('-').split('=')[0], known, '--')}; "
+        raise ConfigError(f"unknown option {flag!r}{_suggest(flag.lstrip('-').split('=')[0], set(fields), '--')}; "
                           f"`{prog} --help` lists them.")
     return tuple(c for c in configs if dataclasses.is_dataclass(c))  # drop the namespace holding --config
 
@@ -75,7 +78,12 @@ def _pop_config(argv: list[str]) -> Optional[str]:
     return None
 
 
-def _read_yaml(path: str, known: set[str]) -> dict:
+SHARED_SECTIONS = ("engine", "sampler", "reward")
+COMMAND_SECTIONS = ("train", "eval", "rollout")
+
+
+def _yaml_argv(path: str, fields: dict, command: str, parser) -> list[str]:
+    """The YAML file's settings as command-line flags (so they are parsed and checked like flags)."""
     import yaml
 
     try:
@@ -89,18 +97,29 @@ def _read_yaml(path: str, known: set[str]) -> dict:
         raise ConfigError(f"config={path!r}: expected a mapping of settings, e.g. 'steps: 20'.")
     flat: dict = {}
     for key, value in data.items():
-        if key in SECTIONS and isinstance(value, dict):
-            flat.update(value)
+        if key in SHARED_SECTIONS + COMMAND_SECTIONS and isinstance(value, dict):
+            if key in SHARED_SECTIONS or key == command:
+                flat.update(value)
         else:
             flat[key] = value
-    for key in flat:
-        key_ = str(key).replace("-", "_")
-        if key_ not in known:
-            raise ConfigError(f"config={path!r}: unknown key {key!r}{_suggest(key_, known, '')}.")
-    return {str(k).replace("-", "_"): v for k, v in flat.items()}
-
-
-SECTIONS = ("engine", "sampler", "reward", "train", "eval", "rollout")
+    argv: list[str] = []
+    for key, value in flat.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            raise ConfigError(f"config={path!r}: unknown key {key!r}{_suggest(name, set(fields), '')}.")
+        if value is None:
+            if "Optional" not in str(fields[name].type):
+                raise ConfigError(f"config={path!r}: {name} is empty; give it a value or drop the key.")
+            parser.set_defaults(**{name: None})
+            continue
+        if isinstance(value, (dict, list)):
+            if name != "task_args":
+                raise ConfigError(f"config={path!r}: {name} takes one value, not {type(value).__name__} {value!r}.")
+            value = json.dumps(value)
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        argv += [f"--{name}", str(value)]
+    return argv
 
 
 def _suggest(name: str, known: set[str], prefix: str) -> str:

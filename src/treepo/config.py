@@ -312,7 +312,7 @@ class TrainConfig(RolloutConfig):
     micro_batch_size: int = field(
         default=8, metadata=_help("Trajectories per forward/backward (gradient accumulation inside an update).")
     )
-    learning_rate: float = field(default=1e-5, metadata=_help("AdamW peak learning rate [paper: 1e-6 on 7B]."))
+    learning_rate: float = field(default=2e-5, metadata=_help("AdamW peak learning rate [paper: 1e-6 on 7B; small models need more]."))
     warmup_steps: int = field(default=2, metadata=_help("Linear learning-rate warm-up, in optimizer updates."))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
     grad_clip: float = field(default=1.0, metadata=_help("Max gradient norm; 0 = no clipping."))
@@ -345,6 +345,12 @@ class TrainConfig(RolloutConfig):
     max_resample_rounds: int = field(
         default=2, metadata=_help("Extra rollout rounds per step to refill dropped groups (bounded cost).")
     )
+    overlong_buffer: int = field(
+        default=0,
+        metadata=_help("DAPO soft overlong penalty: the last N tokens of the response budget cost up to "
+                       "overlong_factor reward, linearly; 0 = off."),
+    )
+    overlong_factor: float = field(default=1.0, metadata=_help("Largest overlong penalty (at the budget)."))
     eval_prompts: int = field(
         default=0, metadata=_help("Held-out problems evaluated before training and at the end; 0 = none.")
     )
@@ -365,7 +371,8 @@ class TrainConfig(RolloutConfig):
             f"each PPO update takes an equal share of the prompt groups; make prompts_per_step a multiple.",
         )
         _require(self.learning_rate > 0, f"learning_rate={self.learning_rate}: must be > 0.")
-        for name in ("warmup_steps", "max_resample_rounds", "eval_prompts", "eval_every", "checkpoint_every"):
+        for name in ("warmup_steps", "max_resample_rounds", "eval_prompts", "eval_every", "checkpoint_every",
+                     "overlong_buffer", "overlong_factor"):
             _require(getattr(self, name) >= 0, f"{name}={getattr(self, name)}: must be >= 0.")
         _require(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints}: must be >= 1.")
         _require(0 <= self.clip_low < 1, f"clip_low={self.clip_low}: must be in [0, 1).")

@@ -73,9 +73,7 @@ def evaluate(
     ids = [render(p, engine.tokenizer, system_prompt) for p in prompts]
     for i, p in enumerate(ids):
         sampler.check_fits(p, i)
-    k = k or sampler_cfg.width
-    if k > sampler_cfg.width:
-        raise InputError(f"k={k} exceeds width={sampler_cfg.width}: k samples need width >= k.")
+    k = check_k(k, sampler_cfg.width)
     problems, rows, results, failures = [], [], [], Counter()
     for start in range(0, len(ids), batch_size):
         t0 = time.perf_counter()
@@ -108,6 +106,13 @@ def evaluate(
     return summary, rows
 
 
+def check_k(k: int, width: int) -> int:
+    """k for mean@k / pass@k / maj@k (0 = width); it cannot exceed the samples per problem."""
+    if k > width:
+        raise InputError(f"k={k} exceeds width={width}: mean@k needs k samples per problem; raise --width or lower --k.")
+    return k or width
+
+
 def eval_prompts(cfg: EvalConfig, seed: int) -> list[Prompt]:
     """The problems `treepo eval` scores: a JSONL file as given, or a reasoning-gym split."""
     if cfg.prompts:
@@ -131,6 +136,7 @@ def run_eval(
     """The `treepo eval` job; returns the summary written to eval.json."""
     console = console or Console(stderr=True)
     out = io.check_output_dir(eval_cfg.out)
+    check_k(eval_cfg.k, sampler_cfg.width)
     reward_fn = build_reward(reward_cfg.reward, task=None if eval_cfg.prompts else eval_cfg.task,
                              timeout=reward_cfg.reward_timeout, failure_reward=reward_cfg.failure_reward)
     prompts = eval_prompts(eval_cfg, sampler_cfg.seed)

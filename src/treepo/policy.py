@@ -93,9 +93,11 @@ def response_logprobs(
     logits = out.logits[:, -(R + 1) : -1, :].float()  # [B, R, V]: column t predicts response token t
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
-    logsm = torch.log_softmax(logits, dim=-1)  # [B, R, V]
-    logp = logsm.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)  # [B, R]
+    # log p = logit of the token - logsumexp: no [B, R, V] log-softmax kept for the backward pass
+    picked = logits.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)  # [B, R]
+    logp = picked - torch.logsumexp(logits, dim=-1)  # [B, R]
     entropy = None
     if with_entropy:
+        logsm = torch.log_softmax(logits, dim=-1)  # [B, R, V], only when the entropy bonus needs it
         entropy = -(logsm.exp() * logsm).sum(-1)  # [B, R]
     return logp, entropy

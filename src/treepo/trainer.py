@@ -28,7 +28,7 @@ import math
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -51,7 +51,10 @@ from .stopping import answer_predicate
 
 log = logging.getLogger(__name__)
 
-EVAL_SEED = 12345  # held-out evaluation samples with this seed every time, so runs compare
+EVAL_SEED = 12345
+# Settings a resumed run may change; every other one must match the checkpoint's.
+RESUMABLE = {"steps", "eval_prompts", "eval_every", "checkpoint_every", "keep_checkpoints", "resume", "tensorboard",
+             "out", "threads", "device"}  # held-out evaluation samples with this seed every time, so runs compare
 
 
 def check_configs(engine: EngineConfig, sampler: SamplerConfig, reward: RewardConfig, train: TrainConfig) -> None:
@@ -70,6 +73,14 @@ def check_configs(engine: EngineConfig, sampler: SamplerConfig, reward: RewardCo
     if train.old_logprobs == "engine" and (engine.top_p < 1 or engine.top_k > 0):
         log.warning("old_logprobs='engine' with top_p/top_k: the engine's log-probs are of the untruncated "
                     "distribution, as the policy's are, so the ratio is still consistent.")
+
+
+def overlong_penalty(length: int, budget: int, buffer: int, factor: float) -> float:
+    """DAPO's soft overlong penalty: 0 up to budget - buffer tokens, then falling linearly to
+    -factor at the budget (and beyond)."""
+    if buffer <= 0 or length <= budget - buffer:
+        return 0.0
+    return -factor * min(1.0, (length - (budget - buffer)) / buffer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +168,11 @@ class Trainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         torch.manual_seed(sampler_cfg.seed)
         self.accelerator = Accelerator(cpu=model.device.type == "cpu")
+        if self.accelerator.num_processes > 1:
+            raise ConfigError(
+                f"{self.accelerator.num_processes} processes: multi-process training (sharded prompts, per-rank seeds, "
+                "agreed dynamic sampling) is not implemented yet; run one process (`treepo train`)."
+            )
         self.reference = None
         if train_cfg.kl_coef > 0:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -164,26 +180,36 @@ class Trainer:
                                       weight_decay=train_cfg.weight_decay)
         warm = train_cfg.warmup_steps  # update k (0-based) runs at lr * min(1, (k + 1) / (warm + 1)): never 0
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / (warm + 1)))
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.scheduler = scheduler  # stepped once per update (accelerate's wrapper steps it once per process)
         self.policy = self.accelerator.unwrap_model(self.model)
         self.engine = TransformersEngine(self.policy, tokenizer, engine_cfg, seed=sampler_cfg.seed)
         self.sampler = TreeSampler(sampler_cfg, self.engine, predicate=self.predicate)
+        self.pool_ids = [render(p, tokenizer, train_cfg.system_prompt) for p in pool]
+        for i, ids in enumerate(self.pool_ids):  # a prompt too long for the context fails now, not at step N
+            self.sampler.check_fits(ids, i)
         self.step = 0
         self.rows: list[dict] = []
+        self.evals: list[dict] = []
         self.tb = None
 
     # -- run folder ---------------------------------------------------------------------------
     def _check_run_folder(self) -> Optional[Path]:
         latest = checkpoint.latest_checkpoint(self.out)
-        has_metrics = (self.out / "metrics.jsonl").is_file()
-        if self.cfg.resume:
-            if latest is None:
-                raise InputError(f"resume: {self.out} has no complete checkpoint; start a new run without --resume.")
-            return latest
-        if latest is not None or has_metrics:
+        if latest is None:
+            if (self.out / "metrics.jsonl").is_file():  # a run that stopped before its first checkpoint
+                log.warning("%s has no complete checkpoint: starting the run again from step 0", self.out)
+            return None
+        if not self.cfg.resume:
             raise InputError(f"out={str(self.out)!r} already holds a training run: pass --resume to continue it, "
                              "or choose another --out.")
-        return None
+        saved = json.loads((latest / "trainer.json").read_text()).get("config", {})
+        changed = [f"{section}.{k}" for section, now in self._configs().items()
+                   for k, v in now.items() if section in saved and k not in RESUMABLE and saved[section].get(k) != v]
+        if changed:
+            raise ConfigError(f"resume: {', '.join(changed)} differ from the run in {self.out}; a resumed run must "
+                              "keep its settings (only steps, evaluation, checkpoint and logging settings may change).")
+        return latest
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> dict:
@@ -208,7 +234,7 @@ class Trainer:
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 \
                         and self.step < self.cfg.steps:
                     self.save_checkpoint()
-        if self.heldout:
+        if self.heldout and not any(e["eval_step"] == self.step for e in self.evals):
             self._evaluate_heldout()
         self.save_checkpoint()
         return self._finish()
@@ -223,14 +249,17 @@ class Trainer:
         while True:
             indices = self.stream.take(need)
             prompts = [self.stream.prompts[i] for i in indices]
-            ids = [render(p, self.tokenizer, cfg.system_prompt) for p in prompts]
-            for i, p in enumerate(ids):
-                self.sampler.check_fits(p, indices[i])
+            ids = [self.pool_ids[i] for i in indices]
             result = self.sampler.rollout(ids, first_index=0, progress=progress)
             results.append(result)
             scored, fails = score_trees(result.trees, prompts, self.reward_fn, self.engine)
             failures.update(fails)
             for j, tree in enumerate(result.trees):
+                if cfg.overlong_buffer:
+                    budget = self.sampler_cfg.response_budget
+                    for leaf in tree.leaves:
+                        tree.rewards[leaf] += overlong_penalty(len(tree.response_ids(leaf)), budget,
+                                                               cfg.overlong_buffer, cfg.overlong_factor)
                 rewards = [tree.rewards[leaf] for leaf in tree.leaves]
                 rewards_all += rewards
                 correct_all += scored[j]["correct"]
@@ -246,6 +275,7 @@ class Trainer:
         rollout_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's updates use
         update = self._update(kept) if kept else {}
         if kept:
             self.engine.sync_weights()
@@ -260,7 +290,7 @@ class Trainer:
             "accuracy": float(np.mean(correct_all)),
             **update,
             "entropy": float(np.mean(ents)) if ents else None,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": lr,
             "prompts_rolled": sum(len(r.trees) for r in results),
             "groups_trained": len(kept),
             "groups_dropped": dropped,
@@ -314,7 +344,8 @@ class Trainer:
         minis = [m for m in minis if m]
         fresh = cfg.old_logprobs == "recompute" and cfg.mini_batches == 1 and cfg.ppo_epochs == 1
         if cfg.old_logprobs == "recompute" and not fresh:
-            self._recompute_old(samples)  # the policy before any of this step's updates
+            for mini in minis:  # the policy before any of this step's updates, batched as the updates are
+                self._recompute_old(mini)
         totals = Counter()
         norms = []
         for _ in range(cfg.ppo_epochs):
@@ -329,27 +360,29 @@ class Trainer:
             "clip_fraction": totals["clipped"] / n,
             "dual_clip_fraction": totals["dual_clipped"] / n,
             "approx_kl_old": totals["approx_kl_old"] / n,
-            "grad_norm": float(np.mean(norms)),
+            "grad_norm": float(np.mean(finite)) if (finite := [x for x in norms if math.isfinite(x)]) else None,
+            "skipped_updates": len(norms) - len(finite),
             "trained_tokens": int(totals["tokens"] / max(cfg.ppo_epochs, 1)),
         }
         if self.reference is not None:
             out["kl_ref"] = totals["kl"] / n
         return out
 
-    def _micro_batches(self, samples: Sequence[Sample]):
-        order = sorted(samples, key=lambda s: (len(s.prompt_ids) + len(s.response_ids)))  # less padding
+    def _chunks(self, samples: Sequence[Sample]) -> list[list[Sample]]:
+        """Micro-batches of an update, shortest first (less padding); the same split every time."""
+        order = sorted(samples, key=lambda s: (len(s.prompt_ids) + len(s.response_ids)))
         size = self.cfg.micro_batch_size
-        for i in range(0, len(order), size):
-            yield collate(order[i : i + size], self.pad_id).to(self.policy.device)
+        return [order[i : i + size] for i in range(0, len(order), size)]
+
+    def _micro_batches(self, samples: Sequence[Sample]):
+        for chunk in self._chunks(samples):
+            yield collate(chunk, self.pad_id).to(self.policy.device)
 
     @torch.no_grad()
     def _recompute_old(self, samples: list[Sample]) -> None:
-        T = self.engine_cfg.temperature
-        order = sorted(samples, key=lambda s: (len(s.prompt_ids) + len(s.response_ids)))
-        size = self.cfg.micro_batch_size
-        for i in range(0, len(order), size):
-            chunk = order[i : i + size]
-            logp, _ = response_logprobs(self.model, collate(chunk, self.pad_id).to(self.policy.device), T)
+        for chunk in self._chunks(samples):
+            logp, _ = response_logprobs(self.model, collate(chunk, self.pad_id).to(self.policy.device),
+                                        self.engine_cfg.temperature)
             for row, s in enumerate(chunk):
                 s.old_logprobs = logp[row, : len(s.response_ids)].tolist()
 
@@ -394,8 +427,6 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------------------------
     def _evaluate_heldout(self, log_row: bool = True) -> dict:
         state = self.engine.generator.get_state()  # evaluation must not shift training's random stream
-        from dataclasses import replace
-
         summary, _ = evaluate(self.engine, replace(self.sampler_cfg, seed=EVAL_SEED), self.heldout, self.reward_fn,
                               system_prompt=self.cfg.system_prompt, batch_size=self.cfg.prompt_batch_size)
         self.engine.generator.set_state(state)
@@ -404,7 +435,7 @@ class Trainer:
                "eval_pass": summary[f"pass@{k}"]["value"], "eval_maj": summary[f"maj@{k}"]["value"]}
         self.console.print(f"held-out ({len(self.heldout)} problems, step {self.step}): mean@{k} "
                            f"{row['eval_accuracy']:.1%}, pass@{k} {row['eval_pass']:.1%}, maj@{k} {row['eval_maj']:.1%}")
-        self.evals = getattr(self, "evals", []) + [row]
+        self.evals.append(row)
         if log_row:
             self._log({"step": self.step, **row})
         return row
@@ -415,6 +446,8 @@ class Trainer:
         path = self.out / "metrics.jsonl"
         # Keep only the rows the checkpoint covers: steps after it will be redone.
         self.rows = [r for r in _read_rows(path) if r.get("step", 0) <= self.step] if self.resume_from else []
+        self.evals = [{k: v for k, v in r.items() if k != "step" and k.startswith("eval")} for r in self.rows
+                      if "eval_step" in r]
         io.write_jsonl(path, self.rows)
         self._metrics = open(path, "a", encoding="utf-8")
         if self.cfg.tensorboard and self.accelerator.is_main_process:
@@ -491,15 +524,13 @@ class Trainer:
             "decoded_tokens": sum(r["decoded_tokens"] for r in train_rows),
             "leaf_tokens": sum(r["leaf_tokens"] for r in train_rows),
             "wall_seconds": sum(r["step_seconds"] for r in train_rows),
-            "evals": getattr(self, "evals", []),
+            "evals": self.evals,
             "config": self._configs(),
         }
         if summary["leaf_tokens"]:
             summary["saving_ratio"] = 1 - summary["decoded_tokens"] / summary["leaf_tokens"]
         if self.accelerator.is_main_process:
-            with io.staged_dir(self.out / "model") as stage:
-                self.policy.save_pretrained(stage, safe_serialization=True)
-                self.tokenizer.save_pretrained(stage)
+            checkpoint.save_model_dir(self.out / "model", self.policy, self.tokenizer)
             io.write_json(self.out / "summary.json", summary)
             pictures = plot_training(self.rows, self.out)
             self.console.print(f"wrote {self.out}/model, metrics.jsonl, summary.json"
