@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Callable, Optional, Sequence
 
 from rich.console import Console
@@ -181,7 +181,3 @@ def eval_table(summary: dict) -> Table:
     table.add_row("saving ratio (vs independent)", f"{summary['saving_ratio']:.1%}")
     return table
 
-
-def sampler_for_eval(cfg: SamplerConfig, seed: int) -> SamplerConfig:
-    """The sampler config evaluation uses inside training: the training shape with a fixed seed."""
-    return replace(cfg, seed=seed)

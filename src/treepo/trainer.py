@@ -219,7 +219,6 @@ class Trainer:
             self._restore(self.resume_from)
             self.console.print(f"resumed from {self.resume_from} (step {self.step})")
         self._open_logs()
-        acc = self.accelerator
         if self.heldout and self.step == 0:
             self._evaluate_heldout()
         with progress_bar(self.console, unit="steps") as progress:
@@ -335,7 +334,7 @@ class Trainer:
         return samples
 
     def _update(self, trees) -> dict:
-        cfg, acc = self.cfg, self.accelerator
+        cfg = self.cfg
         samples = self._samples(trees)
         T = self.engine_cfg.temperature
         groups = sorted({s.group for s in samples})
