@@ -285,9 +285,12 @@ DEFAULT_TRAIN_SYSTEM_PROMPT = (
 )
 
 
+DEFAULT_TRAIN_POOL = 2000
+
+
 @dataclass
-class TrainConfig(RolloutConfig):
-    """The `treepo train` job: data, optimisation, TreePO loss, logging and checkpoints."""
+class EasyTaskConfig(RolloutConfig):
+    """The problem source train and eval share: by default the easy task, with the brief-answer prompt."""
 
     DEFAULT_TASK: ClassVar[str] = EASY_TASK
     DEFAULT_TASK_ARGS: ClassVar[Optional[str]] = EASY_TASK_ARGS
@@ -296,9 +299,17 @@ class TrainConfig(RolloutConfig):
         default=None,
         metadata=_help(f"reasoning-gym task (unless --prompts); default {EASY_TASK} with {EASY_TASK_ARGS}."),
     )
-    num_prompts: int = field(default=2000, metadata=_help("Training problems in the pool (cycled, reshuffled each epoch)."))
     system_prompt: str = field(
         default=DEFAULT_TRAIN_SYSTEM_PROMPT, metadata=_help("System message placed before each prompt.")
+    )
+
+
+@dataclass
+class TrainConfig(EasyTaskConfig):
+    """The `treepo train` job: data, optimisation, TreePO loss, logging and checkpoints."""
+
+    num_prompts: int = field(
+        default=DEFAULT_TRAIN_POOL, metadata=_help("Training problems in the pool (cycled, reshuffled each epoch).")
     )
     out: str = field(default="runs/train", metadata=_help("Run folder: metrics, checkpoints, final model, plots."))
     steps: int = field(
@@ -391,18 +402,10 @@ class TrainConfig(RolloutConfig):
 
 
 @dataclass
-class EvalConfig(RolloutConfig):
+class EvalConfig(EasyTaskConfig):
     """The `treepo eval` job: k samples per held-out problem, mean@k / pass@k / maj@k."""
 
-    DEFAULT_TASK: ClassVar[str] = EASY_TASK  # the same default problems as treepo train
-    DEFAULT_TASK_ARGS: ClassVar[Optional[str]] = EASY_TASK_ARGS
-
-    task: Optional[str] = field(
-        default=None,
-        metadata=_help(f"reasoning-gym task (unless --prompts); default {EASY_TASK} with {EASY_TASK_ARGS}."),
-    )
     num_prompts: int = field(default=32, metadata=_help("Problems to evaluate."))
-    system_prompt: str = field(default=DEFAULT_TRAIN_SYSTEM_PROMPT, metadata=_help("System message before each prompt."))
     split: Literal["heldout", "train"] = field(
         default="heldout",
         metadata=_help("'heldout' = problems from a seed training never uses, minus any that training could draw; "
@@ -410,7 +413,7 @@ class EvalConfig(RolloutConfig):
     )
     k: int = field(default=0, metadata=_help("k of mean@k / pass@k / maj@k; 0 = width (all samples)."))
     train_pool: int = field(
-        default=2000,
+        default=DEFAULT_TRAIN_POOL,
         metadata=_help("Size of the training pool (treepo train's num_prompts) that the held-out split excludes."),
     )
     out: str = field(default="runs/eval", metadata=_help("Output folder for eval.json and samples.jsonl."))

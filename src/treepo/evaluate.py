@@ -33,10 +33,10 @@ from .tree import PromptTree
 
 def score_trees(
     trees: Sequence[PromptTree], prompts: Sequence[Prompt], reward_fn: RewardFunction, engine: Engine
-) -> tuple[dict[int, dict], Counter]:
+) -> tuple[list[dict], Counter]:
     """Score every leaf of every tree in one reward call; fills `tree.rewards`.
 
-    `prompts[tree.prompt_index]` is each tree's problem. Returns, per tree position, its leaves'
+    `prompts[tree.prompt_index]` is each tree's problem. Returns, in the order of `trees`, each one's leaves'
     {"correct", "answers", "texts"} lists, and the failure counts of the call.
     """
     flat = [(t, leaf) for t in trees for leaf in t.leaves]
@@ -47,14 +47,15 @@ def score_trees(
         "entry": [prompts[t.prompt_index].metadata for t, _ in flat],
     }
     outcome = reward_fn(questions, texts, columns)
-    per_tree: dict[int, dict] = {}
+    per_tree = [{"correct": [], "answers": [], "texts": []} for _ in trees]
+    position = {id(t): k for k, t in enumerate(trees)}
     for i, ((tree, leaf), text) in enumerate(zip(flat, texts)):
         tree.rewards[leaf] = outcome.rewards[i]
-        row = per_tree.setdefault(id(tree), {"correct": [], "answers": [], "texts": []})
+        row = per_tree[position[id(tree)]]
         row["correct"].append(bool(outcome.correct[i]))
         row["answers"].append(outcome.answers[i])
         row["texts"].append(text)
-    return {k: per_tree[id(t)] for k, t in enumerate(trees)}, outcome.failures
+    return per_tree, outcome.failures
 
 
 def evaluate(

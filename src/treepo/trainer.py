@@ -338,8 +338,8 @@ class Trainer:
         samples = self._samples(trees)
         T = self.engine_cfg.temperature
         groups = sorted({s.group for s in samples})
-        shares = [groups[i::cfg.mini_batches] for i in range(cfg.mini_batches)]
-        minis = [[s for s in samples if s.group in set(share)] for share in shares]
+        share = {g: i % cfg.mini_batches for i, g in enumerate(groups)}  # whole groups, dealt round-robin
+        minis = [[s for s in samples if share[s.group] == m] for m in range(cfg.mini_batches)]
         minis = [m for m in minis if m]
         fresh = cfg.old_logprobs == "recompute" and cfg.mini_batches == 1 and cfg.ppo_epochs == 1
         if cfg.old_logprobs == "recompute" and not fresh:
