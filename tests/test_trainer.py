@@ -16,6 +16,7 @@ from treepo.errors import ConfigError, InputError
 from treepo.policy import Sample, collate, response_logprobs
 from treepo.sampler import TreeSampler
 from treepo.trainer import Trainer, run_train
+from treepo.update import build_samples
 
 ROW_KEYS = {"step", "reward_mean", "accuracy", "loss", "clip_fraction", "entropy", "grad_norm", "tree_depth_mean",
             "fallbacks", "trajectories_per_prompt", "decoded_tokens", "leaf_tokens", "saving_ratio", "step_seconds"}
@@ -205,7 +206,7 @@ def test_overlong_penalty_by_hand():
 
 def test_old_logprobs_are_the_policy_before_the_step(prompts, tmp_path, monkeypatch):
     """With 2 mini-batches x 2 epochs, every update's old log-probs are the pre-step policy's, batched the same."""
-    import treepo.trainer as trainer_mod
+    import treepo.update as trainer_mod
 
     calls = []
     real = trainer_mod.ppo_loss
@@ -224,19 +225,50 @@ def test_old_logprobs_are_the_policy_before_the_step(prompts, tmp_path, monkeypa
     assert any((c[0] - c[1]).abs()[c[2]].max() > 1e-4 for c in calls[1:])  # later updates see a moved policy
 
 
-def test_gradient_accumulation_equals_one_big_batch(prompts, tmp_path, monkeypatch):
-    """The update's gradient is the token-mean over all its trajectories however they are micro-batched."""
+@pytest.mark.parametrize("packing", [False, True])
+def test_gradient_accumulation_equals_one_big_batch(prompts, tmp_path, monkeypatch, packing):
+    """The update's gradient is the token-mean over all its trajectories however they are micro-batched
+    (flat: 1 vs 16 trajectories per micro-batch; packed: 1 vs 4 prompt groups per row)."""
     grads = []
 
     def record(self, closure=None):  # replaces AdamW.step: keep the gradient, skip the update
         grads.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
 
     monkeypatch.setattr(torch.optim.AdamW, "step", record)
-    _run(prompts, tmp_path / "a", steps=1, micro_batch_size=1, dynamic_sampling=False, grad_clip=0.0)
-    _run(prompts, tmp_path / "b", steps=1, micro_batch_size=16, dynamic_sampling=False, grad_clip=0.0)
+    _run(prompts, tmp_path / "a", steps=1, micro_batch_size=1, dynamic_sampling=False, grad_clip=0.0,
+         packing=packing)
+    _run(prompts, tmp_path / "b", steps=1, micro_batch_size=16, dynamic_sampling=False, grad_clip=0.0,
+         packing=packing)
     assert len(grads) == 2
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-7, rtol=1e-4)
+
+
+def test_packed_training_equals_flat_training(prompts, tmp_path, monkeypatch):
+    """Same rollouts, same update: packing changes the cost, not the result (loss, gradient, parameters)."""
+    grads = []
+    real_step = torch.optim.AdamW.step
+
+    def record(self, closure=None):
+        grads.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+        return real_step(self, closure)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    _run(prompts, tmp_path / "flat", steps=1, dynamic_sampling=False, packing=False, mini_batches=2,
+         kl_coef=0.1, entropy_coef=0.01)
+    _run(prompts, tmp_path / "packed", steps=1, dynamic_sampling=False, packing=True, mini_batches=2,
+         kl_coef=0.1, entropy_coef=0.01)
+    a, b = _rows(tmp_path / "flat")[0], _rows(tmp_path / "packed")[0]
+    assert not a["packed"] and b["packed"]
+    assert b["forward_tokens"] < a["forward_tokens"] == a["flat_tokens"] == b["flat_tokens"]
+    for key in ("loss", "pg_loss", "clip_fraction", "kl_ref", "trained_tokens", "grad_norm"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+    assert len(grads) == 4  # 2 mini-batches x 2 runs
+    for g_flat, g_packed in zip(grads[:2], grads[2:]):
+        for x, y in zip(g_flat, g_packed):
+            assert torch.allclose(x, y, atol=1e-7, rtol=1e-4)
+    # (Parameters are not compared: Adam divides by sqrt(v), so 1e-9 gradient noise on a near-zero
+    # gradient can move a weight by up to lr either way.)
     assert any(g.abs().max() > 0 for g in grads[0])
 
 
@@ -247,7 +279,8 @@ def test_step_advantages_are_whitened_over_tokens(prompts, tmp_path):
     for tree in result.trees:
         for k, leaf in enumerate(tree.leaves):
             tree.rewards[leaf] = float(k % 2)
-    flat = torch.tensor([a for s in trainer._samples(result.trees) for a in s.advantages], dtype=torch.float64)
+    samples = build_samples(result.trees, trainer.cfg.advantage, trainer.cfg.whiten_advantages)
+    flat = torch.tensor([a for s in samples for a in s.advantages], dtype=torch.float64)
     assert abs(flat.mean()) < 1e-6 and abs(flat.var(unbiased=False) - 1) < 1e-4
 
 

@@ -321,7 +321,14 @@ class TrainConfig(EasyTaskConfig):
     )
     ppo_epochs: int = field(default=1, metadata=_help("Passes over each step's trajectories [paper: 1]."))
     micro_batch_size: int = field(
-        default=8, metadata=_help("Trajectories per forward/backward (gradient accumulation inside an update).")
+        default=8, metadata=_help("Trajectories per forward/backward (gradient accumulation inside an update); "
+                                   "with packing, whole prompt groups up to this many trajectories (at least one).")
+    )
+    packing: bool = field(
+        default=True,
+        metadata=_help("Tree-packed training: each micro-batch's trajectories run as one sequence of their unique "
+                       "tokens with a tree attention mask, so shared prefixes are computed once (exactly equal "
+                       "log-probs); models it cannot pack fall back to flat rows with a logged reason."),
     )
     learning_rate: float = field(default=2e-5, metadata=_help("AdamW peak learning rate [paper: 1e-6 on 7B; small models need more]."))
     warmup_steps: int = field(default=2, metadata=_help("Linear learning-rate warm-up, in optimizer updates."))

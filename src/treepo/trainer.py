@@ -9,9 +9,10 @@ One step:
 2. score every trajectory; with dynamic sampling, drop groups whose rewards are all equal and
    roll out more prompts (at most `max_resample_rounds` extra rounds);
 3. per-token advantages from the tree (`advantages.py`), whitened over the batch's tokens;
-4. `mini_batches` x `ppo_epochs` PPO updates (`loss.py`), each accumulating gradients over
-   micro-batches of `micro_batch_size` trajectories, normalised to the token-mean of the update;
-   AdamW with warm-up and gradient clipping, through accelerate (so `accelerate launch` works).
+4. `mini_batches` x `ppo_epochs` PPO updates (`update.py`, `loss.py`), each accumulating
+   gradients over micro-batches of `micro_batch_size` trajectories (tree-packed by default:
+   `packing.py`), normalised to the token-mean of the update; AdamW with warm-up and gradient
+   clipping, through accelerate (so `accelerate launch` works).
 
 Every step appends a row to `metrics.jsonl` (and TensorBoard under `tb/`); checkpoints go to
 `checkpoints/` atomically and `--resume` continues from the newest; at the end the run folder
@@ -20,17 +21,15 @@ gets `model/` (the trained weights), `summary.json`, `reward.png` and `savings.p
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
-import math
 import random
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -38,16 +37,14 @@ from rich.console import Console
 
 from . import checkpoint, io
 from .accounting import summarize
-from .advantages import token_advantages, whiten
 from .config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig
 from .errors import ConfigError, InputError
 from .evaluate import evaluate, score_trees
-from .loss import ppo_loss
-from .policy import Sample, collate, response_logprobs
 from .prompts import Prompt, load_heldout, load_jsonl, load_task, parse_task_args, render
 from .rewards import build_reward
 from .sampler import TreeSampler
 from .stopping import answer_predicate
+from .update import PolicyUpdate
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +180,9 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.scheduler = scheduler  # stepped once per update (accelerate's wrapper steps it once per process)
         self.policy = self.accelerator.unwrap_model(self.model)
+        self.update = PolicyUpdate(train_cfg, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer,
+                                   scheduler=self.scheduler, reference=self.reference, pad_id=self.pad_id,
+                                   temperature=engine_cfg.temperature)
         self.engine = TransformersEngine(self.policy, tokenizer, engine_cfg, seed=sampler_cfg.seed)
         self.sampler = TreeSampler(sampler_cfg, self.engine, predicate=self.predicate)
         self.pool_ids = [render(p, tokenizer, train_cfg.system_prompt) for p in pool]
@@ -275,7 +275,7 @@ class Trainer:
 
         t1 = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's updates use
-        update = self._update(kept) if kept else {}
+        update = self.update(kept, self.step) if kept else {}
         if kept:
             self.engine.sync_weights()
         self.step += 1
@@ -312,116 +312,6 @@ class Trainer:
             log.warning("step %d: every group had equal rewards after %d resample rounds; no update this step",
                         self.step, rounds)
         return row
-
-    # -- the update ---------------------------------------------------------------------------
-    def _samples(self, trees) -> list[Sample]:
-        samples = []
-        for g, tree in enumerate(trees):
-            leaves = list(tree.leaves)
-            rewards = [tree.rewards[leaf] for leaf in leaves]
-            seg_lengths = [[len(n) for n in tree.path(leaf)] for leaf in leaves]
-            advs = token_advantages(self.cfg.advantage, leaves, rewards, seg_lengths)
-            for leaf, adv in zip(leaves, advs):
-                traj = tree.trajectory(leaf)
-                if traj.token_ids:
-                    samples.append(Sample(tree.prompt_ids, traj.token_ids, adv, traj.logprobs, group=g))
-        if self.cfg.whiten_advantages and samples:  # over every response token of the step
-            flat = torch.tensor([a for s in samples for a in s.advantages], dtype=torch.float64)
-            white = whiten(flat, torch.ones_like(flat, dtype=torch.bool)).tolist()
-            at = 0
-            for s in samples:
-                s.advantages, at = white[at : at + len(s.advantages)], at + len(s.advantages)
-        return samples
-
-    def _update(self, trees) -> dict:
-        cfg = self.cfg
-        samples = self._samples(trees)
-        T = self.engine_cfg.temperature
-        groups = sorted({s.group for s in samples})
-        share = {g: i % cfg.mini_batches for i, g in enumerate(groups)}  # whole groups, dealt round-robin
-        minis = [[s for s in samples if share[s.group] == m] for m in range(cfg.mini_batches)]
-        minis = [m for m in minis if m]
-        fresh = cfg.old_logprobs == "recompute" and cfg.mini_batches == 1 and cfg.ppo_epochs == 1
-        if cfg.old_logprobs == "recompute" and not fresh:
-            for mini in minis:  # the policy before any of this step's updates, batched as the updates are
-                self._recompute_old(mini)
-        totals = Counter()
-        norms = []
-        for _ in range(cfg.ppo_epochs):
-            for mini in minis:
-                stats, norm = self._optimizer_step(mini, T, detach_old=fresh)
-                totals.update(stats)
-                norms.append(norm)
-        n = max(totals["tokens"], 1.0)
-        out = {
-            "loss": totals["loss"] / max(len(norms), 1),
-            "pg_loss": totals["pg"] / n,
-            "clip_fraction": totals["clipped"] / n,
-            "dual_clip_fraction": totals["dual_clipped"] / n,
-            "approx_kl_old": totals["approx_kl_old"] / n,
-            "grad_norm": float(np.mean(finite)) if (finite := [x for x in norms if math.isfinite(x)]) else None,
-            "skipped_updates": len(norms) - len(finite),
-            "trained_tokens": int(totals["tokens"] / max(cfg.ppo_epochs, 1)),
-        }
-        if self.reference is not None:
-            out["kl_ref"] = totals["kl"] / n
-        return out
-
-    def _chunks(self, samples: Sequence[Sample]) -> list[list[Sample]]:
-        """Micro-batches of an update, shortest first (less padding); the same split every time."""
-        order = sorted(samples, key=lambda s: (len(s.prompt_ids) + len(s.response_ids)))
-        size = self.cfg.micro_batch_size
-        return [order[i : i + size] for i in range(0, len(order), size)]
-
-    def _micro_batches(self, samples: Sequence[Sample]):
-        for chunk in self._chunks(samples):
-            yield collate(chunk, self.pad_id).to(self.policy.device)
-
-    @torch.no_grad()
-    def _recompute_old(self, samples: list[Sample]) -> None:
-        for chunk in self._chunks(samples):
-            logp, _ = response_logprobs(self.model, collate(chunk, self.pad_id).to(self.policy.device),
-                                        self.engine_cfg.temperature)
-            for row, s in enumerate(chunk):
-                s.old_logprobs = logp[row, : len(s.response_ids)].tolist()
-
-    def _optimizer_step(self, samples: list[Sample], T: float, detach_old: bool) -> tuple[Counter, float]:
-        cfg, acc = self.cfg, self.accelerator
-        # Token-mean over the update's tokens on all ranks: each rank divides its token sum by
-        # (global tokens / world size), and the gradient all-reduce averages over ranks.
-        local = torch.tensor(float(sum(len(s.response_ids) for s in samples)), device=self.policy.device)
-        normaliser = float(acc.reduce(local, reduction="sum")) / acc.num_processes
-        batches = list(self._micro_batches(samples))
-        stats = Counter()
-        for i, mb in enumerate(batches):
-            sync = i == len(batches) - 1
-            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
-                logp, entropy = response_logprobs(self.model, mb, T, with_entropy=cfg.entropy_coef > 0)
-                ref = None
-                if self.reference is not None:
-                    with torch.no_grad():
-                        ref, _ = response_logprobs(self.reference, mb, T)
-                old = logp.detach() if detach_old else mb.old_logprobs
-                parts = ppo_loss(logp, old, mb.advantages, mb.response_mask, normaliser,
-                                 clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-                                 ref_logp=ref, kl_coef=cfg.kl_coef, entropy=entropy, entropy_coef=cfg.entropy_coef)
-                acc.backward(parts.loss)
-            stats.update({"loss": float(parts.loss.detach()), "pg": parts.pg, "clipped": parts.clipped,
-                          "dual_clipped": parts.dual_clipped, "kl": parts.kl, "approx_kl_old": parts.approx_kl_old,
-                          "tokens": parts.tokens})
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if cfg.grad_clip > 0:
-            norm = float(acc.clip_grad_norm_(params, cfg.grad_clip))
-        else:
-            norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-        if not math.isfinite(norm):
-            log.warning("step %d: gradient norm is %s; skipping this update", self.step + 1, norm)
-            self.optimizer.zero_grad(set_to_none=True)
-            return stats, norm
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return stats, norm
 
     # -- evaluation ---------------------------------------------------------------------------
     def _evaluate_heldout(self, log_row: bool = True) -> dict:

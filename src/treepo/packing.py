@@ -1,0 +1,303 @@
+"""Tree-packed forward passes: every shared token of a step computed once, not once per trajectory.
+
+Flat training runs each trajectory as its own row, so a prompt and every segment above a fork
+are recomputed once per descendant. Packing lays a micro-batch's sequences (prompt + response
+of each trajectory) into a prefix trie and writes the trie out depth-first, one row:
+
+    row        = the unique tokens of the trie, in depth-first (pre-)order     [N]
+    position   = the token's depth in the trie = its position in its own sequence
+    attention  = token q sees token k  iff  k is q or one of q's ancestors
+               = k <= q < k + size(k)       (pre-order: a subtree is a contiguous run)
+
+Two trajectories of one tree share their prompt and every segment above their fork token for
+token, so the trie holds each segment once (and a system prompt common to several prompts once).
+A token has one path to the root, so its log-prob is the same for every trajectory carrying it:
+it is read from the logits of its predictor (its parent in the trie). The loss gathers those
+per-token log-probs back into the flat `[S, R]` layout of `policy.collate` (one row per
+trajectory) and applies `ppo_loss` unchanged: a shared token's loss is the sum over the
+trajectories that carry it, each with its own advantage, normalised as the flat token-mean is.
+The gather's backward adds the copies' gradients, so gradients equal the flat computation's.
+
+The mask is a dense additive `[B, 1, N, N]` tensor, which HF models pass straight to eager and
+sdpa attention; models it cannot serve (flash-attention kernels, mixed sliding/full layers,
+a model that ignores custom masks) are found by `unsupported_reason` and trained flat.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .errors import InputError
+from .policy import Batch, Sample, collate
+from .tree import PromptTree
+
+log = logging.getLogger(__name__)
+
+PACKABLE_ATTENTION = ("eager", "sdpa")
+
+
+class PackingError(InputError):
+    """These samples cannot be packed (a row would pass the limit); flat computation still works."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The trie and its depth-first layout (pure Python, no model)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PackedRow:
+    """One packed row: the unique tokens of some sequences, and where each sequence's tokens are."""
+
+    tokens: list[int]  # [N] unique tokens in depth-first order
+    depth: list[int]  # [N] position ids: each token's index in its own sequence
+    size: list[int]  # [N] subtree sizes: token k's descendants are k+1 .. k+size[k]-1
+    paths: list[list[int]]  # per sequence, the row index of each of its tokens
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def pack_sequences(sequences: Sequence[Sequence[int]]) -> PackedRow:
+    """Lay token sequences out as a depth-first trie: identical prefixes become one run of tokens."""
+    # trie nodes: token, children {token: node}; node 0 is a virtual root holding no token
+    tok: list[int] = [-1]
+    kids: list[dict[int, int]] = [{}]
+    ends: list[list[int]] = []
+    for seq in sequences:
+        node, path = 0, []
+        for t in seq:
+            nxt = kids[node].get(t)
+            if nxt is None:
+                nxt = len(tok)
+                tok.append(int(t))
+                kids.append({})
+                kids[node][t] = nxt
+            path.append(nxt)
+            node = nxt
+        ends.append(path)
+    # depth-first pre-order, children in first-seen order (dicts keep insertion order)
+    order: list[int] = [0] * len(tok)  # trie node -> row index
+    tokens, depth, size = [], [], []
+    stack: list[tuple[int, int, bool]] = [(c, 0, False) for c in reversed(list(kids[0].values()))]
+    while stack:
+        node, d, done = stack.pop()
+        if done:  # all descendants are written: close the subtree
+            size[order[node]] = len(tokens) - order[node]
+            continue
+        order[node] = len(tokens)
+        tokens.append(tok[node])
+        depth.append(d)
+        size.append(1)
+        stack.append((node, d, True))
+        stack.extend((c, d + 1, False) for c in reversed(list(kids[node].values())))
+    return PackedRow(tokens, depth, size, [[order[n] for n in path] for path in ends])
+
+
+def tree_attention(rows: Sequence[PackedRow], length: int) -> torch.Tensor:
+    """[B, N, N] bool: q sees k iff k is q or an ancestor of q. Padding sees only itself."""
+    allowed = torch.zeros(len(rows), length, length, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        n = len(row)
+        idx = torch.arange(n)
+        end = idx + torch.tensor(row.size)  # [n] one past each subtree
+        q, k = idx[:, None], idx[None, :]
+        allowed[b, :n, :n] = (k <= q) & (q < end[None, :])  # [n, n]
+    allowed |= torch.eye(length, dtype=torch.bool)  # padding rows attend to themselves, never NaN
+    return allowed
+
+
+def check_tree(tree: PromptTree) -> None:
+    """A tree whose node paths and tokens disagree cannot be packed (nor trained): say where."""
+    for node_id, node in tree.nodes.items():
+        where = f"prompt {tree.prompt_index}, node {list(node_id)}"
+        if len(node.logprobs) != len(node.token_ids):
+            raise InputError(f"{where}: {len(node.token_ids)} tokens but {len(node.logprobs)} log-probs; the tree "
+                             "file is damaged: roll it out again.")
+        if len(node_id) > 1 and node_id[:-1] not in tree.nodes:
+            raise InputError(f"{where}: its parent {list(node_id[:-1])} is missing; the tree file is damaged: roll it "
+                             "out again.")
+        expected = 0 if len(node_id) == 1 else tree.nodes[node_id[:-1]].end
+        if node.start != expected:
+            raise InputError(f"{where}: starts at response offset {node.start} but its path's segments end at "
+                             f"{expected}; the node's path and tokens disagree: roll the tree out again.")
+    for leaf in tree.leaves:
+        if leaf not in tree.nodes:
+            raise InputError(f"prompt {tree.prompt_index}: leaf {list(leaf)} has no node; roll the tree out again.")
+
+
+def pack_trees(trees: Sequence[PromptTree]) -> PackedRow:
+    """One row for some trees' trajectories (prompt + response per leaf, in leaf order, tree by tree)."""
+    for tree in trees:
+        check_tree(tree)
+    return pack_sequences([list(t.prompt_ids) + t.response_ids(leaf) for t in trees for leaf in t.leaves])
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches for the model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PackedBatch:
+    """Packed rows plus the flat layout the loss uses.
+
+    input_ids / position_ids   [B, N]
+    attention_mask             [B, 1, N, N]  additive: 0 where allowed, dtype-min elsewhere
+    keep                       [K]           row columns whose logits are needed (predictors)
+    row                        [S]           packed row of each trajectory
+    pred / target              [S, R]        index into `keep` of each response token's predictor;
+                                              response token ids (0 on padding)
+    flat                       the `policy.Batch` of the same samples (mask, advantages, old log-probs)
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    keep: torch.Tensor
+    row: torch.Tensor
+    pred: torch.Tensor
+    flat: Batch
+    packed_tokens: int  # unique tokens in all rows (no padding)
+    flat_tokens: int  # tokens the flat layout would run (prompt + response per trajectory, no padding)
+
+    def to(self, device) -> "PackedBatch":
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
+        moved["flat"] = self.flat.to(device)
+        return PackedBatch(**moved)
+
+
+def pack_samples(samples: Sequence[Sample], pad_id: int, dtype: torch.dtype = torch.float32,
+                 max_tokens: Optional[int] = None) -> PackedBatch:
+    """Pack samples into rows; the samples of one `group` (prompt) always share a row.
+
+    Groups fill a row in order until its unique tokens would pass `max_tokens` (None: a single
+    row). A group whose own tree passes `max_tokens` raises `PackingError` naming its prompt.
+    """
+    flat = collate(samples, pad_id)
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(s.group, []).append(i)
+    members: list[list[int]] = [[]]  # per row, its sample indices
+    used = 0
+    for g, idx in groups.items():
+        n = len(_pack(samples, idx))
+        if max_tokens and n > max_tokens:
+            name = samples[idx[0]].meta.get("prompt", g)
+            raise PackingError(f"prompt {name}: its {len(idx)} trajectories pack to {n} unique tokens, beyond the "
+                               f"packed-row limit of {max_tokens} (the model's context); use shorter trees "
+                               "(--width, --depth, --segment_len) or flat training (--no_packing).")
+        if max_tokens and members[-1] and used + n > max_tokens:
+            members.append([])
+            used = 0
+        members[-1] += idx
+        used += n
+    rows = [_pack(samples, m) for m in members]
+
+    B, N = len(rows), max(len(r) for r in rows)
+    ids = torch.full((B, N), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, N), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.tensor(r.tokens)
+        pos[b, : len(r)] = torch.tensor(r.depth)
+    allowed = tree_attention(rows, N)  # [B, N, N]
+    mask = torch.zeros((B, 1, N, N), dtype=dtype).masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+    S, R = flat.response_ids.shape
+    row = torch.zeros(S, dtype=torch.long)
+    col = torch.zeros((S, R), dtype=torch.long)  # [S, R] row column of each response token's predictor
+    real = torch.zeros((S, R), dtype=torch.bool)  # [S, R] every response token, loss-masked or not
+    for b, (r, m) in enumerate(zip(rows, members)):
+        for path, i in zip(r.paths, m):
+            p, n = len(samples[i].prompt_ids), len(samples[i].response_ids)
+            row[i] = b
+            col[i, :n] = torch.tensor(path[p - 1 : p + n - 1], dtype=torch.long)  # token t: predicted at p+t-1
+            real[i, :n] = True
+    # Logits only at predictor columns (one set for all rows: the union of the rows').
+    keep = torch.unique(col[real])  # [K]
+    lookup = torch.zeros(N, dtype=torch.long)
+    lookup[keep] = torch.arange(len(keep))
+    return PackedBatch(ids, pos, mask, keep, row, lookup[col], flat,
+                       packed_tokens=sum(len(r) for r in rows),
+                       flat_tokens=sum(len(s.prompt_ids) + len(s.response_ids) for s in samples))
+
+
+def _pack(samples: Sequence[Sample], idx: Sequence[int]) -> PackedRow:
+    return pack_sequences([list(samples[i].prompt_ids) + list(samples[i].response_ids) for i in idx])
+
+
+def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0, with_entropy: bool = False
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(log-probs [S, R], entropies [S, R] or None) of every trajectory's response tokens, in the
+    flat layout of `batch.flat`, from one packed forward pass (see `policy.response_logprobs`)."""
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        logits_to_keep=batch.keep,
+    )
+    logits = out.logits.float()  # [B, K, V]
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)  # [B, K]
+    rows = batch.row[:, None].expand_as(batch.pred)  # [S, R]
+    picked = logits[rows, batch.pred, batch.flat.response_ids]  # [S, R]
+    logp = picked - lse[rows, batch.pred]  # [S, R]
+    entropy = None
+    if with_entropy:
+        logsm = torch.log_softmax(logits, dim=-1)  # [B, K, V]
+        ent = -(logsm.exp() * logsm).sum(-1)  # [B, K]
+        entropy = ent[rows, batch.pred]  # [S, R]
+    return logp, entropy
+
+
+# ---------------------------------------------------------------------------------------------
+# Which models can be packed
+# ---------------------------------------------------------------------------------------------
+
+
+def unsupported_reason(model, probe: bool = True) -> Optional[str]:
+    """None if packed log-probs of `model` equal flat ones; otherwise why the trainer must go flat."""
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in PACKABLE_ATTENTION:
+        return (f"attention implementation {impl!r} cannot take a tree mask (packing needs one of "
+                f"{', '.join(PACKABLE_ATTENTION)}; load the model with attn_implementation='sdpa')")
+    kinds = set(getattr(config, "layer_types", None) or [])
+    if "sliding_attention" in kinds:
+        return ("the model has sliding-window attention layers, which a tree mask would override; "
+                "packing is exact only with full attention")
+    if not probe:
+        return None
+    return _probe(model)
+
+
+@torch.no_grad()
+def _probe(model) -> Optional[str]:
+    """Compare packed and flat log-probs on a small random tree (prompt, two forks)."""
+    from .policy import response_logprobs
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    draw = lambda n: torch.randint(2, vocab, (n,), generator=g).tolist()  # noqa: E731
+    prompt, a, b = draw(5), draw(4), draw(3)
+    responses = [a + draw(3), a + draw(2), b + draw(4), b]
+    samples = [Sample(prompt, r, [0.0] * len(r), [0.0] * len(r)) for r in responses]
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    try:
+        flat, _ = response_logprobs(model, collate(samples, 0).to(device))
+        packed, _ = packed_logprobs(model, pack_samples(samples, 0, dtype).to(device))
+    except Exception as exc:  # a model that rejects 4D masks, position ids or index logits_to_keep
+        return f"a packed forward pass failed on this model ({type(exc).__name__}: {exc})"
+    mask = collate(samples, 0).response_mask.to(device)
+    diff = float((flat - packed).abs()[mask].max())
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    if not diff <= tol:
+        return f"packed log-probs differ from flat ones by {diff:.2g} on a probe tree (the model ignores the tree mask?)"
+    return None

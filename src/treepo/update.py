@@ -1,0 +1,203 @@
+"""One step's policy update: scored trees -> per-token advantages -> PPO updates (flat or packed).
+
+    samples  = one `Sample` per leaf: prompt, response, per-token advantages (whitened over the
+               step's tokens), the sampler's log-probs
+    minis    = `mini_batches` shares of whole prompt groups; `ppo_epochs` passes over each
+    update   = gradient accumulation over micro-batches, one optimizer step, normalised to the
+               token-mean over the update's tokens on all ranks
+
+A micro-batch runs either flat (`policy.collate`: one padded row per trajectory) or packed
+(`packing.pack_samples`: the unique tokens of whole prompt groups, one row, a tree mask). Both
+give log-probs in the same `[S, R]` layout, so the loss code is one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections import Counter
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .advantages import token_advantages, whiten
+from .config import TrainConfig
+from .loss import ppo_loss
+from .packing import PackingError, pack_samples, packed_logprobs, unsupported_reason
+from .policy import Batch, Sample, collate, response_logprobs
+
+log = logging.getLogger(__name__)
+
+
+def build_samples(trees, advantage: str, whiten_advantages: bool) -> list[Sample]:
+    """One sample per non-empty leaf, its advantages expanded per token (whitened over the step)."""
+    samples = []
+    for g, tree in enumerate(trees):
+        leaves = list(tree.leaves)
+        rewards = [tree.rewards[leaf] for leaf in leaves]
+        seg_lengths = [[len(n) for n in tree.path(leaf)] for leaf in leaves]
+        advs = token_advantages(advantage, leaves, rewards, seg_lengths)
+        for leaf, adv in zip(leaves, advs):
+            traj = tree.trajectory(leaf)
+            if traj.token_ids:
+                samples.append(Sample(tree.prompt_ids, traj.token_ids, adv, traj.logprobs, group=g,
+                                      meta={"leaf": leaf, "prompt": tree.prompt_index}))
+    if whiten_advantages and samples:  # over every response token of the step
+        flat = torch.tensor([a for s in samples for a in s.advantages], dtype=torch.float64)
+        white = whiten(flat, torch.ones_like(flat, dtype=torch.bool)).tolist()
+        at = 0
+        for s in samples:
+            s.advantages, at = white[at : at + len(s.advantages)], at + len(s.advantages)
+    return samples
+
+
+class PolicyUpdate:
+    """The PPO update of a step, on a model prepared by accelerate."""
+
+    def __init__(self, cfg: TrainConfig, *, accelerator, model, optimizer, scheduler, reference=None,
+                 pad_id: int = 0, temperature: float = 1.0):
+        self.cfg, self.accelerator, self.model = cfg, accelerator, model
+        self.optimizer, self.scheduler, self.reference = optimizer, scheduler, reference
+        self.pad_id, self.temperature = pad_id, temperature
+        self.policy = accelerator.unwrap_model(model)
+        self.packed = False
+        self.pack_limit: Optional[int] = getattr(self.policy.config, "max_position_embeddings", None)
+        if cfg.packing:
+            reason = unsupported_reason(self.policy)
+            if reason is None and reference is not None:
+                reason = unsupported_reason(reference, probe=False)
+            if reason:
+                log.warning("packing is off for this run: %s; training runs flat (each trajectory its own row)", reason)
+            self.packed = reason is None
+        self.packing_fallbacks = 0  # micro-batches that could not be packed and ran flat
+        self.step = 0  # for log messages
+
+    # -- the step -----------------------------------------------------------------------------
+    def __call__(self, trees, step: int = 0) -> dict:
+        cfg = self.cfg
+        self.step = step
+        samples = build_samples(trees, cfg.advantage, cfg.whiten_advantages)
+        groups = sorted({s.group for s in samples})
+        share = {g: i % cfg.mini_batches for i, g in enumerate(groups)}  # whole groups, dealt round-robin
+        minis = [[s for s in samples if share[s.group] == m] for m in range(cfg.mini_batches)]
+        minis = [m for m in minis if m]
+        fresh = cfg.old_logprobs == "recompute" and cfg.mini_batches == 1 and cfg.ppo_epochs == 1
+        if cfg.old_logprobs == "recompute" and not fresh:
+            for mini in minis:  # the policy before any of this step's updates, batched as the updates are
+                self._recompute_old(mini)
+        totals = Counter()
+        norms = []
+        for _ in range(cfg.ppo_epochs):
+            for mini in minis:
+                stats, norm = self._optimizer_step(mini, detach_old=fresh)
+                totals.update(stats)
+                norms.append(norm)
+        n = max(totals["tokens"], 1.0)
+        epochs = max(cfg.ppo_epochs, 1)
+        out = {
+            "loss": totals["loss"] / max(len(norms), 1),
+            "pg_loss": totals["pg"] / n,
+            "clip_fraction": totals["clipped"] / n,
+            "dual_clip_fraction": totals["dual_clipped"] / n,
+            "approx_kl_old": totals["approx_kl_old"] / n,
+            "grad_norm": float(np.mean(finite)) if (finite := [x for x in norms if math.isfinite(x)]) else None,
+            "skipped_updates": len(norms) - len(finite),
+            "trained_tokens": int(totals["tokens"] / epochs),
+            "packed": self.packed,
+            "forward_tokens": int(totals["forward_tokens"] / epochs),  # tokens the model ran (packed: unique)
+            "flat_tokens": int(totals["flat_tokens"] / epochs),  # what flat rows would have run
+        }
+        if self.reference is not None:
+            out["kl_ref"] = totals["kl"] / n
+        return out
+
+    # -- micro-batches ------------------------------------------------------------------------
+    def _chunks(self, samples: Sequence[Sample]) -> list[list[Sample]]:
+        """Micro-batches of an update; the same split every time it is asked.
+
+        Flat: `micro_batch_size` trajectories, shortest first (less padding). Packed: whole prompt
+        groups (their shared prefixes must meet), as many as fit in `micro_batch_size` trajectories,
+        at least one.
+        """
+        size = self.cfg.micro_batch_size
+        if not self.packed:
+            order = sorted(samples, key=lambda s: (len(s.prompt_ids) + len(s.response_ids)))
+            return [order[i : i + size] for i in range(0, len(order), size)]
+        groups: dict[int, list[Sample]] = {}
+        for s in samples:
+            groups.setdefault(s.group, []).append(s)
+        chunks: list[list[Sample]] = [[]]
+        for members in groups.values():
+            if chunks[-1] and len(chunks[-1]) + len(members) > size:
+                chunks.append([])
+            chunks[-1] += members
+        return chunks
+
+    def _forward(self, model, chunk: Sequence[Sample], with_entropy: bool = False
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Batch, Counter]:
+        """(log-probs [S, R], entropies [S, R] or None, the flat batch, token counts) of a micro-batch."""
+        device = self.policy.device
+        if self.packed:
+            try:
+                packed = pack_samples(chunk, self.pad_id, dtype=next(self.policy.parameters()).dtype,
+                                      max_tokens=self.pack_limit)
+            except PackingError as e:
+                self.packing_fallbacks += 1
+                log.warning("step %d: %s; this micro-batch runs flat", self.step + 1, e)
+            else:
+                packed = packed.to(device)
+                logp, entropy = packed_logprobs(model, packed, self.temperature, with_entropy)
+                return logp, entropy, packed.flat, Counter(forward_tokens=packed.packed_tokens,
+                                                           flat_tokens=packed.flat_tokens)
+        batch = collate(chunk, self.pad_id).to(device)
+        logp, entropy = response_logprobs(model, batch, self.temperature, with_entropy)
+        flat_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in chunk)
+        return logp, entropy, batch, Counter(forward_tokens=flat_tokens, flat_tokens=flat_tokens)
+
+    @torch.no_grad()
+    def _recompute_old(self, samples: list[Sample]) -> None:
+        for chunk in self._chunks(samples):
+            logp, _, _, _ = self._forward(self.model, chunk)
+            for row, s in enumerate(chunk):
+                s.old_logprobs = logp[row, : len(s.response_ids)].tolist()
+
+    def _optimizer_step(self, samples: list[Sample], detach_old: bool) -> tuple[Counter, float]:
+        cfg, acc = self.cfg, self.accelerator
+        # Token-mean over the update's tokens on all ranks: each rank divides its token sum by
+        # (global tokens / world size), and the gradient all-reduce averages over ranks.
+        local = torch.tensor(float(sum(len(s.response_ids) for s in samples)), device=self.policy.device)
+        normaliser = float(acc.reduce(local, reduction="sum")) / acc.num_processes
+        chunks = self._chunks(samples)
+        stats = Counter()
+        for i, chunk in enumerate(chunks):
+            sync = i == len(chunks) - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                logp, entropy, mb, counts = self._forward(self.model, chunk, with_entropy=cfg.entropy_coef > 0)
+                ref = None
+                if self.reference is not None:
+                    with torch.no_grad():
+                        ref, _, _, _ = self._forward(self.reference, chunk)
+                old = logp.detach() if detach_old else mb.old_logprobs
+                parts = ppo_loss(logp, old, mb.advantages, mb.response_mask, normaliser,
+                                 clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+                                 ref_logp=ref, kl_coef=cfg.kl_coef, entropy=entropy, entropy_coef=cfg.entropy_coef)
+                acc.backward(parts.loss)
+            stats.update(counts)
+            stats.update({"loss": float(parts.loss.detach()), "pg": parts.pg, "clipped": parts.clipped,
+                          "dual_clipped": parts.dual_clipped, "kl": parts.kl, "approx_kl_old": parts.approx_kl_old,
+                          "tokens": parts.tokens})
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.grad_clip > 0:
+            norm = float(acc.clip_grad_norm_(params, cfg.grad_clip))
+        else:
+            norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        if not math.isfinite(norm):
+            log.warning("step %d: gradient norm is %s; skipping this update", self.step + 1, norm)
+            self.optimizer.zero_grad(set_to_none=True)
+            return stats, norm
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stats, norm

@@ -1,0 +1,208 @@
+"""Tree packing: layout, mask, exactness against flat rows (log-probs and PPO gradients), bad input."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import tiny
+from treepo.config import EngineConfig, SamplerConfig
+from treepo.engines.transformers_engine import TransformersEngine
+from treepo.errors import InputError
+from treepo.loss import ppo_loss
+from treepo.packing import (PackingError, check_tree, pack_samples, pack_sequences, pack_trees, packed_logprobs,
+                            tree_attention, unsupported_reason)
+from treepo.policy import Sample, collate, response_logprobs
+from treepo.sampler import TreeSampler
+from treepo.tree import Node, PromptTree
+
+
+def test_layout_by_hand():
+    row = pack_sequences([[1, 2, 3], [1, 2, 4], [1, 5], [1, 2, 3]])
+    assert row.tokens == [1, 2, 3, 4, 5]
+    assert row.depth == [0, 1, 2, 2, 1]
+    assert row.size == [5, 3, 1, 1, 1]
+    assert row.paths == [[0, 1, 2], [0, 1, 3], [0, 4], [0, 1, 2]]  # a repeated sequence shares every token
+    allowed = tree_attention([row], 6)[0].int().tolist()
+    assert allowed == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 0, 1, 0, 0],  # token 4 sees 1, 2 and itself, not its sibling 3
+        [1, 0, 0, 0, 1, 0],  # token 5 sees only the root 1
+        [0, 0, 0, 0, 0, 1],  # padding sees itself
+    ]
+
+
+def _node(node_id, tokens, start, **kw):
+    return Node(id=node_id, token_ids=tokens, logprobs=[-1.0] * len(tokens), entropies=[0.0] * len(tokens),
+                start=start, **kw)
+
+
+def hand_tree(index=0, prompt=(5, 6, 7, 8)) -> PromptTree:
+    """Variable-length segments, a leaf stopped early at depth 1, a fallback branch, sibling
+    segments that start with the same token (the trie shares it)."""
+    t = PromptTree(prompt_index=index, prompt_ids=list(prompt))
+    for n in [
+        _node((0,), [10, 11, 12], 0),
+        _node((0, 0), [20, 21], 3),
+        _node((0, 0, 0), [30], 5, finish_reason="eos", hit_eos=True),
+        _node((0, 0, 1), [31, 32, 33, 34], 5, finish_reason="max_tokens"),
+        _node((0, 1), [20, 22, 23], 3, finish_reason="answer"),  # shares token 20 with (0, 0)
+        _node((1,), [40], 0, finish_reason="eos", hit_eos=True),  # early stop at depth 1
+        _node((0, 3), [50, 51], 3, fallback=True),  # fallback branch: child index 3, no 2
+        _node((0, 3, 0), [52, 53, 54], 5, finish_reason="max_tokens"),
+    ]:
+        t.nodes[n.id] = n
+    t.leaves = [(0, 0, 0), (0, 0, 1), (0, 1), (1,), (0, 3, 0)]
+    return t
+
+
+def test_pack_trees_counts_each_segment_once():
+    tree = hand_tree()
+    row = pack_trees([tree])
+    nodes = sum(len(n) for n in tree.nodes.values())
+    assert len(row) == 4 + nodes - 1  # prompt once, each segment once, token 20 shared by two siblings
+    for path, leaf in zip(row.paths, tree.leaves):
+        assert [row.tokens[i] for i in path] == tree.prompt_ids + tree.response_ids(leaf)
+        assert [row.depth[i] for i in path] == list(range(len(path)))
+    # two trees whose prompts share a system-prompt prefix share it in one row
+    other = hand_tree(1, prompt=(5, 6, 9))
+    row2 = pack_trees([tree, other])
+    assert len(row2) == len(row) + len(pack_trees([other])) - 2
+
+
+def _samples(trees, seed=0) -> list[Sample]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k, t in enumerate(trees):
+        for leaf in t.leaves:
+            r = t.response_ids(leaf)
+            adv = (torch.randn(len(r), generator=g)).tolist()
+            old = (-torch.rand(len(r), generator=g) * 3).tolist()
+            out.append(Sample(t.prompt_ids, r, adv, old, group=k, meta={"prompt": t.prompt_index}))
+    return out
+
+
+def _rollout_trees(model, n=3):
+    tok = tiny.tokenizer()
+    engine = TransformersEngine(model, tok, EngineConfig(temperature=1.0, threads=1), seed=1)
+    cfg = SamplerConfig(width=6, depth=4, segment_len=5, seed=2)
+    return TreeSampler(cfg, engine).rollout(tiny.prompts()[:n]).trees
+
+
+def _loss_and_grads(model, forward, samples, normaliser):
+    model.zero_grad(set_to_none=True)
+    logp, ent, batch = forward()
+    parts = ppo_loss(logp, batch.old_logprobs, batch.advantages, batch.response_mask, normaliser,
+                     entropy=ent, entropy_coef=0.01)
+    parts.loss.backward()
+    return logp.detach(), ent.detach(), parts.loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()
+                                                               if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gpt2"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_equals_flat_logprobs_and_gradients(kind, attn):
+    model = tiny.model(kind, attn_implementation=attn)
+    trees = _rollout_trees(model) + [hand_tree(7)]
+    assert any(len(leaf) < 4 for t in trees for leaf in t.leaves)  # paths of different depths
+    samples = _samples(trees)
+    normaliser = float(sum(len(s.response_ids) for s in samples))
+    flat = collate(samples, 0)
+    packed = pack_samples(samples, 0, max_tokens=150)  # several rows, one or more groups each
+    assert packed.input_ids.shape[0] > 1
+    assert packed.packed_tokens < packed.flat_tokens
+
+    def run_flat():
+        lp, ent = response_logprobs(model, flat, with_entropy=True)
+        return lp, ent, flat
+
+    def run_packed():
+        lp, ent = packed_logprobs(model, packed, with_entropy=True)
+        return lp, ent, packed.flat
+
+    lp_f, ent_f, loss_f, g_f = _loss_and_grads(model, run_flat, samples, normaliser)
+    lp_p, ent_p, loss_p, g_p = _loss_and_grads(model, run_packed, samples, normaliser)
+    m = flat.response_mask
+    assert (lp_f - lp_p).abs()[m].max() < 1e-4
+    assert (ent_f - ent_p).abs()[m].max() < 1e-4
+    assert torch.allclose(loss_f, loss_p, rtol=1e-5, atol=1e-7)
+    assert g_f.keys() == g_p.keys() and g_f
+    for k in g_f:
+        scale = g_f[k].abs().max().clamp_min(1e-8)
+        assert ((g_f[k] - g_p[k]).abs().max() / scale) < 1e-4, k
+
+
+def test_packed_logprobs_match_the_engine():
+    """The sampler's own log-probs (what old_logprobs='engine' uses) equal the packed pass's."""
+    model = tiny.model("llama")
+    trees = _rollout_trees(model, n=2)
+    samples = [Sample(t.prompt_ids, t.response_ids(leaf), [0.0] * len(t.response_ids(leaf)),
+                      t.trajectory(leaf).logprobs, group=k) for k, t in enumerate(trees) for leaf in t.leaves]
+    packed = pack_samples(samples, 0)
+    with torch.no_grad():
+        logp, _ = packed_logprobs(model, packed)
+    assert (logp - packed.flat.old_logprobs).abs()[packed.flat.response_mask].max() < 1e-4
+
+
+def test_damaged_trees_are_named():
+    tree = hand_tree(3)
+    del tree.nodes[(0, 0)]
+    with pytest.raises(InputError, match=r"prompt 3, node \[0, 0, 0\]: its parent \[0, 0\] is missing"):
+        check_tree(tree)
+    tree = hand_tree(3)
+    tree.nodes[(0, 1)].start = 2
+    with pytest.raises(InputError, match=r"prompt 3, node \[0, 1\]: starts at response offset 2 .* disagree"):
+        pack_trees([tree])
+    tree = hand_tree(3)
+    tree.nodes[(1,)].logprobs = []
+    with pytest.raises(InputError, match="1 tokens but 0 log-probs"):
+        pack_trees([tree])
+
+
+def test_a_tree_beyond_the_row_limit_names_the_prompt_and_the_fix():
+    samples = _samples([hand_tree(0), hand_tree(9, prompt=(1, 2, 3, 4, 5, 6, 7))])
+    with pytest.raises(PackingError, match=r"prompt 9: its 5 trajectories pack to 25 unique tokens, beyond .* "
+                                           r"limit of 24 .*shorter trees.*--no_packing"):
+        pack_samples(samples, 0, max_tokens=24)
+
+
+def test_models_that_cannot_be_packed_say_why():
+    assert unsupported_reason(tiny.model("llama")) is None
+    model = tiny.model("llama")
+    model.config._attn_implementation = "flash_attention_2"
+    assert "flash_attention_2" in unsupported_reason(model)
+    sliding = tiny.model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    assert "sliding-window" in unsupported_reason(sliding)
+
+    class IgnoresMask(torch.nn.Module):  # a model that drops the tree mask: plain causal attention
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def get_input_embeddings(self):
+            return self.inner.get_input_embeddings()
+
+        def forward(self, attention_mask=None, **kw):
+            if attention_mask is not None and attention_mask.dim() == 4:
+                attention_mask = None
+            return self.inner(attention_mask=attention_mask, **kw)
+
+    assert "differ from flat" in unsupported_reason(IgnoresMask(tiny.model("llama")))
+
+
+def test_trainer_falls_back_to_flat_with_a_logged_reason(caplog, tmp_path):
+    from treepo.config import TrainConfig
+    from accelerate import Accelerator
+    from treepo.update import PolicyUpdate
+
+    model = tiny.model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    opt = torch.optim.AdamW(model.parameters())
+    with caplog.at_level(logging.WARNING):
+        upd = PolicyUpdate(TrainConfig(out=str(tmp_path), num_prompts=4), accelerator=Accelerator(cpu=True),
+                           model=model, optimizer=opt, scheduler=None)
+    assert not upd.packed
+    assert "packing is off for this run: the model has sliding-window" in caplog.text
