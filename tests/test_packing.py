@@ -13,7 +13,7 @@ from treepo.engines.transformers_engine import TransformersEngine
 from treepo.errors import InputError
 from treepo.loss import ppo_loss
 from treepo.packing import (PackingError, check_tree, pack_samples, pack_sequences, pack_trees, packed_logprobs,
-                            tree_attention, unsupported_reason)
+                            sliding_window, tree_attention, unsupported_reason)
 from treepo.policy import Sample, collate, response_logprobs
 from treepo.sampler import TreeSampler
 from treepo.tree import Node, PromptTree
@@ -175,8 +175,6 @@ def test_models_that_cannot_be_packed_say_why():
     model = tiny.model("llama")
     model.config._attn_implementation = "flash_attention_2"
     assert "flash_attention_2" in unsupported_reason(model)
-    sliding = tiny.model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
-    assert "sliding-window" in unsupported_reason(sliding)
 
     class IgnoresMask(torch.nn.Module):  # a model that drops the tree mask: plain causal attention
         def __init__(self, inner):
@@ -191,7 +189,24 @@ def test_models_that_cannot_be_packed_say_why():
                 attention_mask = None
             return self.inner(attention_mask=attention_mask, **kw)
 
+    assert unsupported_reason(IgnoresMask(tiny.model("llama")), probe=False) is None  # only the probe sees it
     assert "differ from flat" in unsupported_reason(IgnoresMask(tiny.model("llama")))
+
+
+def test_sliding_window_models_pack_only_within_the_window():
+    model = tiny.model("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1,
+                       attn_implementation="eager")
+    assert sliding_window(model) == 16 and sliding_window(tiny.model("llama")) is None
+    short = [Sample([5, 6], [7, 8, 9], [1.0] * 3, [0.0] * 3), Sample([5, 6], [7, 10], [1.0] * 2, [0.0] * 2)]
+    packed = pack_samples(short, 0, window=16)
+    with torch.no_grad():
+        flat_lp, _ = response_logprobs(model, collate(short, 0))
+        packed_lp, _ = packed_logprobs(model, packed)
+    assert (flat_lp - packed_lp).abs()[packed.flat.response_mask].max() < 1e-4
+    long = [Sample([5, 6], list(range(20, 40)), [1.0] * 20, [0.0] * 20, meta={"prompt": 4})]
+    with pytest.raises(PackingError, match="prompt 4: a sequence of 22 tokens passes the model's sliding attention "
+                                           "window of 16"):
+        pack_samples(long, 0, window=16)
 
 
 def test_trainer_falls_back_to_flat_with_a_logged_reason(caplog, tmp_path):
@@ -199,10 +214,11 @@ def test_trainer_falls_back_to_flat_with_a_logged_reason(caplog, tmp_path):
     from accelerate import Accelerator
     from treepo.update import PolicyUpdate
 
-    model = tiny.model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    model = tiny.model("llama")
+    model.config._attn_implementation = "flash_attention_2"
     opt = torch.optim.AdamW(model.parameters())
     with caplog.at_level(logging.WARNING):
         upd = PolicyUpdate(TrainConfig(out=str(tmp_path), num_prompts=4), accelerator=Accelerator(cpu=True),
                            model=model, optimizer=opt, scheduler=None)
     assert not upd.packed
-    assert "packing is off for this run: the model has sliding-window" in caplog.text
+    assert "packing is off for this run: attention implementation 'flash_attention_2'" in caplog.text

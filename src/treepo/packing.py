@@ -19,8 +19,9 @@ trajectories that carry it, each with its own advantage, normalised as the flat 
 The gather's backward adds the copies' gradients, so gradients equal the flat computation's.
 
 The mask is a dense additive `[B, 1, N, N]` tensor, which HF models pass straight to eager and
-sdpa attention; models it cannot serve (flash-attention kernels, mixed sliding/full layers,
-a model that ignores custom masks) are found by `unsupported_reason` and trained flat.
+sdpa attention; models it cannot serve (flash-attention kernels, a model that ignores custom
+masks) are found by `unsupported_reason` and trained flat, and a micro-batch whose sequences pass
+a sliding attention window runs flat.
 """
 
 from __future__ import annotations
@@ -172,12 +173,20 @@ class PackedBatch:
 
 
 def pack_samples(samples: Sequence[Sample], pad_id: int, dtype: torch.dtype = torch.float32,
-                 max_tokens: Optional[int] = None) -> PackedBatch:
+                 max_tokens: Optional[int] = None, window: Optional[int] = None) -> PackedBatch:
     """Pack samples into rows; the samples of one `group` (prompt) always share a row.
 
     Groups fill a row in order until its unique tokens would pass `max_tokens` (None: a single
-    row). A group whose own tree passes `max_tokens` raises `PackingError` naming its prompt.
+    row). A group whose own tree passes `max_tokens`, or a sequence longer than a sliding
+    attention `window`, raises `PackingError` naming its prompt.
     """
+    if window:
+        longest = max(samples, key=lambda s: len(s.prompt_ids) + len(s.response_ids))
+        if len(longest.prompt_ids) + len(longest.response_ids) > window:
+            raise PackingError(f"prompt {longest.meta.get('prompt', longest.group)}: a sequence of "
+                               f"{len(longest.prompt_ids) + len(longest.response_ids)} tokens passes the model's "
+                               f"sliding attention window of {window}, which the tree mask cannot express; "
+                               "it runs flat (or use shorter responses).")
     flat = collate(samples, pad_id)
     groups: dict[int, list[int]] = {}
     for i, s in enumerate(samples):
@@ -261,6 +270,20 @@ def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0, with_en
 # ---------------------------------------------------------------------------------------------
 
 
+def sliding_window(model) -> Optional[int]:
+    """The attention window of a model with sliding-window layers (None: full attention everywhere).
+
+    The tree mask replaces the model's own mask in every layer, so packing is exact only while no
+    sequence is longer than the window (`pack_samples(window=...)` checks that).
+    """
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    kinds = getattr(config, "layer_types", None)
+    if not window or (kinds is not None and "sliding_attention" not in kinds):
+        return None
+    return int(window)
+
+
 def unsupported_reason(model, probe: bool = True) -> Optional[str]:
     """None if packed log-probs of `model` equal flat ones; otherwise why the trainer must go flat."""
     config = getattr(model, "config", None)
@@ -268,10 +291,6 @@ def unsupported_reason(model, probe: bool = True) -> Optional[str]:
     if impl not in PACKABLE_ATTENTION:
         return (f"attention implementation {impl!r} cannot take a tree mask (packing needs one of "
                 f"{', '.join(PACKABLE_ATTENTION)}; load the model with attn_implementation='sdpa')")
-    kinds = set(getattr(config, "layer_types", None) or [])
-    if "sliding_attention" in kinds:
-        return ("the model has sliding-window attention layers, which a tree mask would override; "
-                "packing is exact only with full attention")
     if not probe:
         return None
     return _probe(model)

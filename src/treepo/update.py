@@ -25,7 +25,7 @@ import torch
 from .advantages import token_advantages, whiten
 from .config import TrainConfig
 from .loss import ppo_loss
-from .packing import PackingError, pack_samples, packed_logprobs, unsupported_reason
+from .packing import PackingError, pack_samples, packed_logprobs, sliding_window, unsupported_reason
 from .policy import Batch, Sample, collate, response_logprobs
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class PolicyUpdate:
         self.policy = accelerator.unwrap_model(model)
         self.packed = False
         self.pack_limit: Optional[int] = getattr(self.policy.config, "max_position_embeddings", None)
+        self.window = sliding_window(self.policy)
         if cfg.packing:
             reason = unsupported_reason(self.policy)
             if reason is None and reference is not None:
@@ -142,7 +143,7 @@ class PolicyUpdate:
         if self.packed:
             try:
                 packed = pack_samples(chunk, self.pad_id, dtype=next(self.policy.parameters()).dtype,
-                                      max_tokens=self.pack_limit)
+                                      max_tokens=self.pack_limit, window=self.window)
             except PackingError as e:
                 self.packing_fallbacks += 1
                 log.warning("step %d: %s; this micro-batch runs flat", self.step + 1, e)
