@@ -20,7 +20,7 @@ c22=+1, c23=-1, c3=-1: terms +1.25 (root), +1.333 (node c), +0.667 (node c2), av
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 
@@ -117,13 +117,18 @@ def token_advantages(
     return [[a] * sum(lengths) for a, lengths in zip(scalars, segment_lengths)]
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, *, mean: Optional[float] = None,
+           var: Optional[float] = None) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) over the tokens where mask is true; masked-out entries become 0.
 
     values, mask: [B, T] (or any shape, the same for both). Population variance, no per-group std.
+    `mean` and `var` may be given (e.g. over the tokens of all ranks); by default they are the
+    masked tokens'.
     """
     m = mask.to(values.dtype)
     n = m.sum().clamp_min(1.0)
-    mean = (values * m).sum() / n
-    var = (((values - mean) * m) ** 2).sum() / n
-    return (values - mean) * torch.rsqrt(var + eps) * m
+    if mean is None:
+        mean = (values * m).sum() / n
+    if var is None:
+        var = (((values - mean) * m) ** 2).sum() / n
+    return (values - mean) * torch.rsqrt(torch.as_tensor(var + eps, dtype=values.dtype)) * m

@@ -42,7 +42,7 @@ from .errors import ConfigError, InputError
 from .evaluate import evaluate, score_trees
 from .prompts import Prompt, load_heldout, load_jsonl, load_task, parse_task_args, render
 from .rewards import build_reward
-from .sampler import TreeSampler
+from .sampler import RolloutResult, TreeSampler
 from .stopping import answer_predicate
 from .update import PolicyUpdate
 
@@ -141,7 +141,7 @@ class Trainer:
         tokenizer=None,
         console: Optional[Console] = None,
     ):
-        from accelerate import Accelerator
+        from accelerate import Accelerator, DistributedDataParallelKwargs
         from .engines.transformers_engine import TransformersEngine
 
         self.engine_cfg, self.sampler_cfg, self.reward_cfg, self.cfg = engine_cfg, sampler_cfg, reward_cfg, train_cfg
@@ -164,15 +164,16 @@ class Trainer:
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         torch.manual_seed(sampler_cfg.seed)
-        self.accelerator = Accelerator(cpu=model.device.type == "cpu")
-        if self.accelerator.num_processes > 1:
-            raise ConfigError(
-                f"{self.accelerator.num_processes} processes: multi-process training (sharded prompts, per-rank seeds, "
-                "agreed dynamic sampling) is not implemented yet; run one process (`treepo train`)."
-            )
+        # Buffers (e.g. rotary tables) are never trained: no broadcast per forward, whose count may
+        # differ between ranks (they hold different numbers of micro-batches).
+        self.accelerator = Accelerator(cpu=model.device.type == "cpu",
+                                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        if not self.accelerator.is_main_process:
+            self.console = Console(stderr=True, quiet=True)  # one progress bar and one log, from rank 0
         self.reference = None
         if train_cfg.kl_coef > 0:
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False).to(self.accelerator.device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.learning_rate,
                                       weight_decay=train_cfg.weight_decay)
         warm = train_cfg.warmup_steps  # update k (0-based) runs at lr * min(1, (k + 1) / (warm + 1)): never 0
@@ -183,8 +184,10 @@ class Trainer:
         self.update = PolicyUpdate(train_cfg, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer,
                                    scheduler=self.scheduler, reference=self.reference, pad_id=self.pad_id,
                                    temperature=engine_cfg.temperature)
-        self.engine = TransformersEngine(self.policy, tokenizer, engine_cfg, seed=sampler_cfg.seed)
-        self.sampler = TreeSampler(sampler_cfg, self.engine, predicate=self.predicate)
+        # Each rank samples its own share of prompts with its own random stream.
+        rank_cfg = replace(sampler_cfg, seed=self.rank_seed(0))
+        self.engine = TransformersEngine(self.policy, tokenizer, engine_cfg, seed=rank_cfg.seed)
+        self.sampler = TreeSampler(rank_cfg, self.engine, predicate=self.predicate)
         self.pool_ids = [render(p, tokenizer, train_cfg.system_prompt) for p in pool]
         for i, ids in enumerate(self.pool_ids):  # a prompt too long for the context fails now, not at step N
             self.sampler.check_fits(ids, i)
@@ -192,6 +195,16 @@ class Trainer:
         self.rows: list[dict] = []
         self.evals: list[dict] = []
         self.tb = None
+
+    def rank_seed(self, step: int) -> int:
+        """The sampling seed of this rank (at a resumed step, for more than one process)."""
+        return self.sampler_cfg.seed + 1_000_003 * self.rank + 7_919 * step * (self.world > 1)
+
+    def _all_gather_ints(self, value: int) -> list[int]:
+        """`value` from every rank, in rank order."""
+        if self.world == 1:
+            return [value]
+        return [int(x) for x in self.accelerator.gather(torch.tensor([value], device=self.accelerator.device)).tolist()]
 
     # -- run folder ---------------------------------------------------------------------------
     def _check_run_folder(self) -> Optional[Path]:
@@ -246,10 +259,11 @@ class Trainer:
         kept, results, failures, dropped, rounds, rewards_all, correct_all = [], [], Counter(), 0, 0, [], []
         need = cfg.prompts_per_step
         while True:
-            indices = self.stream.take(need)
+            # Every rank draws the same prompts from the stream and rolls out its share of them.
+            indices = self.stream.take(need)[self.rank :: self.world]
             prompts = [self.stream.prompts[i] for i in indices]
             ids = [self.pool_ids[i] for i in indices]
-            result = self.sampler.rollout(ids, first_index=0, progress=progress)
+            result = self.sampler.rollout(ids, first_index=0, progress=progress) if ids else RolloutResult([])
             results.append(result)
             scored, fails = score_trees(result.trees, prompts, self.reward_fn, self.engine)
             failures.update(fails)
@@ -266,19 +280,32 @@ class Trainer:
                     dropped += 1
                 else:
                     kept.append(tree)
-            if not cfg.dynamic_sampling or len(kept) >= cfg.prompts_per_step or rounds >= cfg.max_resample_rounds:
+            counts = self._all_gather_ints(len(kept))  # kept groups per rank: all ranks decide alike
+            if not cfg.dynamic_sampling or sum(counts) >= cfg.prompts_per_step or rounds >= cfg.max_resample_rounds:
                 break
             rounds += 1
-            need = cfg.prompts_per_step - len(kept)
-        kept = kept[: cfg.prompts_per_step]
+            need = cfg.prompts_per_step - sum(counts)
+        # At most prompts_per_step groups in all, taken rank by rank.
+        quota = max(0, min(len(kept), cfg.prompts_per_step - sum(counts[: self.rank])))
+        kept = kept[:quota]
+        trained = min(sum(counts), cfg.prompts_per_step)
         rollout_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's updates use
-        update = self.update(kept, self.step) if kept else {}
-        if kept:
+        update = self.update(kept, self.step) if trained else {}  # a rank with no group still joins the update
+        if trained:
             self.engine.sync_weights()
         self.step += 1
+        if self.world > 1:  # the step's rollouts and counts from every rank, for the metrics row
+            from accelerate.utils import gather_object
+
+            parts = gather_object([(results, rewards_all, correct_all, failures, dropped)])
+            results = [r for part in parts for r in part[0]]
+            rewards_all = [x for part in parts for x in part[1]]
+            correct_all = [x for part in parts for x in part[2]]
+            failures = sum((part[3] for part in parts), Counter())
+            dropped = sum(part[4] for part in parts)
         roll = summarize(results, self.sampler_cfg)
         depths = [len(leaf) for r in results for t in r.trees for leaf in t.leaves]
         lengths = [len(t.response_ids(leaf)) for r in results for t in r.trees for leaf in t.leaves]
@@ -291,7 +318,7 @@ class Trainer:
             "entropy": float(np.mean(ents)) if ents else None,
             "lr": lr,
             "prompts_rolled": sum(len(r.trees) for r in results),
-            "groups_trained": len(kept),
+            "groups_trained": trained,
             "groups_dropped": dropped,
             "resample_rounds": rounds,
             "trajectories_per_prompt": roll["trajectories"] / max(roll["prompts"], 1),
@@ -308,13 +335,15 @@ class Trainer:
             "train_seconds": time.perf_counter() - t1,
             "step_seconds": time.perf_counter() - t0,
         }
-        if not kept:
+        if not trained:
             log.warning("step %d: every group had equal rewards after %d resample rounds; no update this step",
                         self.step, rounds)
         return row
 
     # -- evaluation ---------------------------------------------------------------------------
     def _evaluate_heldout(self, log_row: bool = True) -> dict:
+        if not self.accelerator.is_main_process:  # rank 0 evaluates; the others wait at the next step
+            return {}
         state = self.engine.generator.get_state()  # evaluation must not shift training's random stream
         summary, _ = evaluate(self.engine, replace(self.sampler_cfg, seed=EVAL_SEED), self.heldout, self.reward_fn,
                               system_prompt=self.cfg.system_prompt, batch_size=self.cfg.prompt_batch_size)
@@ -337,6 +366,9 @@ class Trainer:
         self.rows = [r for r in _read_rows(path) if r.get("step", 0) <= self.step] if self.resume_from else []
         self.evals = [{k: v for k, v in r.items() if k != "step" and k.startswith("eval")} for r in self.rows
                       if "eval_step" in r]
+        self._metrics = None
+        if not self.accelerator.is_main_process:
+            return
         io.write_jsonl(path, self.rows)
         self._metrics = open(path, "a", encoding="utf-8")
         if self.cfg.tensorboard and self.accelerator.is_main_process:
@@ -390,6 +422,9 @@ class Trainer:
         np.random.set_state(rng["numpy"])
         self.sampler.rng.setstate(rng["sampler"])
         self.engine.generator.set_state(rng["engine"])
+        if self.world > 1:  # the checkpoint holds rank 0's streams: every rank starts fresh ones
+            self.sampler.rng.seed(self.rank_seed(ck["trainer"]["step"]))
+            self.engine.reseed(self.rank_seed(ck["trainer"]["step"]))
         self.engine.sync_weights()
         self.step = ck["trainer"]["step"]
         self.stream.position = ck["trainer"]["data_position"]
@@ -401,7 +436,8 @@ class Trainer:
     def _finish(self) -> dict:
         from .plots import plot_training
 
-        self._metrics.close()
+        if self._metrics is not None:
+            self._metrics.close()
         if self.tb is not None:
             self.tb.close()
         train_rows = [r for r in self.rows if "reward_mean" in r]

@@ -31,8 +31,9 @@ from .policy import Batch, Sample, collate, response_logprobs
 log = logging.getLogger(__name__)
 
 
-def build_samples(trees, advantage: str, whiten_advantages: bool) -> list[Sample]:
-    """One sample per non-empty leaf, its advantages expanded per token (whitened over the step)."""
+def build_samples(trees, advantage: str, whiten_advantages: bool, reduce_sum=None) -> list[Sample]:
+    """One sample per non-empty leaf, its advantages expanded per token, whitened over the step's
+    tokens (on every rank: `reduce_sum` sums a tensor over ranks)."""
     samples = []
     for g, tree in enumerate(trees):
         leaves = list(tree.leaves)
@@ -44,9 +45,15 @@ def build_samples(trees, advantage: str, whiten_advantages: bool) -> list[Sample
             if traj.token_ids:
                 samples.append(Sample(tree.prompt_ids, traj.token_ids, adv, traj.logprobs, group=g,
                                       meta={"leaf": leaf, "prompt": tree.prompt_index}))
-    if whiten_advantages and samples:  # over every response token of the step
+    if whiten_advantages:  # over every response token of the step, on all ranks
         flat = torch.tensor([a for s in samples for a in s.advantages], dtype=torch.float64)
-        white = whiten(flat, torch.ones_like(flat, dtype=torch.bool)).tolist()
+        mean = var = None
+        if reduce_sum is not None:  # the moments of all ranks' tokens
+            moments = reduce_sum(torch.stack([flat.new_tensor(float(len(flat))), flat.sum(), (flat ** 2).sum()]))
+            n, total, squares = moments.tolist()
+            mean = total / max(n, 1.0)
+            var = max(squares / max(n, 1.0) - mean * mean, 0.0)
+        white = whiten(flat, torch.ones_like(flat, dtype=torch.bool), mean=mean, var=var).tolist()
         at = 0
         for s in samples:
             s.advantages, at = white[at : at + len(s.advantages)], at + len(s.advantages)
@@ -79,11 +86,16 @@ class PolicyUpdate:
     def __call__(self, trees, step: int = 0) -> dict:
         cfg = self.cfg
         self.step = step
-        samples = build_samples(trees, cfg.advantage, cfg.whiten_advantages)
+        acc = self.accelerator
+        reduce_sum = (lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu()) if acc.num_processes > 1 else None
+        samples = build_samples(trees, cfg.advantage, cfg.whiten_advantages, reduce_sum)
         groups = sorted({s.group for s in samples})
         share = {g: i % cfg.mini_batches for i, g in enumerate(groups)}  # whole groups, dealt round-robin
         minis = [[s for s in samples if share[s.group] == m] for m in range(cfg.mini_batches)]
-        minis = [m for m in minis if m]
+        if acc.num_processes == 1:
+            minis = [m for m in minis if m]
+        # else every rank runs every mini-batch's update, empty or not: the gradient all-reduce
+        # and the token count are collective calls that all ranks must make alike.
         fresh = cfg.old_logprobs == "recompute" and cfg.mini_batches == 1 and cfg.ppo_epochs == 1
         if cfg.old_logprobs == "recompute" and not fresh:
             for mini in minis:  # the policy before any of this step's updates, batched as the updates are
@@ -94,7 +106,12 @@ class PolicyUpdate:
             for mini in minis:
                 stats, norm = self._optimizer_step(mini, detach_old=fresh)
                 totals.update(stats)
-                norms.append(norm)
+                if norm is not None:
+                    norms.append(norm)
+        if acc.num_processes > 1:  # sums over ranks (norms are already equal: gradients are all-reduced)
+            from accelerate.utils import gather_object
+
+            totals = sum(gather_object([totals]), Counter())
         n = max(totals["tokens"], 1.0)
         epochs = max(cfg.ppo_epochs, 1)
         out = {
@@ -134,7 +151,7 @@ class PolicyUpdate:
             if chunks[-1] and len(chunks[-1]) + len(members) > size:
                 chunks.append([])
             chunks[-1] += members
-        return chunks
+        return [c for c in chunks if c]
 
     def _forward(self, model, chunk: Sequence[Sample], with_entropy: bool = False
                  ) -> tuple[torch.Tensor, Optional[torch.Tensor], Batch, Counter]:
@@ -160,18 +177,30 @@ class PolicyUpdate:
     @torch.no_grad()
     def _recompute_old(self, samples: list[Sample]) -> None:
         for chunk in self._chunks(samples):
-            logp, _, _, _ = self._forward(self.model, chunk)
+            logp, _, _, _ = self._forward(self.policy, chunk)  # not through DDP: no gradient, no collectives
             for row, s in enumerate(chunk):
                 s.old_logprobs = logp[row, : len(s.response_ids)].tolist()
 
-    def _optimizer_step(self, samples: list[Sample], detach_old: bool) -> tuple[Counter, float]:
+    def _join_with_zero_gradient(self) -> None:
+        """A forward/backward through the DDP wrapper whose loss is 0: this rank adds zeros to the
+        gradient average, as a rank holding groups adds its share."""
+        ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.policy.device)
+        out = self.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        self.accelerator.backward(out.logits.sum() * 0.0)
+
+    def _optimizer_step(self, samples: list[Sample], detach_old: bool) -> tuple[Counter, Optional[float]]:
+        """Accumulate the mini-batch's gradient and step; (stats, gradient norm or None if no rank had data)."""
         cfg, acc = self.cfg, self.accelerator
         # Token-mean over the update's tokens on all ranks: each rank divides its token sum by
         # (global tokens / world size), and the gradient all-reduce averages over ranks.
         local = torch.tensor(float(sum(len(s.response_ids) for s in samples)), device=self.policy.device)
         normaliser = float(acc.reduce(local, reduction="sum")) / acc.num_processes
-        chunks = self._chunks(samples)
         stats = Counter()
+        if normaliser == 0:  # no rank holds a group of this mini-batch: no update anywhere
+            return stats, None
+        chunks = self._chunks(samples)
+        if not chunks:  # this rank holds none of this mini-batch: join the all-reduce with zeros
+            self._join_with_zero_gradient()
         for i, chunk in enumerate(chunks):
             sync = i == len(chunks) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
