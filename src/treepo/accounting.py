@@ -17,8 +17,9 @@ A run without early stops saves exactly this; early stops move the measured savi
 from __future__ import annotations
 
 import functools
+import json
 from collections import Counter
-from dataclasses import astuple, replace
+from dataclasses import asdict, replace
 from typing import Iterable, Sequence
 
 from .config import SamplerConfig
@@ -52,18 +53,24 @@ class _FullSegments:
 
 
 def bound_saving_ratio(cfg: SamplerConfig) -> float:
-    """Structural decoded-token saving for the config (see the module docstring)."""
+    """Structural decoded-token saving for the config (see the module docstring).
+
+    Turn mode counts as fixed segments of max_turn_tokens, every turn full length and answered by
+    the environment (whose tokens are never decoded, so they change neither figure).
+    """
     if cfg.mode == "independent":
         return 0.0
-    return _bound(astuple(cfg))
+    ideal = replace(cfg, answer_policy="none", answer_predicate=None, rep_count=0, segment_mode="fixed",
+                    segment_len=cfg.segment_cap, max_turn_tokens=0, stop_strings=[], env=None, env_args=None,
+                    max_turns=0)
+    return _bound(json.dumps(asdict(ideal), sort_keys=True))
 
 
 @functools.lru_cache(maxsize=64)
-def _bound(cfg_fields: tuple) -> float:
-    cfg = SamplerConfig(*cfg_fields)
-    ideal = replace(cfg, answer_policy="none", answer_predicate=None, rep_count=0)
-    lo, hi = cfg.root_fanout_range
-    seeds = BOUND_SEEDS if lo != hi or cfg.fallback_policy == "any" else 1
+def _bound(ideal_json: str) -> float:
+    ideal = SamplerConfig(**json.loads(ideal_json))
+    lo, hi = ideal.root_fanout_range
+    seeds = BOUND_SEEDS if lo != hi or ideal.fallback_policy == "any" else 1
     savings = []
     for seed in range(seeds):
         tree = TreeSampler(replace(ideal, seed=seed), _FullSegments()).rollout([[0]]).trees[0]
