@@ -90,6 +90,8 @@ def summarize(results: Iterable[RolloutResult], cfg: SamplerConfig) -> dict:
         engine.update(r.engine_stats)
     reasons = Counter(t.nodes[leaf_id].finish_reason for t in trees for leaf_id in t.leaves)
     n_traj = sum(len(t.leaves) for t in trees)
+    env_nodes = [n for t in trees for n in t.nodes.values() if n.env]
+    turns = sum(1 + sum(n.env for n in t.path(leaf_id)) for t in trees for leaf_id in t.leaves)
     return {
         "mode": cfg.mode,
         "prompts": len(trees),
@@ -107,7 +109,11 @@ def summarize(results: Iterable[RolloutResult], cfg: SamplerConfig) -> dict:
         "decoded_tokens_per_second": round(decoded / wall, 2) if wall else 0.0,
         "leaf_tokens_per_second": round(leaf / wall, 2) if wall else 0.0,
         "mean_response_tokens": round(leaf / n_traj, 2) if n_traj else 0.0,
-        "segments": sum(len(t.nodes) for t in trees),
+        "segments": sum(len(t.nodes) for t in trees) - len(env_nodes),
+        "env_turns": len(env_nodes),  # environment replies in the trees (each once, however many leaves share it)
+        "env_tokens": sum(len(n) for n in env_nodes),  # appended as context: prefilled, never decoded
+        "env_errors": reasons.get("env_error", 0),
+        "mean_turns": round(turns / n_traj, 3) if n_traj else 0.0,  # assistant turns per trajectory
         "fallbacks": sum(t.fallbacks for t in trees),
         "finish_reasons": dict(sorted(reasons.items())),
     }

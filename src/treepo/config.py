@@ -250,10 +250,6 @@ class SamplerConfig:
             _require(self.env is not None, "env_args is set but no env: add --env NAME or drop env_args.")
         _require(self.max_turns >= 0, f"max_turns={self.max_turns}: must be >= 0 (0 = depth).")
         _require(
-            not (self.max_turns and self.env is None),
-            f"max_turns={self.max_turns} is set but no env answers between turns: add --env NAME or drop max_turns.",
-        )
-        _require(
             self.max_turns <= self.depth,
             f"max_turns={self.max_turns} exceeds depth={self.depth}: every assistant turn takes at least one "
             "segment, so depth ends the path first; raise depth or lower max_turns.",

@@ -41,6 +41,7 @@ from .accounting import summarize
 from .advantages import token_advantages, whiten
 from .config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig
 from .errors import ConfigError, InputError
+from .envs import load_env, system_prompt_with
 from .evaluate import evaluate, score_trees
 from .loss import ppo_loss
 from .policy import Sample, collate, response_logprobs
@@ -154,6 +155,7 @@ class Trainer:
         self.resume_from = self._check_run_folder()
         # Everything that can fail on bad input fails here, before the model loads.
         self.predicate = answer_predicate(sampler_cfg)
+        self.env = load_env(sampler_cfg.env, sampler_cfg.env_args)
         self.reward_fn = build_reward(reward_cfg.reward, task=None if train_cfg.prompts else train_cfg.task,
                                       timeout=reward_cfg.reward_timeout, failure_reward=reward_cfg.failure_reward)
         pool, self.heldout = load_training_prompts(train_cfg, reward_cfg, sampler_cfg.seed)
@@ -184,8 +186,9 @@ class Trainer:
         self.scheduler = scheduler  # stepped once per update (accelerate's wrapper steps it once per process)
         self.policy = self.accelerator.unwrap_model(self.model)
         self.engine = TransformersEngine(self.policy, tokenizer, engine_cfg, seed=sampler_cfg.seed)
-        self.sampler = TreeSampler(sampler_cfg, self.engine, predicate=self.predicate)
-        self.pool_ids = [render(p, tokenizer, train_cfg.system_prompt) for p in pool]
+        self.sampler = TreeSampler(sampler_cfg, self.engine, predicate=self.predicate, env=self.env)
+        system_prompt = system_prompt_with(train_cfg.system_prompt, self.env)
+        self.pool_ids = [render(p, tokenizer, system_prompt) for p in pool]
         for i, ids in enumerate(self.pool_ids):  # a prompt too long for the context fails now, not at step N
             self.sampler.check_fits(ids, i)
         self.step = 0
@@ -282,7 +285,7 @@ class Trainer:
         roll = summarize(results, self.sampler_cfg)
         depths = [len(leaf) for r in results for t in r.trees for leaf in t.leaves]
         lengths = [len(t.response_ids(leaf)) for r in results for t in r.trees for leaf in t.leaves]
-        ents = [e for r in results for t in r.trees for n in t.nodes.values() for e in n.entropies]
+        ents = [e for r in results for t in r.trees for n in t.nodes.values() if not n.env for e in n.entropies]
         row = {
             "step": self.step,
             "reward_mean": float(np.mean(rewards_all)),
@@ -319,15 +322,17 @@ class Trainer:
         for g, tree in enumerate(trees):
             leaves = list(tree.leaves)
             rewards = [tree.rewards[leaf] for leaf in leaves]
-            seg_lengths = [[len(n) for n in tree.path(leaf)] for leaf in leaves]
-            advs = token_advantages(self.cfg.advantage, leaves, rewards, seg_lengths)
+            ids, seg_lengths = zip(*(tree.model_path(leaf) for leaf in leaves))  # env levels dropped (tree.py)
+            advs = token_advantages(self.cfg.advantage, ids, rewards, seg_lengths)
             for leaf, adv in zip(leaves, advs):
                 traj = tree.trajectory(leaf)
                 if traj.token_ids:
-                    samples.append(Sample(tree.prompt_ids, traj.token_ids, adv, traj.logprobs, group=g))
-        if self.cfg.whiten_advantages and samples:  # over every response token of the step
+                    samples.append(Sample(tree.prompt_ids, traj.token_ids, adv, traj.logprobs, group=g,
+                                          loss_mask=traj.loss_mask))
+        if self.cfg.whiten_advantages and samples:  # over every trained response token of the step
             flat = torch.tensor([a for s in samples for a in s.advantages], dtype=torch.float64)
-            white = whiten(flat, torch.ones_like(flat, dtype=torch.bool)).tolist()
+            mask = torch.tensor([m for s in samples for m in (s.loss_mask or [True] * len(s.advantages))])
+            white = whiten(flat, mask).tolist()
             at = 0
             for s in samples:
                 s.advantages, at = white[at : at + len(s.advantages)], at + len(s.advantages)
@@ -389,7 +394,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         # Token-mean over the update's tokens on all ranks: each rank divides its token sum by
         # (global tokens / world size), and the gradient all-reduce averages over ranks.
-        local = torch.tensor(float(sum(len(s.response_ids) for s in samples)), device=self.policy.device)
+        local = torch.tensor(float(sum(s.trainable_tokens for s in samples)), device=self.policy.device)
         normaliser = float(acc.reduce(local, reduction="sum")) / acc.num_processes
         batches = list(self._micro_batches(samples))
         stats = Counter()
