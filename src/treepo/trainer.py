@@ -306,6 +306,7 @@ class Trainer:
             "leaf_tokens": roll["leaf_tokens"],
             "saving_ratio": roll["saving_ratio"],
             "finish_reasons": roll["finish_reasons"],
+            "env_turns": roll["env_turns"],
             "reward_failures": sum(failures.values()),
             "rollout_seconds": rollout_seconds,
             "train_seconds": time.perf_counter() - t1,
