@@ -159,6 +159,10 @@ def test_env_turn_that_does_not_fit_the_budget_ends_the_path():
     tree = rollout(cfg, engine, env=Big()).trees[0]
     assert {tree.nodes[leaf].finish_reason for leaf in tree.leaves} == {"max_tokens"}
     assert not any(n.env for n in tree.nodes.values())  # the reply was dropped, the leaf is the model's turn
+    roomy = SamplerConfig(width=2, depth=4, segment_len=8, segment_mode="turn", max_response_tokens=80)
+    tree = rollout(roomy, FakeEngine(script=lambda r: {"text": "hi", "eos": True}), env=Big()).trees[0]
+    assert {tree.trajectory(leaf).turns for leaf in tree.leaves} == {3}  # 3 + 30 + 3 + 30 + 3 <= 80 < + 30
+    assert {tree.nodes[leaf].finish_reason for leaf in tree.leaves} == {"max_tokens"}
 
 
 def test_env_turns_that_fill_the_budget_before_the_depth_end_the_path():

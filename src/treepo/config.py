@@ -142,7 +142,7 @@ class SamplerConfig:
     max_response_tokens: int = field(
         default=0,
         metadata=_help("Response token cap, env turns included; 0 = depth * segment_len (turn mode: * max_turn_tokens). "
-                       "Longer paths finish (truncated)."),
+                       "Longer paths finish (truncated). With an env, raise it to leave room for the env's turns."),
     )
     rep_window: int = field(default=32, metadata=_help("Repetition detector: window length in characters."))
     rep_count: int = field(
@@ -275,9 +275,12 @@ class SamplerConfig:
 
     @property
     def response_budget(self) -> int:
-        """Most response tokens a path may have (environment turns' tokens count too: they fill the context)."""
-        full = self.depth * self.segment_cap
-        return min(self.max_response_tokens, full) if self.max_response_tokens else full
+        """Most response tokens a path may have (environment turns' tokens count too: they fill the context).
+
+        max_response_tokens when set, else depth x the segment size; with an environment, set it above
+        that to leave room for the environment's turns.
+        """
+        return self.max_response_tokens or self.depth * self.segment_cap
 
 
 @dataclass
