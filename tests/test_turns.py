@@ -378,3 +378,27 @@ def test_env_trees_round_trip_and_old_files_load():
     old = {k: v for k, v in tree.nodes[(0,)].to_dict().items() if k not in ("env", "hit_stop")}  # before issue 6
     node = Node.from_dict(old)
     assert node.env is False and node.hit_stop is False and node.token_ids == tree.nodes[(0,)].token_ids
+
+
+def test_classify_order_with_an_environment_and_turn_segments():
+    from treepo.stopping import classify, has_boxed_answer
+
+    def reason(cfg, text="x", eos=False, stop=False, length=5, depth=1, env=None):
+        return classify(cfg, segment_text=text, response_text=text, hit_eos=eos, hit_stop=stop, response_len=length,
+                        depth=depth, predicate=has_boxed_answer, env_check=env)
+
+    fixed, turn = SamplerConfig(depth=3, segment_len=8), SamplerConfig(depth=3, segment_len=8, segment_mode="turn")
+    asked = []
+
+    def env(answer=None):
+        return lambda: asked.append(1) or answer
+
+    assert reason(fixed, eos=True) == "eos" and reason(fixed, stop=True) == "stop"  # no env: a turn end ends it
+    assert reason(fixed, eos=True, env=env()) is None  # with an env the environment answers the turn
+    asked.clear()
+    assert reason(fixed, "\\boxed{4}", eos=True, env=env("mine")) == "answer" and not asked  # the answer rule first
+    assert reason(fixed, eos=True, env=env("mine")) == "mine" and asked
+    assert reason(fixed, eos=False, depth=3, env=env()) == "depth"
+    assert reason(turn, eos=False, env=env()) == "max_tokens"  # a turn cut by its cap
+    assert reason(turn, eos=True, env=env()) is None
+    assert reason(fixed, length=24, depth=2, eos=True, env=env()) == "max_tokens"  # env turns filled the budget
