@@ -4,7 +4,8 @@ Token ids 32..126 decode to their ASCII character; EOS is id 0 and decodes to no
 node's segment is `max_new_tokens` letters drawn from a hash of (seed, group, node id), and its
 first token is unique across the engine's life (id >= 1000, decoded as '#'), so two different
 nodes never produce the same segment. A `script(request) -> dict | None` can override a node's
-segment with {"text": str, "eos": bool}.
+segment with {"text": str, "eos": bool}. Its tokenizer has no chat template: environment messages
+render in the plain layout ("\n\nTool: 42\n\nAnswer:"), one token per character.
 """
 
 from __future__ import annotations
@@ -22,12 +23,29 @@ def encode(text: str) -> list[int]:
     return [ord(c) for c in text]
 
 
+class FakeTokenizer:
+    """One token per character (ids 32..126), no chat template; EOS is id 0."""
+
+    chat_template = None
+    eos_token_id = EOS
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": encode(text)}
+
+    def __len__(self) -> int:
+        return 2000  # ids up to the unique first tokens (>= 1000) are in the vocabulary
+
+    def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(t) if 32 <= t < 127 else ("" if t == EOS else "#") for t in token_ids)
+
+
 @dataclass
 class FakeEngine:
     script: Optional[Callable[[SegmentRequest], Optional[dict]]] = None
     max_context: int = 100_000
     unique_first_token: bool = True
     stats: EngineStats = field(default_factory=EngineStats)
+    tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)
     calls: list[list[SegmentRequest]] = field(default_factory=list)
     generated: dict[tuple[int, tuple], list[int]] = field(default_factory=dict)
     released: list[int] = field(default_factory=list)
@@ -38,7 +56,7 @@ class FakeEngine:
         self.seed = seed
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return "".join(chr(t) if 32 <= t < 127 else ("" if t == EOS else "#") for t in token_ids)
+        return self.tokenizer.decode(token_ids)
 
     def _default(self, req: SegmentRequest) -> list[int]:
         h = hashlib.sha256(repr((self.seed, req.group, req.node_id)).encode()).digest()

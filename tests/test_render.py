@@ -165,3 +165,36 @@ def test_load_trees_names_the_malformed_line(tmp_path, trees, bad):
     Path(tmp_path / "trees.jsonl").write_text(f"{good}\n\n{bad}\n{good}\n")
     with pytest.raises(InputError, match=r"trees\.jsonl line 3 "):
         load_trees(tmp_path)
+
+
+def env_tree() -> PromptTree:
+    from toy_envs import Always
+
+    cfg = SamplerConfig(width=4, depth=3, segment_len=8, segment_mode="turn")
+    tree = TreeSampler(cfg, FakeEngine(script=lambda r: {"text": "hi", "eos": True}), env=Always()).rollout([PROMPT]).trees[0]
+    tree.prompt_text = "multi-turn"
+    return tree
+
+
+def test_env_turns_are_marked_in_html_png_and_terminal(tmp_path):
+    from rich.console import Console
+
+    from treepo.render import ENV_COLOUR, terminal_tree
+
+    tree = env_tree()
+    n_env = sum(n.env for n in tree.nodes.values())
+    assert n_env
+    page = render_html([tree])
+    env_groups = re.findall(r'<g class="node env".*?</g>', page, flags=re.S)
+    assert len(env_groups) == n_env and all(f'stroke="{ENV_COLOUR}"' in g and ">env: " in g for g in env_groups)
+    assert page.count(f'stroke="{ENV_COLOUR}"') == n_env  # model segments keep their own colours
+    assert "environment turn (context: not decoded, not trained)" in page
+    assert "env: environment turn" in page.split("Legend:")[1].split("</div>")[0]
+    assert f"env turns: {n_env}" in page
+    _, png = write_pictures([tree], tmp_path)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    console = Console(record=True, width=120, color_system=None)
+    console.print(terminal_tree(tree))
+    text = console.export_text()
+    assert text.count("env [ok") == n_env and text.count("not trained") == n_env
+    assert text.count(" depth") == len(tree.leaves)  # leaves carry their finish reason

@@ -201,6 +201,11 @@ def test_fallback_without_candidates_restarts_from_the_prompt():
         ("max_tokens", {"max_response_tokens": 5}, None),
         ("depth", {}, None),
         ("repetition", {"rep_window": 3, "rep_count": 3}, lambda r: {"text": "abcabcabcabcabcx"}),
+        ("stop", {"stop_strings": ["STOP"]}, lambda r: {"text": "abSTOPcd"}),
+        ("max_turns", {"env": "toy_envs:Always", "segment_mode": "turn", "max_turns": 2},
+         lambda r: {"text": "hmm", "eos": True}),
+        ("env_done", {"env": "toy_envs:Never"}, lambda r: {"text": "hmm", "eos": True}),
+        ("env_error", {"env": "toy_envs:Raises"}, lambda r: {"text": "hmm", "eos": True}),
     ],
 )
 def test_every_finish_reason_is_reachable(reason, cfg_kwargs, script):

@@ -17,8 +17,9 @@ A run without early stops saves exactly this; early stops move the measured savi
 from __future__ import annotations
 
 import functools
+import json
 from collections import Counter
-from dataclasses import astuple, replace
+from dataclasses import asdict, replace
 from typing import Iterable, Sequence
 
 from .config import SamplerConfig
@@ -52,18 +53,24 @@ class _FullSegments:
 
 
 def bound_saving_ratio(cfg: SamplerConfig) -> float:
-    """Structural decoded-token saving for the config (see the module docstring)."""
+    """Structural decoded-token saving for the config (see the module docstring).
+
+    Turn mode counts as fixed segments of max_turn_tokens, every turn full length and answered by
+    the environment (whose tokens are never decoded, so they change neither figure).
+    """
     if cfg.mode == "independent":
         return 0.0
-    return _bound(astuple(cfg))
+    ideal = replace(cfg, answer_policy="none", answer_predicate=None, rep_count=0, segment_mode="fixed",
+                    segment_len=cfg.segment_cap, max_turn_tokens=0, stop_strings=[], env=None, env_args=None,
+                    max_turns=0)
+    return _bound(json.dumps(asdict(ideal), sort_keys=True))
 
 
 @functools.lru_cache(maxsize=64)
-def _bound(cfg_fields: tuple) -> float:
-    cfg = SamplerConfig(*cfg_fields)
-    ideal = replace(cfg, answer_policy="none", answer_predicate=None, rep_count=0)
-    lo, hi = cfg.root_fanout_range
-    seeds = BOUND_SEEDS if lo != hi or cfg.fallback_policy == "any" else 1
+def _bound(ideal_json: str) -> float:
+    ideal = SamplerConfig(**json.loads(ideal_json))
+    lo, hi = ideal.root_fanout_range
+    seeds = BOUND_SEEDS if lo != hi or ideal.fallback_policy == "any" else 1
     savings = []
     for seed in range(seeds):
         tree = TreeSampler(replace(ideal, seed=seed), _FullSegments()).rollout([[0]]).trees[0]
@@ -83,6 +90,8 @@ def summarize(results: Iterable[RolloutResult], cfg: SamplerConfig) -> dict:
         engine.update(r.engine_stats)
     reasons = Counter(t.nodes[leaf_id].finish_reason for t in trees for leaf_id in t.leaves)
     n_traj = sum(len(t.leaves) for t in trees)
+    env_nodes = [n for t in trees for n in t.nodes.values() if n.env]
+    turns = sum(1 + sum(n.env for n in t.path(leaf_id)) for t in trees for leaf_id in t.leaves)
     return {
         "mode": cfg.mode,
         "prompts": len(trees),
@@ -100,7 +109,11 @@ def summarize(results: Iterable[RolloutResult], cfg: SamplerConfig) -> dict:
         "decoded_tokens_per_second": round(decoded / wall, 2) if wall else 0.0,
         "leaf_tokens_per_second": round(leaf / wall, 2) if wall else 0.0,
         "mean_response_tokens": round(leaf / n_traj, 2) if n_traj else 0.0,
-        "segments": sum(len(t.nodes) for t in trees),
+        "segments": sum(len(t.nodes) for t in trees) - len(env_nodes),
+        "env_turns": len(env_nodes),  # environment replies in the trees (each once, however many leaves share it)
+        "env_tokens": sum(len(n) for n in env_nodes),  # appended as context: prefilled, never decoded
+        "env_errors": reasons.get("env_error", 0),
+        "mean_turns": round(turns / n_traj, 3) if n_traj else 0.0,  # assistant turns per trajectory
         "fallbacks": sum(t.fallbacks for t in trees),
         "finish_reasons": dict(sorted(reasons.items())),
     }

@@ -1,6 +1,7 @@
 """The `treepo` command.
 
     treepo rollout [--model smollm2] [--task gsm_symbolic | --prompts FILE.jsonl] [--width 8] ... --out DIR
+    treepo rollout --env calculator --segment_mode turn --max_turn_tokens 128 ...   # multi-turn, with a tool
     treepo show DIR
     treepo train [--config FILE.yaml] [--steps 20] [--resume] ... [--out runs/train]
     treepo eval [--model runs/train/model] [--mode tree|independent] [--width 8] ... [--out runs/eval]
@@ -112,8 +113,11 @@ def _yaml_argv(path: str, fields: dict, command: str, parser) -> list[str]:
                 raise ConfigError(f"config={path!r}: {name} is empty; give it a value or drop the key.")
             parser.set_defaults(**{name: None})
             continue
+        if name == "stop_strings" and isinstance(value, list):  # a list field: one flag, several values
+            argv += [f"--{name}", *map(str, value)]
+            continue
         if isinstance(value, (dict, list)):
-            if name != "task_args":
+            if name not in ("task_args", "env_args"):
                 raise ConfigError(f"config={path!r}: {name} takes one value, not {type(value).__name__} {value!r}.")
             value = json.dumps(value)
         elif isinstance(value, bool):
@@ -156,12 +160,14 @@ def _show(argv: Sequence[str], console: Console) -> int:
     import argparse
 
     from . import io
-    from .render import load_trees, write_pictures
+    from .render import load_trees, terminal_tree, write_pictures
 
     parser = argparse.ArgumentParser(prog="treepo show", description="Render a run folder's trees as HTML and PNG.")
     parser.add_argument("run_dir", help="a folder written by `treepo rollout --out` (it holds trees.jsonl)")
     parser.add_argument("--out", default=None, help="where to write trees.html and trees.png (default: run_dir)")
     parser.add_argument("--max-png-trees", type=int, default=4, help="trees drawn in the PNG (the HTML has all)")
+    parser.add_argument("--terminal-trees", type=int, default=1,
+                        help="trees also drawn in the terminal (environment turns tagged 'env'); 0 = none")
     args = parser.parse_args(list(argv))
     run_dir = Path(args.run_dir)
     trees = load_trees(run_dir)
@@ -169,6 +175,8 @@ def _show(argv: Sequence[str], console: Console) -> int:
     summary = io.read_json(summary_path) if summary_path.is_file() else None
     html, png = write_pictures(trees, Path(args.out or run_dir), title=f"treepo rollout: {run_dir}",
                                summary=summary, max_png_trees=args.max_png_trees)
+    for tree in trees[: max(args.terminal_trees, 0)]:
+        console.print(terminal_tree(tree))
     console.print(f"wrote {html} and {png}")
     return 0
 

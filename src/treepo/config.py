@@ -7,6 +7,7 @@ Defaults are sized for a small model on a CPU; the paper's training values are g
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional
@@ -83,7 +84,7 @@ class SamplerConfig:
         metadata=_help("'tree' = TreePO segment tree; 'independent' = width independent samples (the baseline)."),
     )
     width: int = field(default=8, metadata=_help("Trajectories per prompt, the group size w [paper: 16]."))
-    depth: int = field(default=4, metadata=_help("Most segments on one path, d [paper: 14]."))
+    depth: int = field(default=4, metadata=_help("Most model segments on one path (env turns do not count; turn mode: most turns), d [paper: 14]."))
     segment_len: int = field(default=64, metadata=_help("New tokens per segment [paper: 512]."))
     branching: int = field(default=2, metadata=_help("Children a node gets when it forks, b [paper: 2]."))
     init_divergence: int = field(
@@ -124,7 +125,8 @@ class SamplerConfig:
         ),
     )
     fallback_max_backtrack: int = field(
-        default=0, metadata=_help("Most segments a fallback cut removes; 0 = any number (up to the whole path).")
+        default=0,
+        metadata=_help("Most fork points a fallback cut goes back (segments; turns in turn mode); 0 = any (up to the prompt)."),
     )
     answer_policy: Literal["boxed_and_eos", "boxed_as_eos", "none"] = field(
         default="boxed_and_eos",
@@ -138,7 +140,9 @@ class SamplerConfig:
         metadata=_help("'module:function' taking the response text and returning True when it holds an answer."),
     )
     max_response_tokens: int = field(
-        default=0, metadata=_help("Response token cap; 0 = depth * segment_len. Longer paths finish (truncated).")
+        default=0,
+        metadata=_help("Response token cap, env turns included; 0 = depth * segment_len (turn mode: * max_turn_tokens). "
+                       "Longer paths finish (truncated). With an env, raise it to leave room for the env's turns."),
     )
     rep_window: int = field(default=32, metadata=_help("Repetition detector: window length in characters."))
     rep_count: int = field(
@@ -148,6 +152,35 @@ class SamplerConfig:
         default="last", metadata=_help("Check repetition before ('first') or after ('last') the other stop rules.")
     )
     seed: int = field(default=0, metadata=_help("Seed for every random choice (tree decisions and token sampling)."))
+    segment_mode: Literal["fixed", "turn"] = field(
+        default="fixed",
+        metadata=_help(
+            "'fixed' = segments of segment_len tokens; 'turn' = a segment is one assistant turn (it ends at the "
+            "end-of-turn token or a stop string, at most max_turn_tokens), so trees branch and backtrack at turn "
+            "boundaries and depth counts turns."
+        ),
+    )
+    max_turn_tokens: int = field(
+        default=0, metadata=_help("Turn mode: most new tokens in one assistant turn; 0 = segment_len.")
+    )
+    stop_strings: list[str] = field(
+        default_factory=list,
+        metadata=_help("Strings that end an assistant turn where they appear (e.g. '</calc>'), besides the EOS token."),
+    )
+    env: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "Environment that answers between assistant turns: 'calculator' (a safe arithmetic tool), 'recheck' "
+            "(asks the model to re-check until it gives a boxed answer), or 'module:Class' (see treepo.envs)."
+        ),
+    )
+    env_args: Optional[str] = field(
+        default=None, metadata=_help('JSON object of keyword arguments for the environment class, e.g. \'{"max_calls": 4}\'.')
+    )
+    max_turns: int = field(
+        default=0,
+        metadata=_help("With an env: most assistant turns on one path (reason 'max_turns'); 0 = depth."),
+    )
 
     def __post_init__(self) -> None:
         for name in ("width", "depth", "segment_len", "branching"):
@@ -193,6 +226,34 @@ class SamplerConfig:
             not (self.answer_predicate and self.answer_policy == "none"),
             "answer_predicate is set but answer_policy='none' never asks it: drop one of the two.",
         )
+        _require(self.max_turn_tokens >= 0, f"max_turn_tokens={self.max_turn_tokens}: must be >= 0 (0 = segment_len).")
+        _require(
+            not (self.max_turn_tokens and self.segment_mode == "fixed"),
+            f"max_turn_tokens={self.max_turn_tokens} only applies to turn segments: add --segment_mode turn, "
+            "or set the segment size with --segment_len.",
+        )
+        _require(
+            isinstance(self.stop_strings, list) and all(isinstance(x, str) and x for x in self.stop_strings),
+            f"stop_strings={self.stop_strings!r}: give a list of non-empty strings, e.g. --stop_strings '</calc>'.",
+        )
+        _require(
+            self.env is None or ":" in self.env or self.env.isidentifier(),
+            f"env={self.env!r}: use a built-in environment name (calculator, recheck) or 'module:Class'.",
+        )
+        if self.env_args is not None:
+            try:
+                args = json.loads(self.env_args)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"env_args={self.env_args!r}: not valid JSON ({e.msg}); write a JSON object, "
+                                  'e.g. \'{"max_calls": 4}\'.') from e
+            _require(isinstance(args, dict), f"env_args={self.env_args!r}: expected a JSON object, e.g. '{{\"max_calls\": 4}}'.")
+            _require(self.env is not None, "env_args is set but no env: add --env NAME or drop env_args.")
+        _require(self.max_turns >= 0, f"max_turns={self.max_turns}: must be >= 0 (0 = depth).")
+        _require(
+            self.max_turns <= self.depth,
+            f"max_turns={self.max_turns} exceeds depth={self.depth}: every assistant turn takes at least one "
+            "segment, so depth ends the path first; raise depth or lower max_turns.",
+        )
 
     @property
     def root_fanout_range(self) -> tuple[int, int]:
@@ -203,10 +264,23 @@ class SamplerConfig:
         return lo, (self.init_divergence_max or lo)
 
     @property
+    def segment_cap(self) -> int:
+        """Most new tokens in one segment: segment_len, or in turn mode max_turn_tokens (0 = segment_len)."""
+        return (self.max_turn_tokens or self.segment_len) if self.segment_mode == "turn" else self.segment_len
+
+    @property
+    def turn_limit(self) -> int:
+        """Most assistant turns on one path: max_turns, or depth when it is 0."""
+        return self.max_turns or self.depth
+
+    @property
     def response_budget(self) -> int:
-        """Most response tokens a path may have."""
-        full = self.depth * self.segment_len
-        return min(self.max_response_tokens, full) if self.max_response_tokens else full
+        """Most response tokens a path may have (environment turns' tokens count too: they fill the context).
+
+        max_response_tokens when set, else depth x the segment size; with an environment, set it above
+        that to leave room for the environment's turns.
+        """
+        return self.max_response_tokens or self.depth * self.segment_cap
 
 
 @dataclass

@@ -22,6 +22,7 @@ from . import io
 from .accounting import summarize
 from .config import EngineConfig, EvalConfig, RewardConfig, SamplerConfig
 from .engines.base import Engine
+from .envs import load_env, system_prompt_with
 from .errors import InputError
 from .metrics import summarize_eval
 from .prompts import Prompt, load_heldout, load_jsonl, load_task, parse_task_args, render
@@ -37,10 +38,12 @@ def score_trees(
     """Score every leaf of every tree in one reward call; fills `tree.rewards`.
 
     `prompts[tree.prompt_index]` is each tree's problem. Returns, in the order of `trees`, each one's leaves'
-    {"correct", "answers", "texts"} lists, and the failure counts of the call.
+    {"correct", "answers", "texts"} lists, and the failure counts of the call. A completion is the
+    model's own text: with environment turns, its assistant turns joined by newlines (a tool's
+    output is not the model's answer).
     """
     flat = [(t, leaf) for t in trees for leaf in t.leaves]
-    texts = [engine.decode(t.response_ids(leaf)) for t, leaf in flat]
+    texts = ["\n".join(engine.decode(ids) for ids in t.model_turn_ids(leaf)) for t, leaf in flat]
     questions = [prompts[t.prompt_index].question for t, _ in flat]
     columns = {
         "answer": [prompts[t.prompt_index].answer for t, _ in flat],
@@ -71,6 +74,7 @@ def evaluate(
 ) -> tuple[dict, list[dict]]:
     """(summary, per-sample rows) for `prompts`, `sampler_cfg.width` samples each."""
     sampler = TreeSampler(sampler_cfg, engine, predicate=answer_predicate(sampler_cfg))
+    system_prompt = system_prompt_with(system_prompt, sampler.env)
     ids = [render(p, engine.tokenizer, system_prompt) for p in prompts]
     for i, p in enumerate(ids):
         sampler.check_fits(p, i)
@@ -142,6 +146,7 @@ def run_eval(
                              timeout=reward_cfg.reward_timeout, failure_reward=reward_cfg.failure_reward)
     prompts = eval_prompts(eval_cfg, sampler_cfg.seed)
     answer_predicate(sampler_cfg)
+    load_env(sampler_cfg.env, sampler_cfg.env_args)  # a bad environment fails before the model loads
     if engine is None:
         from .models import load_engine
 

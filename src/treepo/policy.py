@@ -7,7 +7,7 @@ the logits that predict response tokens (the prompt's logits are never materiali
     input_ids        [B, P + R]   pad | prompt | response | pad
     attention_mask   [B, P + R]   1 on prompt and response tokens
     position_ids     [B, P + R]   0.. along each row's real tokens (left padding shifts nothing)
-    response_mask    [B, R]       1 on response tokens
+    response_mask    [B, R]       1 on response tokens the loss trains (a sample's loss_mask: not env turns)
     logits kept      [B, R + 1, V] -> [B, R, V] (the last column predicts past the end)
 """
 
@@ -29,6 +29,12 @@ class Sample:
     old_logprobs: list[float]  # the sampler's, one per response token
     group: int = 0  # prompt index in the step
     meta: dict = field(default_factory=dict)
+    loss_mask: Optional[list[bool]] = None  # per response token; False = context only (env turns); None = all trained
+
+    @property
+    def trainable_tokens(self) -> int:
+        """Response tokens the loss sees (environment tokens excluded)."""
+        return len(self.response_ids) if self.loss_mask is None else sum(map(bool, self.loss_mask))
 
 
 @dataclass
@@ -37,7 +43,7 @@ class Batch:
     attention_mask: torch.Tensor  # [B, P + R]
     position_ids: torch.Tensor  # [B, P + R]
     response_ids: torch.Tensor  # [B, R]
-    response_mask: torch.Tensor  # [B, R] bool
+    response_mask: torch.Tensor  # [B, R] bool: trained response tokens (padding and env tokens are False)
     advantages: torch.Tensor  # [B, R]
     old_logprobs: torch.Tensor  # [B, R]
 
@@ -61,13 +67,14 @@ def collate(samples: Sequence[Sample], pad_id: int) -> Batch:
     old = torch.zeros((B, R), dtype=torch.float32)
     for b, s in enumerate(samples):
         p, r = len(s.prompt_ids), len(s.response_ids)
-        if len(s.advantages) != r or len(s.old_logprobs) != r:
+        if len(s.advantages) != r or len(s.old_logprobs) != r or (s.loss_mask is not None and len(s.loss_mask) != r):
             raise ValueError(f"sample {b}: {r} response tokens but {len(s.advantages)} advantages / "
-                             f"{len(s.old_logprobs)} log-probs.")
+                             f"{len(s.old_logprobs)} log-probs / "
+                             f"{'no' if s.loss_mask is None else len(s.loss_mask)} loss-mask entries.")
         ids[b, P - p : P] = torch.tensor(s.prompt_ids)
         ids[b, P : P + r] = torch.tensor(s.response_ids, dtype=torch.long)
         attn[b, P - p : P + r] = 1
-        resp_mask[b, :r] = True
+        resp_mask[b, :r] = True if s.loss_mask is None else torch.tensor(s.loss_mask, dtype=torch.bool)
         adv[b, :r] = torch.tensor(s.advantages)
         old[b, :r] = torch.tensor(s.old_logprobs)
     position_ids = (attn.cumsum(-1) - 1).clamp_min(0)

@@ -2,7 +2,10 @@
 
 Both use the same layout (`layout`): x is the depth, y the leaf order (depth-first, so edges never
 cross), and an internal node sits at the mean y of its children. Leaves are coloured by finish
-reason and labelled with their reward; nodes made by backtracking (fallback) get a dashed border.
+reason and labelled with their reward; nodes made by backtracking (fallback) get a dashed border;
+environment turns (tool results, follow-ups: context the model did not write) are teal boxes
+tagged "env" (squares in the PNG). `terminal_tree` draws one tree for the terminal, env turns
+tagged the same way.
 
     trees = load_trees(Path("runs/demo"))
     html_path, png_path = write_pictures(trees, Path("runs/demo"), summary=summary)
@@ -29,8 +32,13 @@ REASON_COLOURS = {
     "max_tokens": "#f58518",
     "depth": "#b279a2",
     "repetition": "#9d755d",
+    "stop": "#72b7b2",
+    "max_turns": "#e45756",
+    "env_done": "#eeca3b",
+    "env_error": "#d62728",
 }
 INTERNAL_COLOUR = "#9e9e9e"
+ENV_COLOUR = "#17becf"  # environment turns
 GOOD, BAD = "#1a7f37", "#cf222e"  # reward > 0, reward <= 0
 SNIPPET = 30  # characters of segment text shown in a box
 BOX_W, BOX_H, COL, ROW, ROOT_W, PAD, LABEL_W = 212, 26, 252, 36, 64, 12, 150
@@ -105,11 +113,14 @@ def tree_counts(tree: PromptTree) -> dict[str, Any]:
         "saving": f"{1 - tree.decoded_tokens / leaf:.1%}" if leaf else "n/a",
         "fallbacks": tree.fallbacks,
         "fallback nodes": sum(n.fallback for n in tree.nodes.values()),
+        "env turns": sum(n.env for n in tree.nodes.values()),
     }
 
 
 def _style(tree: PromptTree, node_id: NodeId) -> tuple[bool, str]:
-    """(is a leaf, colour): leaves by finish reason, internal nodes grey."""
+    """(is a leaf, colour): leaves by finish reason, env turns teal, other internal nodes grey."""
+    if tree.nodes[node_id].env:
+        return False, ENV_COLOUR
     if node_id not in tree.leaves:
         return False, INTERNAL_COLOUR
     return True, REASON_COLOURS.get(tree.nodes[node_id].finish_reason or "", "#333")
@@ -138,6 +149,7 @@ section.tree{border-top:2px solid #ccc;margin-top:18px;padding-top:8px}
 .scroll{overflow:auto;max-height:80vh;border:1px solid #eee}
 pre.panel{background:#f6f8fa;border:1px solid #ddd;padding:6px;max-height:30vh;overflow:auto}
 g.node{cursor:pointer} g.node text{font:11px monospace} g.node.sel rect{stroke-width:3.5;stroke:#000}
+g.node.env text{font-style:italic}
 """
 
 SCRIPT = """
@@ -189,6 +201,8 @@ def _legend_html() -> str:
              for r, c in REASON_COLOURS.items()]
     items += [
         f'<span><span class="sw" style="background:#fff;border-color:{INTERNAL_COLOUR}"></span>internal segment</span>',
+        f'<span><span class="sw" style="background:{ENV_COLOUR}33;border-color:{ENV_COLOUR}"></span>'
+        "env: environment turn (context, not trained)</span>",
         '<span><span class="sw" style="background:#fff;border-color:#555;border-style:dashed"></span>'
         "fallback (backtracking) node</span>",
         f'<span style="color:{GOOD}">r=… reward &gt; 0</span>',
@@ -249,16 +263,17 @@ def _node_svg(tree: PromptTree, node_id: NodeId, p: tuple[int, float]) -> str:
     node = tree.nodes[node_id]
     x, y = _xy(*p)
     is_leaf, colour = _style(tree, node_id)
-    fill = f"{colour}33" if is_leaf else "#fff"
+    fill = f"{colour}33" if is_leaf or node.env else "#fff"
     dash = ' stroke-dasharray="5 3"' if node.fallback else ""
-    classes = "node" + (" leaf" if is_leaf else "") + (" fallback" if node.fallback else "")
+    classes = "node" + (" leaf" if is_leaf else "") + (" fallback" if node.fallback else "") + (" env" if node.env else "")
     info, reward = _node_info(tree, node_id), tree.rewards.get(node_id)
     tooltip = info + "\n" + (path_text(tree, node_id) if is_leaf else node.text)
+    label = ("env: " + snippet(node.text, SNIPPET - 5)) if node.env else snippet(node.text)
     out = (f'<g class="{classes}" data-id="{".".join(map(str, node_id))}" data-info="{_attr(info)}" '
            f'data-text="{_attr(node.text)}"><title>{escape(tooltip)}</title>'
            f'<rect x="{x:.1f}" y="{y:.1f}" width="{BOX_W}" height="{BOX_H}" rx="4" fill="{fill}" '
            f'stroke="{colour}" stroke-width="{2 if is_leaf else 1.2}"{dash}/>'
-           f'<text x="{x + 5:.1f}" y="{y + BOX_H / 2 + 4:.1f}">{escape(snippet(node.text))}</text>')
+           f'<text x="{x + 5:.1f}" y="{y + BOX_H / 2 + 4:.1f}">{escape(label)}</text>')
     if is_leaf:
         out += _leaf_label(node.finish_reason or "?", reward, x + BOX_W + 6, y + BOX_H / 2 + 4)
     return out + "</g>"
@@ -267,6 +282,7 @@ def _node_svg(tree: PromptTree, node_id: NodeId, p: tuple[int, float]) -> str:
 def _node_info(tree: PromptTree, node_id: NodeId) -> str:
     node, reward = tree.nodes[node_id], tree.rewards.get(node_id)
     info = f"node {'.'.join(map(str, node_id))} · depth {len(node_id)} · {len(node)} tokens"
+    info += " · environment turn (context: not decoded, not trained)" if node.env else ""
     info += f" · finish: {node.finish_reason}" if node.finish_reason else ""
     info += " · fallback (backtracking)" if node.fallback else ""
     return info + (f" · reward {reward:.4g}" if reward is not None else "")
@@ -317,6 +333,7 @@ def _legend_handles() -> list:
 
     handles = [marker(c, r) for r, c in REASON_COLOURS.items()]
     handles.append(marker(INTERNAL_COLOUR, "internal segment"))
+    handles.append(Line2D([], [], ls="none", marker="s", ms=8, mfc=ENV_COLOUR, mec="none", label="env turn"))
     handles.append(Line2D([], [], ls="--", color="#999", marker="o", ms=8, mfc="none", mec="#000", mew=1.5,
                           label="fallback node"))
     handles.append(Line2D([], [], ls="none", marker="$r$", color=GOOD, label="reward > 0"))
@@ -334,20 +351,54 @@ def _draw_tree(ax, tree: PromptTree) -> None:
     ax.add_collection(LineCollection(segments, colors=["#888" if f else "#bbb" for f in fb], linewidths=0.8,
                                      linestyles=["--" if f else "-" for f in fb]))
     styles = [_style(tree, n) for n in ids]
-    ax.scatter([0, *(pos[n][0] for n in ids)], [pos[ROOT][1], *(pos[n][1] for n in ids)], zorder=3,
-               s=[40] + [45 if leaf else 22 for leaf, _ in styles], c=["#333"] + [c for _, c in styles],
-               edgecolors=["none"] + ["#000" if f else "none" for f in fb], linewidths=1.5)
+    model = [k for k, n in enumerate(ids) if not tree.nodes[n].env]
+    ax.scatter([0, *(pos[ids[k]][0] for k in model)], [pos[ROOT][1], *(pos[ids[k]][1] for k in model)], zorder=3,
+               s=[40] + [45 if styles[k][0] else 22 for k in model], c=["#333"] + [styles[k][1] for k in model],
+               edgecolors=["none"] + ["#000" if fb[k] else "none" for k in model], linewidths=1.5)
+    env = [n for n in ids if tree.nodes[n].env]
+    if env:
+        ax.scatter([pos[n][0] for n in env], [pos[n][1] for n in env], zorder=3, s=30, marker="s", c=ENV_COLOUR)
     for leaf, reward in tree.rewards.items():
         ax.annotate(f"{reward:.2g}", pos[leaf], xytext=(5, -3), textcoords="offset points", fontsize=7,
                     color=GOOD if reward > 0 else BAD)
     max_depth = max(d for d, _ in pos.values())
     ax.set(xlim=(-0.3, max_depth + 0.8), ylim=(_slots(pos) - 0.5, -0.5), yticks=[], xticks=range(max_depth + 1))
     ax.axis("on")
-    ax.set_xlabel("depth (segments)", fontsize=8)
+    ax.set_xlabel("depth (segments and env turns)", fontsize=8)
     ax.spines[["top", "right", "left"]].set_visible(False)
     prompt = snippet(tree.prompt_text, 45) if tree.prompt_text else ""
     ax.set_title(f"prompt {tree.prompt_index}: {prompt}\n{len(tree.nodes)} nodes, {len(tree.leaves)} leaves, "
                  f"{tree.fallbacks} fallback rounds", fontsize=9)
+
+
+# -- terminal ------------------------------------------------------------------------------------
+
+
+def terminal_tree(tree: PromptTree, width: int = 48):
+    """A `rich.tree.Tree` of one prompt's tree: segment snippets, env turns tagged, leaves with their reason."""
+    from rich.markup import escape as esc
+    from rich.tree import Tree
+
+    def label(node_id: NodeId) -> str:
+        node = tree.nodes[node_id]
+        text = esc(snippet(node.text, width))
+        if node.env:
+            return f"[bold {ENV_COLOUR}]env[/] [italic {ENV_COLOUR}]{text}[/] [dim]({len(node)} tokens, not trained)[/]"
+        out = f"{text} [dim]({len(node)} tokens{', fallback' if node.fallback else ''})[/]"
+        if node_id in tree.leaves:
+            reward = tree.rewards.get(node_id)
+            colour = REASON_COLOURS.get(node.finish_reason or "", "#888888")
+            out += f" [bold {colour}]{esc(node.finish_reason or '?')}[/]"
+            out += "" if reward is None else f" r={reward:.3g}"
+        return out
+
+    top = Tree(f"[bold]prompt {tree.prompt_index}[/] {esc(snippet(tree.prompt_text, width))}")
+    todo = [(top, ROOT)]
+    while todo:
+        branch, node_id = todo.pop()
+        for child in tree.children(node_id):
+            todo.append((branch.add(label(child)), child))
+    return top
 
 
 # -- files ---------------------------------------------------------------------------------------

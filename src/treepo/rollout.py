@@ -7,7 +7,7 @@ model, prompt lengths), and the output files are written only when the rollout i
 one set moved into place together:
 
 - `rollouts.jsonl`: one line per trajectory (prompt_index, node_path, token_ids, logprobs,
-  entropies, segment_ends, finish_reason, text);
+  entropies, segment_ends, finish_reason, text, loss_mask, turns);
 - `trees.jsonl`: one line per prompt, the whole tree (for `treepo show`);
 - `summary.json`: counts, tokens, savings and the bound, timings, and the configs used.
 """
@@ -27,6 +27,7 @@ from . import io
 from .accounting import summarize
 from .config import EngineConfig, RolloutConfig, SamplerConfig
 from .engines.base import Engine
+from .envs import load_env, system_prompt_with
 from .prompts import Prompt, load_jsonl, load_task, parse_task_args, render
 from .sampler import RolloutResult, RoundInfo, TreeSampler
 from .stopping import answer_predicate
@@ -52,14 +53,16 @@ def run_rollout(
     console = console or Console(stderr=True)
     out = io.check_output_dir(rollout_cfg.out)
     predicate = answer_predicate(sampler_cfg)  # imports a custom predicate now, before model work
+    env = load_env(sampler_cfg.env, sampler_cfg.env_args)  # and the environment
     prompts = load_prompts(rollout_cfg, sampler_cfg.seed)
     if engine is None:
         from .models import load_engine
 
         with console.status(f"loading model {engine_cfg.model} ..."):
             engine = load_engine(engine_cfg, seed=sampler_cfg.seed)
-    sampler = TreeSampler(sampler_cfg, engine, predicate=predicate)
-    ids = [render(p, engine.tokenizer, rollout_cfg.system_prompt) for p in prompts]
+    sampler = TreeSampler(sampler_cfg, engine, predicate=predicate, env=env)
+    system_prompt = system_prompt_with(rollout_cfg.system_prompt, env)
+    ids = [render(p, engine.tokenizer, system_prompt) for p in prompts]
     for i, p in enumerate(ids):
         sampler.check_fits(p, i)
 
@@ -137,6 +140,8 @@ def summary_table(summary: dict) -> Table:
         ("prefill tokens", summary["prefill_tokens"]),
         ("engine steps", summary["engine_steps"]),
         ("fallbacks", summary["fallbacks"]),
+        *([("env turns (tokens, not decoded)", f"{summary['env_turns']} ({summary['env_tokens']})"),
+           ("assistant turns per trajectory", summary["mean_turns"])] if summary.get("env_turns") else []),
         ("wall time", f"{summary['wall_seconds']:.1f} s"),
         ("trajectories / s", summary["trajectories_per_second"]),
         ("decoded tokens / s", summary["decoded_tokens_per_second"]),

@@ -6,12 +6,19 @@ surviving path gets (`children_total`, `split_children`), and backtracks from fi
 a prompt has no active path left but fewer than `width` trajectories (`plan_fallback`). The
 decision functions are pure over explicit tree data; `TreeSampler` is the loop around them.
 
+With an environment (`treepo.envs`), a model segment that closes its assistant turn (EOS or a
+stop string) and does not finish the path gets the environment's reply as an env node, the path's
+only child there; the path grows (and forks) below it. Segments are fixed-length, or in turn mode
+one assistant turn each; backtracking forks only where the model is the next to speak
+(`PromptTree.fork_points`), so in turn mode it cuts at turn boundaries.
+
     sampler = TreeSampler(SamplerConfig(width=8, depth=4, segment_len=64), engine)
     trees = sampler.rollout([prompt_ids_1, prompt_ids_2]).trees
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -21,8 +28,12 @@ from typing import Callable, Optional, Sequence
 from .config import SamplerConfig
 from .errors import InputError
 from .engines.base import Engine, SegmentOutput, SegmentRequest
+from .envs.base import EnvError, Environment, PathView, check_env, load_env, path_view, turn_token_ids
 from .stopping import AnswerPredicate, answer_predicate, classify
 from .tree import ROOT, Node, NodeId, PromptTree
+
+log = logging.getLogger(__name__)
+ENV_ERRORS_LOGGED = 5  # environment errors logged in full per sampler; after that one line per 100
 
 # ---------------------------------------------------------------------------------------------
 # Pure decisions
@@ -97,22 +108,27 @@ def split_children(
     return [1 + extra for extra in largest_remainder(total - n, weights)]
 
 
+CLEAN_ENDS = ("answer", "eos", "stop", "env_done")  # what fallback_policy='finished' reopens
+
+
 def plan_fallback(
     tree: PromptTree, need: int, cfg: SamplerConfig, rng: random.Random
 ) -> list[NodeId]:
     """New node ids that regrow `need` paths from segment-aligned cuts of finished paths.
 
     Candidates (by `fallback_policy`) are shuffled and visited in turn; each visit cuts the path
-    at a random segment boundary (drop the last j >= 1 segments) and forks up to `branching`
-    children there. With no candidates the paths restart from the prompt. New ids keep the kept
-    prefix's ids, so they join the same advantage subgroups, and never reuse an existing index.
+    at a random fork point (`PromptTree.fork_points`: every segment boundary, or with an
+    environment only where the model speaks next; go back j >= 1 of them) and forks up to
+    `branching` children there. With no candidates the paths restart from the prompt. New ids
+    keep the kept prefix's ids, so they join the same advantage subgroups, and never reuse an
+    existing index.
     """
     if cfg.fallback_policy == "root":
         candidates: list[NodeId] = []
     elif cfg.fallback_policy == "any":
         candidates = list(tree.leaves)
     else:
-        candidates = [leaf for leaf in tree.leaves if tree.nodes[leaf].finish_reason in ("answer", "eos")]
+        candidates = [leaf for leaf in tree.leaves if tree.nodes[leaf].finish_reason in CLEAN_ENDS]
     rng.shuffle(candidates)
 
     planned: list[NodeId] = []
@@ -122,9 +138,10 @@ def plan_fallback(
         if candidates:
             leaf = candidates[visit % len(candidates)]
             visit += 1
-            limit = min(len(leaf), cfg.fallback_max_backtrack or len(leaf))
+            points = tree.fork_points(leaf)  # root side first; without env turns: leaf[:0] .. leaf[:-1]
+            limit = min(len(points), cfg.fallback_max_backtrack or len(points))
             cut = rng.randint(1, limit)
-            fork_at = leaf[: len(leaf) - cut]
+            fork_at = points[-cut]
         else:
             fork_at = ROOT
         start = next_index.get(fork_at, tree.next_child_index(fork_at))
@@ -168,11 +185,17 @@ class TreeSampler:
         *,
         predicate: Optional[AnswerPredicate] = None,
         on_round: Optional[Callable[[RoundInfo], None]] = None,
+        env: Optional[Environment] = None,
     ):
         self.cfg = cfg
         self.engine = engine
         self.predicate = predicate if predicate is not None else answer_predicate(cfg)
         self.on_round = on_round
+        if env is not None:
+            check_env(env, type(env).__name__)
+        self.env = env if env is not None else load_env(cfg.env, cfg.env_args)
+        self.stops = tuple(dict.fromkeys([*cfg.stop_strings, *(self.env.stop_strings if self.env else ())]))
+        self.env_errors = 0  # over the sampler's life; each rollout's count is its 'env_error' finish reasons
         self.rng = random.Random(cfg.seed)
         engine.reseed(cfg.seed)
 
@@ -219,7 +242,7 @@ class TreeSampler:
             fresh: dict[int, list[Node]] = {}
             for req, out in zip(pending, outputs, strict=True):
                 tree = by_group[req.group]
-                node = self._make_node(req, out, fallback=(req.group, req.node_id) in fallback_ids)
+                node = self._make_node(tree, req, out, fallback=(req.group, req.node_id) in fallback_ids)
                 tree.nodes[node.id] = node
                 fresh.setdefault(req.group, []).append(node)
             pending = []
@@ -253,12 +276,20 @@ class TreeSampler:
             group=tree.prompt_index,
             node_id=node_id,
             context=tuple(tuple(chunk) for chunk in tree.context(parent)),
-            max_new_tokens=min(self.cfg.segment_len, self.cfg.response_budget - used),
+            max_new_tokens=min(self.cfg.segment_cap, self.cfg.response_budget - used),
+            stop=self.stops,
         )
 
-    def _make_node(self, req: SegmentRequest, out: SegmentOutput, fallback: bool) -> Node:
+    def _make_node(self, tree: PromptTree, req: SegmentRequest, out: SegmentOutput, fallback: bool) -> Node:
         # An engine may overshoot a length cap (e.g. a remote server); the cap is the truth.
         n = min(len(out.token_ids), req.max_new_tokens)
+        hit_stop = False
+        if self.stops:  # and so is the first stop string, whether or not the engine stopped there
+            parent = tree.nodes.get(req.parent_id)
+            before = parent.token_ids[-16:] if parent is not None and not parent.env else []  # a split stop string
+            cut = stop_cut(self.engine.decode, before, out.token_ids[:n], self.stops)
+            if cut is not None:
+                n, hit_stop = cut, True
         return Node(
             id=req.node_id,
             token_ids=list(out.token_ids[:n]),
@@ -268,42 +299,127 @@ class TreeSampler:
             start=sum(len(chunk) for chunk in req.context[1:]),
             hit_eos=out.hit_eos and n == len(out.token_ids),
             fallback=fallback,
+            hit_stop=hit_stop,
         )
 
     def _advance(self, tree: PromptTree, nodes: list[Node], temperature: float) -> tuple[list[SegmentRequest], bool]:
         """Classify this round's segments of one prompt; return its next requests (and if they are a fallback)."""
         cfg = self.cfg
-        active: list[Node] = []
+        active: list[tuple[NodeId, Node]] = []  # (where the path grows on: the segment or its env turn, the segment)
         finished_now = 0
         for node in nodes:
-            response = tree.response_ids(node.id)
-            # Decode the whole response only when the answer rule will look at it.
-            wants_text = self.predicate is not None and (node.hit_eos or cfg.answer_policy == "boxed_as_eos")
-            reason = classify(
-                cfg,
-                segment_text=node.text,
-                response_text=self.engine.decode(response) if wants_text else "",
-                hit_eos=node.hit_eos,
-                response_len=len(response),
-                depth=node.depth,
-                predicate=self.predicate,
-            )
+            reason, tip = self._classify(tree, node)
             if reason is None:
-                active.append(node)
+                active.append((tip, node))
             else:
                 node.finish_reason = reason
                 tree.leaves.append(node.id)
                 finished_now += 1
 
         if cfg.mode == "independent":  # every sample runs its own course: no forks, no backtracking
-            return [self._request(tree, n.id + (0,)) for n in active], False
+            return [self._request(tree, tip + (0,)) for tip, _ in active], False
         remaining = cfg.width - len(tree.leaves)
         if active:
             total = children_total(len(active), finished_now, remaining, cfg.branching)
-            scores = [path_score(tree, n, cfg) for n in active] if cfg.divergence_policy != "fixed_avg" else [0.0] * len(active)
+            scores = [path_score(tree, n, cfg) for _, n in active] if cfg.divergence_policy != "fixed_avg" else [0.0] * len(active)
             counts = split_children(total, scores, cfg, self.rng, temperature)
-            return [self._request(tree, n.id + (j,)) for n, c in zip(active, counts) for j in range(c)], False
+            return [self._request(tree, tip + (j,)) for (tip, _), c in zip(active, counts) for j in range(c)], False
         if remaining > 0:
             tree.fallbacks += 1
             return [self._request(tree, i) for i in plan_fallback(tree, remaining, cfg, self.rng)], True
         return [], False
+
+    def _classify(self, tree: PromptTree, node: Node) -> tuple[Optional[str], NodeId]:
+        """(finish reason or None, the node the path grows on from): the segment, or the env turn added after it."""
+        cfg = self.cfg
+        path = tree.path(node.id)
+        turn_ids = tree.model_turn_ids(node.id)[-1]  # the answer rule reads the current assistant turn
+        # Decode the turn only when the answer rule will look at it.
+        wants_text = self.predicate is not None and (node.ends_turn or cfg.answer_policy == "boxed_as_eos")
+        view: list[PathView] = []  # built once, on the first hook call
+
+        def hook(name: str):
+            if not view:
+                view.append(path_view(tree, node.id, cfg.turn_limit, self.engine.decode))
+            try:
+                return getattr(self.env, name)(view[0])
+            except Exception as e:  # noqa: BLE001 - any failure of user code ends this path, not the run
+                raise EnvError(f"{name} raised {type(e).__name__}: {e}") from e
+
+        def check_finished() -> Optional[str]:
+            reason = hook("check_finished")
+            if reason is not None and (not isinstance(reason, str) or not reason.strip()):
+                raise EnvError(f"check_finished returned {reason!r}, not a finish reason (a non-empty str) or None")
+            return reason.strip() if reason is not None else None
+
+        try:
+            reason = classify(
+                cfg,
+                segment_text=node.text,
+                response_text=self.engine.decode(turn_ids) if wants_text else "",
+                hit_eos=node.hit_eos,
+                hit_stop=node.hit_stop,
+                response_len=node.end,
+                depth=sum(not n.env for n in path),
+                predicate=self.predicate,
+                env_check=check_finished if self.env is not None else None,
+            )
+            if reason is not None or self.env is None or not node.ends_turn:
+                return reason, node.id
+            # The model closed its turn and the path goes on: the environment answers.
+            if 1 + sum(n.env for n in path) >= cfg.turn_limit:
+                return "max_turns", node.id
+            turn = hook("next_turn")
+            if turn is None:
+                return "env_done", node.id
+            tokenizer = getattr(self.engine, "tokenizer", None)
+            vocab = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
+            ids = turn_token_ids(turn, tokenizer, node.token_ids[-1] if node.hit_eos else None, vocab)
+        except EnvError as e:
+            self._env_error(tree, node, str(e))
+            return "env_error", node.id
+        if node.end + len(ids) >= cfg.response_budget:  # no room left for the model to reply
+            return "max_tokens", node.id
+        env_node = Node(id=node.id + (0,), token_ids=ids, logprobs=[0.0] * len(ids), entropies=[0.0] * len(ids),
+                        text=self.engine.decode(ids), start=node.end, env=True)
+        tree.nodes[env_node.id] = env_node
+        return None, env_node.id
+
+    def _env_error(self, tree: PromptTree, node: Node, message: str) -> None:
+        self.env_errors += 1
+        n = self.env_errors
+        if n <= ENV_ERRORS_LOGGED:
+            log.warning("environment %s.%s; prompt %d, node %s finishes with reason env_error%s",
+                        type(self.env).__name__, message, tree.prompt_index, node.id,
+                        " (further errors are logged once per 100)" if n == ENV_ERRORS_LOGGED else "")
+        elif n % 100 == 0:
+            log.warning("environment %s: %d errors so far (paths finished with env_error); latest: %s",
+                        type(self.env).__name__, n, message)
+
+
+def stop_cut(decode: Callable[[Sequence[int]], str], before: Sequence[int], tokens: Sequence[int],
+             stops: Sequence[str]) -> Optional[int]:
+    """How many of `tokens` to keep so the segment ends with the first stop string, or None if none occurs.
+
+    `before` are the tokens just ahead of the segment (the same turn), so a stop string split across
+    segments is found (if they already hold a complete one, they are ignored). The cut is the shortest
+    prefix whose text holds a stop string (a binary search over prefix lengths).
+    """
+    before = list(before)
+
+    def hit(k: int) -> bool:
+        text = decode(before + list(tokens[:k]))
+        return any(s in text for s in stops)
+
+    if before and hit(0):
+        before = []
+    if not tokens or not hit(len(tokens)):
+        return None
+    lo, hi = 1, len(tokens)  # hit(hi) holds, hit(lo - 1) does not
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if hit(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo

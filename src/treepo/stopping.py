@@ -1,7 +1,8 @@
 """When a path stops: the answer predicate, the repetition detector, and the rule order.
 
 `classify` applies the spec's rules to a freshly generated segment, first match wins:
-answer -> eos -> max_tokens -> depth, with repetition first or last. It is a pure function of
+answer -> (the environment's check_finished) -> eos / stop -> max_tokens -> depth, with
+repetition first or last. It is a pure function of
 the segment, the whole response text and the config, so the sampler stays testable without a
 model.
 """
@@ -86,26 +87,44 @@ def classify(
     response_len: int,
     depth: int,
     predicate: Optional[AnswerPredicate],
+    hit_stop: bool = False,
+    env_check: Optional[Callable[[], Optional[str]]] = None,
 ) -> Optional[str]:
-    """Finish reason for a path whose newest segment was just generated, or None if it goes on."""
+    """Finish reason for a path whose newest segment was just generated, or None if it goes on.
+
+    `response_text` is what the answer rule reads: the current assistant turn (the whole response
+    when there are no env turns). `depth` counts model segments; `response_len` every token after
+    the prompt. With an environment, `env_check` (its `check_finished`) is asked after the answer
+    rule, and the end of a turn (EOS or a stop string) no longer ends the path: the environment
+    answers it (the sampler's job). In turn mode a turn that hit its token cap without ending ends
+    the path ('max_tokens').
+    """
 
     def repetition() -> Optional[str]:
         if cfg.rep_count and is_repetitive(segment_text, cfg.rep_window, cfg.rep_count):
             return "repetition"
         return None
 
+    turn_ended = hit_eos or hit_stop
     if cfg.rep_priority == "first" and (reason := repetition()):
         return reason
-    # The whole response is searched, so a box split across segments is found.
-    if predicate is not None and (hit_eos or cfg.answer_policy == "boxed_as_eos") and predicate(response_text):
+    # The whole turn is searched, so a box split across segments is found.
+    if predicate is not None and (turn_ended or cfg.answer_policy == "boxed_as_eos") and predicate(response_text):
         return "answer"
-    if hit_eos:
-        return "eos"
+    if env_check is not None:
+        if reason := env_check():
+            return reason
+    elif turn_ended:
+        return "eos" if hit_eos else "stop"
+    if cfg.segment_mode == "turn" and not turn_ended:
+        return "max_tokens"  # the turn reached max_turn_tokens (or the response budget) unfinished
     # Only an explicit cap counts here; a full-length path at full depth ends by 'depth'.
     if cfg.max_response_tokens and response_len >= cfg.max_response_tokens:
         return "max_tokens"
     if depth >= cfg.depth:
         return "depth"
+    if response_len >= cfg.response_budget:  # env turns used up the budget before the depth
+        return "max_tokens"
     if cfg.rep_priority == "last" and (reason := repetition()):
         return reason
     return None

@@ -39,6 +39,7 @@ from . import checkpoint, io
 from .accounting import summarize
 from .config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig
 from .errors import ConfigError, InputError
+from .envs import load_env, system_prompt_with
 from .evaluate import evaluate, score_trees
 from .prompts import Prompt, load_heldout, load_jsonl, load_task, parse_task_args, render
 from .rewards import build_reward
@@ -151,6 +152,7 @@ class Trainer:
         self.resume_from = self._check_run_folder()
         # Everything that can fail on bad input fails here, before the model loads.
         self.predicate = answer_predicate(sampler_cfg)
+        self.env = load_env(sampler_cfg.env, sampler_cfg.env_args)
         self.reward_fn = build_reward(reward_cfg.reward, task=None if train_cfg.prompts else train_cfg.task,
                                       timeout=reward_cfg.reward_timeout, failure_reward=reward_cfg.failure_reward)
         pool, self.heldout = load_training_prompts(train_cfg, reward_cfg, sampler_cfg.seed)
@@ -187,8 +189,9 @@ class Trainer:
         # Each rank samples its own share of prompts with its own random stream.
         rank_cfg = replace(sampler_cfg, seed=self.rank_seed(0))
         self.engine = TransformersEngine(self.policy, tokenizer, engine_cfg, seed=rank_cfg.seed)
-        self.sampler = TreeSampler(rank_cfg, self.engine, predicate=self.predicate)
-        self.pool_ids = [render(p, tokenizer, train_cfg.system_prompt) for p in pool]
+        self.sampler = TreeSampler(rank_cfg, self.engine, predicate=self.predicate, env=self.env)
+        system_prompt = system_prompt_with(train_cfg.system_prompt, self.env)
+        self.pool_ids = [render(p, tokenizer, system_prompt) for p in pool]
         for i, ids in enumerate(self.pool_ids):  # a prompt too long for the context fails now, not at step N
             self.sampler.check_fits(ids, i)
         self.step = 0
@@ -309,7 +312,7 @@ class Trainer:
         roll = summarize(results, self.sampler_cfg)
         depths = [len(leaf) for r in results for t in r.trees for leaf in t.leaves]
         lengths = [len(t.response_ids(leaf)) for r in results for t in r.trees for leaf in t.leaves]
-        ents = [e for r in results for t in r.trees for n in t.nodes.values() for e in n.entropies]
+        ents = [e for r in results for t in r.trees for n in t.nodes.values() if not n.env for e in n.entropies]
         row = {
             "step": self.step,
             "reward_mean": float(np.mean(rewards_all)),
@@ -330,6 +333,7 @@ class Trainer:
             "leaf_tokens": roll["leaf_tokens"],
             "saving_ratio": roll["saving_ratio"],
             "finish_reasons": roll["finish_reasons"],
+            "env_turns": roll["env_turns"],
             "reward_failures": sum(failures.values()),
             "rollout_seconds": rollout_seconds,
             "train_seconds": time.perf_counter() - t1,

@@ -5,6 +5,17 @@ the second child of the second child of the root's first child; the root (the pr
 Two trajectories whose leaf ids share the first k elements share their first k segments token
 for token, and that is the grouping the tree advantage uses. Ids are tuples, never joined
 strings (the released TreePO code concatenated them without a separator).
+
+Environment turns (`treepo.envs`) are nodes too, flagged `env=True`: tokens an environment
+appended after a model segment (a tool result, a user follow-up). They are context for what
+follows (`context`, `response_ids`, `start` offsets and a trajectory's `segment_ends` include
+them) but were never decoded (`decoded_tokens`, `leaf_tokens` skip them) and are never trained on
+(`Trajectory.loss_mask` is False on them, their log-probs and entropies are stored as 0.0). An env
+node is always the only child of the model segment it answers, with index 0, so `(0, 0, 1)` can be
+"first segment, its env turn, the second branch grown after it"; the tree keeps forking below env
+nodes, never between a model segment and its env turn. `model_path` drops the env levels for the
+advantage estimators, whose subgroups would otherwise count the same leaves twice. Every leaf is a
+model segment.
 """
 
 from __future__ import annotations
@@ -16,12 +27,16 @@ NodeId = tuple[int, ...]
 ROOT: NodeId = ()
 
 # Why a path ended. The sampler records the first rule that matched (spec section 2, step 3).
-FINISH_REASONS = ("answer", "eos", "max_tokens", "depth", "repetition")
+# 'stop': a stop string ended the turn and no environment answers; 'max_turns': the path reached
+# the most assistant turns; 'env_done': the environment ended the episode (`next_turn` gave None);
+# 'env_error': an environment hook raised or returned something malformed. An environment's
+# `check_finished` may also give reasons of its own.
+FINISH_REASONS = ("answer", "eos", "max_tokens", "depth", "repetition", "stop", "max_turns", "env_done", "env_error")
 
 
 @dataclass
 class Node:
-    """One segment: the tokens generated after its parent's context."""
+    """One segment: the tokens generated after its parent's context (or an environment turn, `env=True`)."""
 
     id: NodeId
     token_ids: list[int]
@@ -32,6 +47,13 @@ class Node:
     hit_eos: bool = False
     finish_reason: Optional[str] = None  # set when the path ends at this node (a leaf)
     fallback: bool = False  # created by backtracking from finished paths
+    env: bool = False  # tokens appended by the environment: context, never decoded, never trained on
+    hit_stop: bool = False  # the segment ended at a stop string (which ends the assistant turn)
+
+    @property
+    def ends_turn(self) -> bool:
+        """A model segment that closed its assistant turn (EOS / end-of-turn token or a stop string)."""
+        return not self.env and (self.hit_eos or self.hit_stop)
 
     @property
     def parent(self) -> NodeId:
@@ -59,11 +81,13 @@ class Node:
             "hit_eos": self.hit_eos,
             "finish_reason": self.finish_reason,
             "fallback": self.fallback,
+            "env": self.env,
+            "hit_stop": self.hit_stop,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Node":
-        return cls(**{**d, "id": tuple(d["id"])})
+        return cls(**{**d, "id": tuple(d["id"])})  # files written before env / hit_stop existed get False
 
 
 @dataclass
@@ -75,10 +99,12 @@ class Trajectory:
     token_ids: list[int]
     logprobs: list[float]
     entropies: list[float]
-    segment_ends: list[int]  # offsets into token_ids where each segment ends
+    segment_ends: list[int]  # offsets into token_ids where each node on the path ends (env turns included)
     finish_reason: str
     text: str
     reward: Optional[float] = None
+    loss_mask: list[bool] = field(default_factory=list)  # one per token: False on environment tokens
+    turns: int = 1  # assistant turns on the path (env turns + 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -91,6 +117,8 @@ class Trajectory:
             "finish_reason": self.finish_reason,
             "text": self.text,
             "reward": self.reward,
+            "loss_mask": self.loss_mask,
+            "turns": self.turns,
         }
 
 
@@ -124,7 +152,46 @@ class PromptTree:
         return kids[-1][-1] + 1 if kids else 0
 
     def response_ids(self, node_id: NodeId) -> list[int]:
+        """Every token after the prompt on the path, environment turns included."""
         return [t for n in self.path(node_id) for t in n.token_ids]
+
+    def model_turn_ids(self, node_id: NodeId) -> list[list[int]]:
+        """The model's tokens on the path, one list per assistant turn (env turns separate them)."""
+        turns: list[list[int]] = [[]]
+        for n in self.path(node_id):
+            if n.env:
+                turns.append([])
+            else:
+                turns[-1].extend(n.token_ids)
+        return turns
+
+    def fork_points(self, leaf: NodeId) -> list[NodeId]:
+        """Strict ancestors of `leaf` where new branches may grow, root side first.
+
+        The prompt, every env turn, and every model segment that did not close its assistant turn;
+        never a segment that closed its turn (after it comes the environment's reply, not more of
+        the model). With fixed segments and no environment that is every strict ancestor; in turn
+        mode it is the turn boundaries.
+        """
+        return [leaf[:k] for k in range(len(leaf)) if k == 0 or not self.nodes[leaf[:k]].ends_turn]
+
+    def model_path(self, leaf: NodeId) -> tuple[NodeId, list[int]]:
+        """(the leaf id without its env levels, tokens per model segment) for the advantage estimators.
+
+        An env node is the only child of the segment it answers, so dropping its level keeps ids
+        unique and keeps the subgroups (without it, 'average' would count the segment's subgroup
+        twice). Each env turn's tokens are counted with the segment it answers, so per-token
+        advantages still line up with `response_ids`; those tokens are masked out of the loss.
+        """
+        ids: list[int] = []
+        lengths: list[int] = []
+        for n in self.path(leaf):
+            if n.env:
+                lengths[-1] += len(n)
+            else:
+                ids.append(n.id[-1])
+                lengths.append(len(n))
+        return tuple(ids), lengths
 
     def context(self, node_id: NodeId) -> list[list[int]]:
         """Token chunks a child of `node_id` is generated after: the prompt, then each segment."""
@@ -147,6 +214,8 @@ class PromptTree:
             finish_reason=nodes[-1].finish_reason or "",
             text=text if text is not None else "".join(n.text for n in nodes),
             reward=self.rewards.get(leaf),
+            loss_mask=[not n.env for n in nodes for _ in n.token_ids],
+            turns=1 + sum(n.env for n in nodes),
         )
 
     def trajectories(self) -> Iterator[Trajectory]:
@@ -156,13 +225,18 @@ class PromptTree:
     # -- accounting ------------------------------------------------------------------------
     @property
     def decoded_tokens(self) -> int:
-        """Unique generated tokens: every segment was decoded once."""
-        return sum(len(n) for n in self.nodes.values())
+        """Unique generated tokens: every model segment was decoded once (env turns were not decoded)."""
+        return sum(len(n) for n in self.nodes.values() if not n.env)
 
     @property
     def leaf_tokens(self) -> int:
-        """What independent sampling decodes for the same leaves: the sum of response lengths."""
-        return sum(len(self.response_ids(leaf)) for leaf in self.leaves)
+        """What independent sampling decodes for the same leaves: the model tokens of every path.
+
+        Independent sampling would run each trajectory's conversation on its own, decoding every
+        model token on the path once per trajectory; env turns are prefilled there as here, so
+        they count in neither figure. Without env turns this is the sum of response lengths.
+        """
+        return sum(sum(map(len, self.model_turn_ids(leaf))) for leaf in self.leaves)
 
     # -- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -38,22 +38,25 @@ def build_samples(trees, advantage: str, whiten_advantages: bool, reduce_sum=Non
     for g, tree in enumerate(trees):
         leaves = list(tree.leaves)
         rewards = [tree.rewards[leaf] for leaf in leaves]
-        seg_lengths = [[len(n) for n in tree.path(leaf)] for leaf in leaves]
-        advs = token_advantages(advantage, leaves, rewards, seg_lengths)
+        ids, seg_lengths = zip(*(tree.model_path(leaf) for leaf in leaves))  # env levels dropped (tree.py)
+        advs = token_advantages(advantage, ids, rewards, seg_lengths)
         for leaf, adv in zip(leaves, advs):
             traj = tree.trajectory(leaf)
             if traj.token_ids:
                 samples.append(Sample(tree.prompt_ids, traj.token_ids, adv, traj.logprobs, group=g,
-                                      meta={"leaf": leaf, "prompt": tree.prompt_index}))
-    if whiten_advantages:  # over every response token of the step, on all ranks
+                                      meta={"leaf": leaf, "prompt": tree.prompt_index}, loss_mask=traj.loss_mask))
+    if whiten_advantages:  # over every trained response token of the step, on all ranks
         flat = torch.tensor([a for s in samples for a in s.advantages], dtype=torch.float64)
+        mask = torch.tensor([m for s in samples for m in (s.loss_mask or [True] * len(s.advantages))],
+                            dtype=torch.bool)
         mean = var = None
-        if reduce_sum is not None:  # the moments of all ranks' tokens
-            moments = reduce_sum(torch.stack([flat.new_tensor(float(len(flat))), flat.sum(), (flat ** 2).sum()]))
+        if reduce_sum is not None:  # the moments of all ranks' trained tokens
+            kept = flat[mask]
+            moments = reduce_sum(torch.stack([kept.new_tensor(float(len(kept))), kept.sum(), (kept ** 2).sum()]))
             n, total, squares = moments.tolist()
             mean = total / max(n, 1.0)
             var = max(squares / max(n, 1.0) - mean * mean, 0.0)
-        white = whiten(flat, torch.ones_like(flat, dtype=torch.bool), mean=mean, var=var).tolist()
+        white = whiten(flat, mask, mean=mean, var=var).tolist()
         at = 0
         for s in samples:
             s.advantages, at = white[at : at + len(s.advantages)], at + len(s.advantages)
@@ -193,7 +196,7 @@ class PolicyUpdate:
         cfg, acc = self.cfg, self.accelerator
         # Token-mean over the update's tokens on all ranks: each rank divides its token sum by
         # (global tokens / world size), and the gradient all-reduce averages over ranks.
-        local = torch.tensor(float(sum(len(s.response_ids) for s in samples)), device=self.policy.device)
+        local = torch.tensor(float(sum(s.trainable_tokens for s in samples)), device=self.policy.device)
         normaliser = float(acc.reduce(local, reduction="sum")) / acc.num_processes
         stats = Counter()
         if normaliser == 0:  # no rank holds a group of this mini-batch: no update anywhere

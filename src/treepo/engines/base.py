@@ -2,7 +2,7 @@
 
 One call, `generate`, decodes one segment for every request in a batch. A request names its
 prompt (`group`) and the node it creates; its context is given as token chunks (the prompt, then
-each ancestor segment), so
+each ancestor segment, environment turns included), so
 
 - an engine with its own KV cache (the embedded transformers engine) continues a child from its
   parent's cache by the parent's id, and prefills only what it does not hold;
@@ -28,6 +28,9 @@ class SegmentRequest:
     node_id: NodeId
     context: tuple[tuple[int, ...], ...]  # (prompt ids, segment of node_id[:1], ..., of node_id[:-1])
     max_new_tokens: int
+    # Strings that end the segment where they appear in its text. A hint: an engine may stop there to
+    # save work; the sampler cuts the segment at the first one whatever the engine returns.
+    stop: tuple[str, ...] = ()
 
     @property
     def parent_id(self) -> NodeId:

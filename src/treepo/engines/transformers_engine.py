@@ -167,7 +167,8 @@ class TransformersEngine:
         rank: dict[int, int] = {}
         for src, _ in sources:
             rank.setdefault(id(src), len(rank))
-        order = sorted(range(len(requests)), key=lambda i: (rank[id(sources[i][0])], sources[i][1]))
+        keys = [(rank[id(src)], row) for src, row in sources]
+        order = sorted(range(len(requests)), key=keys.__getitem__)
         parts = [sources[i] for i in order]
         m = [requests[i].max_new_tokens for i in order]
         cap = max(src.lengths[row] + k for (src, row), k in zip(parts, m)) + 1
@@ -178,7 +179,7 @@ class TransformersEngine:
 
         # 2. Decode up to max(m) tokens for every row.
         toks, lps, ents, counts, hit_eos, (kept, kept_pending, alive) = self._decode(
-            cache, pending, torch.tensor(m, device=self.device)
+            cache, pending, torch.tensor(m, device=self.device), [requests[i].stop for i in order]
         )
 
         # 3. Outputs, and the rows the next call may continue from (those that ran every step, no EOS).
@@ -282,8 +283,12 @@ class TransformersEngine:
             last = torch.tensor([prompts[g][-1]], dtype=torch.long, device=self.device)
             self._roots[g] = (prompts[g], _Rows(one, last, {}, [n]))
 
-    def _decode(self, cache: RowCache, pending: torch.Tensor, max_new: torch.Tensor):
+    def _decode(self, cache: RowCache, pending: torch.Tensor, max_new: torch.Tensor,
+                stops: Optional[Sequence[tuple[str, ...]]] = None):
         cfg = self.cfg
+        # Rows with stop strings: their last tokens are decoded on the host each step (the sampler cuts exactly).
+        watch = {row: [] for row, s in enumerate(stops or ()) if s}
+        window = 2 + max((len(x) for row in watch for x in stops[row]), default=0)  # type: ignore[index]
         rows, steps = cache.rows, int(max_new.max())
         toks = torch.zeros(rows, steps, dtype=torch.long, device=self.device)
         lps = torch.zeros(rows, steps, device=self.device)
@@ -309,6 +314,10 @@ class TransformersEngine:
             is_eos = torch.isin(tok, self._eos) if not cfg.ignore_eos else torch.zeros_like(live)
             hit_eos[target] |= is_eos[live]
             stopped[alive] |= live & (is_eos | (counts[alive] >= max_new[alive]))
+            if watch:
+                hits = self._stop_hits(tok, live, alive, stops, watch, window)  # type: ignore[arg-type]
+                if hits:
+                    stopped[torch.tensor(hits, device=self.device)] = True
             pending = tok
             if (step + 1) % self._check_every and step + 1 < steps:
                 continue
@@ -322,6 +331,21 @@ class TransformersEngine:
         full = (counts[alive] == ran).nonzero().squeeze(-1)
         live_rows = (cache.select(full), pending[full], alive[full]) if len(full) < len(alive) else (cache, pending, alive)
         return toks, lps, ents, counts, hit_eos, live_rows
+
+    def _stop_hits(self, tok: torch.Tensor, live: torch.Tensor, alive: torch.Tensor,
+                   stops: Sequence[tuple[str, ...]], watch: dict[int, list[int]], window: int) -> list[int]:
+        """Rows (original indices) whose text now holds one of their stop strings."""
+        hits = []
+        for t, ok, row in zip(tok.tolist(), live.tolist(), alive.tolist()):
+            tail = watch.get(row)
+            if tail is None or not ok:
+                continue
+            tail.append(t)
+            del tail[:-window]
+            text = self.tokenizer.decode(tail, skip_special_tokens=True)
+            if any(s in text for s in stops[row]):
+                hits.append(row)
+        return hits
 
 
 def _runs(parts: list[tuple[_Rows, int]]) -> list[tuple[RowCache, torch.Tensor]]:
