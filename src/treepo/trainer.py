@@ -73,6 +73,20 @@ def check_configs(engine: EngineConfig, sampler: SamplerConfig, reward: RewardCo
                     "distribution, as the policy's are, so the ratio is still consistent.")
 
 
+def check_sharding(accelerator) -> None:
+    """Each rank's embedded engine generates with the full policy weights, so the weights must not
+    be sharded: DDP and DeepSpeed ZeRO-1/2 keep a full copy per rank; FSDP and ZeRO-3 do not."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    stage = getattr(plugin, "zero_stage", 0) if plugin is not None else 0
+    if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and stage == 3):
+        what = "FSDP" if kind == DistributedType.FSDP else "DeepSpeed ZeRO-3"
+        raise ConfigError(f"{what} shards the weights, but each rank's rollout engine needs all of them: launch with "
+                          "DDP (`accelerate launch --multi_gpu`) or DeepSpeed ZeRO stage 1 or 2.")
+
+
 def overlong_penalty(length: int, budget: int, buffer: int, factor: float) -> float:
     """DAPO's soft overlong penalty: 0 up to budget - buffer tokens, then falling linearly to
     -factor at the budget (and beyond)."""
@@ -171,6 +185,7 @@ class Trainer:
         self.accelerator = Accelerator(cpu=model.device.type == "cpu",
                                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        check_sharding(self.accelerator)
         if not self.accelerator.is_main_process:
             self.console = Console(stderr=True, quiet=True)  # one progress bar and one log, from rank 0
         self.reference = None
