@@ -167,7 +167,8 @@ class TransformersEngine:
         rank: dict[int, int] = {}
         for src, _ in sources:
             rank.setdefault(id(src), len(rank))
-        order = sorted(range(len(requests)), key=lambda i: (rank[id(sources[i][0])], sources[i][1]))
+        keys = [(rank[id(src)], row) for src, row in sources]
+        order = sorted(range(len(requests)), key=keys.__getitem__)
         parts = [sources[i] for i in order]
         m = [requests[i].max_new_tokens for i in order]
         cap = max(src.lengths[row] + k for (src, row), k in zip(parts, m)) + 1
