@@ -81,7 +81,8 @@ def test_tree_rollout_through_llama_cpp_server(server, embedded):
             ref = ref.gather(-1, torch.tensor(traj.token_ids)[:, None]).squeeze(-1)
             diffs += (torch.tensor(traj.logprobs) - ref).abs().tolist()
     diffs.sort()
-    print(f"sampled tokens: |server - embedded| log-prob median {diffs[len(diffs) // 2]:.4f}, max {diffs[-1]:.3f}")
+    print(f"sampled tokens: |server - embedded| log-prob median {diffs[len(diffs) // 2]:.4f}, max {diffs[-1]:.3f}; "
+          f"retokenized contexts {report['retokenized_contexts']}")
     assert diffs[len(diffs) // 2] < 0.08 and diffs[-1] < 1.0  # wrong ids would be off by nats
     eng.close()
 

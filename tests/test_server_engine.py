@@ -264,3 +264,10 @@ def test_threads_end_with_close(server):
     TreeSampler(SamplerConfig(**SHAPE), eng).rollout(tiny.prompts()[:1])
     eng.close()
     assert threading.active_count() <= before
+
+
+def test_local_weights_are_not_loaded_for_a_server_config():
+    from treepo.models import load_model
+
+    with pytest.raises(ConfigError, match="local weights are loaded only for the embedded engine"):
+        load_model(EngineConfig(engine="server", server_url=["http://127.0.0.1:9"]))

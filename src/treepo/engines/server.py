@@ -149,7 +149,7 @@ class ServerEngine:
 
     def _complete(self, r: SegmentRequest, body: dict) -> SegmentOutput:
         try:
-            out = self.pool.post("/v1/completions", body, lambda answer: self._parse(answer, r, body))
+            out = self.pool.post("/v1/completions", body, lambda answer: self._parse(answer, r))
         except HTTPRefused as e:
             raise ServerError(f"{e}. The server refused a completion request; check --server-model and that "
                               f"prompt + response fit its context.") from None
@@ -157,7 +157,7 @@ class ServerEngine:
             self.stats.decode_tokens += len(out.token_ids)
         return out
 
-    def _parse(self, answer: dict, r: SegmentRequest, body: dict) -> tuple[SegmentOutput, Usage]:
+    def _parse(self, answer: dict, r: SegmentRequest) -> tuple[SegmentOutput, Usage]:
         try:
             choice = answer["choices"][0]
             finish = choice["finish_reason"]
@@ -231,7 +231,7 @@ class ServerEngine:
         for server in self.pool.servers:  # one tiny completion each: the endpoint exists and answers with ids
             probe = SegmentRequest(0, (0,), (tuple(self._probe_ids()),), 2)
             try:
-                self.pool.post("/v1/completions", self._body(probe), lambda a: self._parse(a, probe, {}),
+                self.pool.post("/v1/completions", self._body(probe), lambda a: self._parse(a, probe),
                                server=server)
             except HTTPRefused as e:
                 raise InputError(f"server_url={server.url!r} does not answer completions for model "
