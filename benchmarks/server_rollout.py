@@ -63,13 +63,14 @@ def rollout(engine, recorder, prompts, mode: str, width: int, segment: int, seed
     cfg = SamplerConfig(mode=mode, width=width, depth=4, segment_len=segment, branching=2, seed=seed,
                         answer_policy="none", rep_count=0)
     engine.pool.reset_stats()
-    start = len(recorder.sent)
+    start, retokenized = len(recorder.sent), engine.retokenized_contexts
     summary = summarize([TreeSampler(cfg, engine).rollout(prompts)], cfg)
     server = engine.pool.report()[0]
     summary.update(requests=server["requests"], server_prompt_tokens=server["prompt_tokens"],
                    server_completion_tokens=server["completion_tokens"],
                    cached_prompt_tokens=server["cached_prompt_tokens"],
-                   estimated_reused_prompt_tokens=recorder.reused_prefix_tokens(start))
+                   estimated_reused_prompt_tokens=recorder.reused_prefix_tokens(start),
+                   retokenized_contexts=engine.retokenized_contexts - retokenized)
     return summary
 
 
