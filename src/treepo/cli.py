@@ -113,8 +113,8 @@ def _yaml_argv(path: str, fields: dict, command: str, parser) -> list[str]:
                 raise ConfigError(f"config={path!r}: {name} is empty; give it a value or drop the key.")
             parser.set_defaults(**{name: None})
             continue
-        if name == "stop_strings" and isinstance(value, list):  # a list field: one flag, several values
-            argv += [f"--{name}", *map(str, value)]
+        if isinstance(value, list) and str(fields[name].type).startswith("list["):
+            argv += [f"--{name}", *(str(v) for v in value)]  # a list field (server_url, stop_strings): several values
             continue
         if isinstance(value, (dict, list)):
             if name not in ("task_args", "env_args"):
@@ -144,6 +144,9 @@ def _train(argv: Sequence[str], console: Console) -> int:
     from .trainer import run_train
 
     configs = parse_configs((EngineConfig, SamplerConfig, RewardConfig, TrainConfig), argv, "treepo train")
+    if configs[0].engine != "transformers":
+        raise ConfigError("engine='server' cannot train: treepo train samples from the live policy weights with the "
+                          "embedded engine; drop --engine server (use it with treepo rollout and treepo eval).")
     run_train(*configs, console=console)
     return 0
 

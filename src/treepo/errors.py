@@ -14,3 +14,7 @@ class ConfigError(TreepoError):
 
 class InputError(TreepoError):
     """A model path, prompts file, dataset row or prompt that cannot be used."""
+
+
+class ServerError(TreepoError):
+    """A generation server that cannot be reached, is too slow, or answers with something unusable."""

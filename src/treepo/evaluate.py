@@ -147,6 +147,10 @@ def run_eval(
     prompts = eval_prompts(eval_cfg, sampler_cfg.seed)
     answer_predicate(sampler_cfg)
     load_env(sampler_cfg.env, sampler_cfg.env_args)  # a bad environment fails before the model loads
+    if engine_cfg.engine == "server":
+        from .engines.server import check_sampler_config
+
+        check_sampler_config(sampler_cfg)
     if engine is None:
         from .models import load_engine
 
@@ -160,6 +164,8 @@ def run_eval(
                                  k=eval_cfg.k, batch_size=eval_cfg.prompt_batch_size,
                                  on_batch=lambda n: progress.advance(task, n))
     summary["model"] = engine_cfg.model
+    if hasattr(engine, "server_report"):
+        summary["servers"] = engine.server_report()
     summary["config"] = {"engine": asdict(engine_cfg), "sampler": asdict(sampler_cfg),
                          "reward": asdict(reward_cfg), "eval": asdict(eval_cfg)}
     with io.staged_dir(out) as stage:

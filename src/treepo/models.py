@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .config import EngineConfig
-from .errors import InputError
+from .errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,9 @@ def load_model(cfg: EngineConfig):
     """(model, tokenizer) for the config, on its device and dtype, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if cfg.engine != "transformers":
+        raise ConfigError(f"engine={cfg.engine!r} generates on a server: local weights are loaded only for the "
+                          "embedded engine (treepo train needs it); use --engine transformers.")
     folder = resolve_model_dir(cfg.model)
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg, device)
@@ -139,8 +142,27 @@ def load_model(cfg: EngineConfig):
     return model.to(device).eval(), tokenizer
 
 
+def load_tokenizer(cfg: EngineConfig):
+    """(tokenizer, context length) of the configured model, without its weights (for the server engine)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .engines.transformers_engine import context_length
+
+    folder = resolve_model_dir(cfg.model)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True), context_length(
+            AutoConfig.from_pretrained(folder, local_files_only=True))
+    except (OSError, ValueError) as e:
+        raise InputError(f"model={cfg.model!r}: cannot load the tokenizer from {folder}: {e}") from e
+
+
 def load_engine(cfg: EngineConfig, seed: int = 0):
-    """The embedded `TransformersEngine` for an engine config."""
+    """The engine for a config: the embedded `TransformersEngine`, or a `ServerEngine` (engine='server')."""
+    if cfg.engine == "server":
+        from .engines.server import ServerEngine
+
+        tokenizer, context = load_tokenizer(cfg)
+        return ServerEngine(cfg, tokenizer, seed=seed, max_context=context)
     from .engines.transformers_engine import TransformersEngine
 
     model, tokenizer = load_model(cfg)

@@ -55,6 +55,10 @@ def run_rollout(
     predicate = answer_predicate(sampler_cfg)  # imports a custom predicate now, before model work
     env = load_env(sampler_cfg.env, sampler_cfg.env_args)  # and the environment
     prompts = load_prompts(rollout_cfg, sampler_cfg.seed)
+    if engine_cfg.engine == "server":
+        from .engines.server import check_sampler_config
+
+        check_sampler_config(sampler_cfg)
     if engine is None:
         from .models import load_engine
 
@@ -91,9 +95,14 @@ def run_rollout(
             tree.metadata = {k: v for k, v in p.metadata.items() if k in ("task", "index")}
     summary = summarize(results, sampler_cfg)
     summary["model"] = engine_cfg.model
+    server_report = getattr(engine, "server_report", None)
+    if server_report is not None:  # the server engine: per-server requests, tokens, cache hits, retries
+        summary["servers"] = server_report()
     summary["config"] = {"engine": asdict(engine_cfg), "sampler": asdict(sampler_cfg), "rollout": asdict(rollout_cfg)}
     write_outputs(out, results, summary, engine)
     console.print(summary_table(summary))
+    if "servers" in summary:
+        console.print(servers_table(summary["servers"]))
     console.print(f"wrote {rollout_cfg.out}/rollouts.jsonl, trees.jsonl, summary.json")
     return summary
 
@@ -149,4 +158,17 @@ def summary_table(summary: dict) -> Table:
     ]
     for name, value in rows:
         table.add_row(name, str(value))
+    return table
+
+
+def servers_table(report: dict) -> Table:
+    """Per-server accounting of the server engine (`ServerEngine.server_report`)."""
+    table = Table(title=f"servers ({report['dialect']} prompts, model {report['model']}, {report['routing']})")
+    for name in ("server", "requests", "prompt tokens", "cached prompt tokens", "completion tokens", "retries",
+                 "failures", "busy s"):
+        table.add_column(name, justify="left" if name == "server" else "right")
+    for s in report["servers"]:
+        cached = "not reported" if s["cached_prompt_tokens"] is None else str(s["cached_prompt_tokens"])
+        table.add_row(s["url"], str(s["requests"]), str(s["prompt_tokens"]), cached, str(s["completion_tokens"]),
+                      str(s["retries"]), str(s["failures"]), f"{s['busy_seconds']:.1f}")
     return table

@@ -1,4 +1,5 @@
-"""Generators behind one protocol (`base.Engine`): the embedded transformers engine for now."""
+"""Generators behind one protocol (`base.Engine`): the embedded transformers engine, and the server engine
+(`server.ServerEngine`) for OpenAI-compatible completions servers."""
 
 from .base import Engine, EngineStats, SegmentOutput, SegmentRequest
 

@@ -1,0 +1,308 @@
+"""The server engine: the engine protocol over OpenAI-compatible completions servers.
+
+    treepo rollout --engine server --server-url http://127.0.0.1:8000 [http://... ...] --model smollm2
+
+Each `SegmentRequest` becomes one POST /v1/completions with `max_tokens` = the segment length and
+a per-node seed, sent through a bounded thread pool (`server_concurrency`) to the servers of a
+`ServerPool` (routing, retries with backoff, per-server accounting). `generate` returns every
+request's segment exactly once, in request order, or raises: a round is never half delivered.
+The engine keeps no KV cache; sharing a tree's prefixes is the server's prefix cache's job, which
+is why the context always goes out as the same token ids (never re-tokenised text) where the
+server accepts ids.
+
+Two dialects, found at start-up:
+
+- `token_ids` (vLLM, SGLang): the prompt is the context's token ids; the sampled ids come back in
+  `choices[0].token_ids` (`return_token_ids`), or as `token_id:N` strings in the log-probs
+  (vLLM's `return_tokens_as_token_ids`); log-probs in `logprobs.token_logprobs`; cached prompt
+  tokens in `usage.prompt_tokens_details.cached_tokens` (vLLM `--enable-prompt-tokens-details`,
+  SGLang `--enable-cache-report`).
+- `text` (llama-cpp-python's `llama_cpp.server`, which takes only text prompts and returns no ids):
+  the context is sent as its text, and every request checks locally that this text tokenises back
+  to exactly the context's ids (a mismatch, possible after an unusual sampled token split, is
+  counted in `retokenized_contexts` and warned about once); the sampled ids are read from the
+  per-token strings of `logprobs.tokens` (each maps to one vocabulary entry), falling back to
+  tokenising the completion text when a string is ambiguous, and refusing when neither works.
+  The EOS token is not returned by this server: a segment that stopped at EOS ends before it.
+
+Log-probs are the sampled tokens' as the server reports them: llama-cpp-python and vLLM (default
+`--logprobs-mode raw_logprobs`) report log_softmax(logits) before temperature, SGLang after it;
+all equal the embedded engine's at temperature 1 and for greedy decoding. No server reports the
+sampling entropy: `entropies` are NaN (so `--divergence-policy entropy` is refused).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Optional, Sequence
+
+from ..config import EngineConfig
+from ..errors import ConfigError, InputError, ServerError
+from .base import EngineStats, SegmentOutput, SegmentRequest
+from .server_pool import HTTPRefused, ServerPool, Unusable, Usage
+
+log = logging.getLogger(__name__)
+
+PROBE_TEXT = "Tokenizer check: 12 + 7 = 19, naïve café ☃ \\boxed{x}\n  indented\tline"
+LOGPROB_SLACK = 1e-3  # a log-prob above this is garbage, not rounding
+
+
+def check_sampler_config(sampler_cfg) -> None:
+    """Sampler settings a server cannot serve, refused before any work."""
+    if sampler_cfg.divergence_policy == "entropy":
+        raise ConfigError("divergence_policy='entropy' needs sampling entropies, which completions servers do not "
+                          "report: use fixed_avg, low_prob or high_prob with --engine server.")
+
+
+class ServerEngine:
+    """`Engine` on one or more completions servers. See `treepo.models.load_engine`."""
+
+    def __init__(self, cfg: EngineConfig, tokenizer, *, seed: int = 0, max_context: int = 2048,
+                 backoff: float = 0.5):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.stats = EngineStats()
+        self.vocab_size = len(tokenizer)
+        self.eos_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        self.pool = ServerPool(cfg.server_url, timeout=cfg.server_timeout, retries=cfg.server_retries,
+                               routing=cfg.server_routing, concurrency=cfg.server_concurrency, backoff=backoff)
+        self.reseed(seed)
+        self.retokenized_contexts = 0
+        self._lock = threading.Lock()  # engine stats, and the tokenizer (not safe across threads)
+        self._strings: Optional[dict[str, int]] = None  # text dialect: token string -> id (-1 = ambiguous)
+        self.model_name, self.dialect, served_context = self._check_servers()
+        self.max_context = min(max_context, served_context or max_context)
+        self._executor = ThreadPoolExecutor(cfg.server_concurrency, thread_name_prefix="treepo-server")
+
+    # -- protocol ---------------------------------------------------------------------------
+    def reseed(self, seed: int) -> None:
+        self.seed = seed
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def release(self, group: int) -> None:
+        pass  # nothing cached here: the server's prefix cache evicts on its own
+
+    def generate(self, requests: Sequence[SegmentRequest]) -> list[SegmentOutput]:
+        if not requests:
+            return []
+        self.stats.generate_calls += 1
+        bodies = [self._body(r) for r in requests]  # built here: the tokenizer stays on this thread
+        futures = [self._executor.submit(self._complete, r, b) for r, b in zip(requests, bodies)]
+        outputs: list[SegmentOutput] = []
+        for future in futures:
+            try:
+                outputs.append(future.result())
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                wait(futures)  # no request still running when the error reaches the caller
+                raise
+        return outputs
+
+    # -- accounting -------------------------------------------------------------------------
+    def server_report(self) -> dict:
+        """Per-server accounting and what the numbers mean, for the rollout summary."""
+        return {
+            "dialect": self.dialect,
+            "model": self.model_name,
+            "routing": self.cfg.server_routing,
+            "concurrency": self.cfg.server_concurrency,
+            "servers": self.pool.report(),
+            "retokenized_contexts": self.retokenized_contexts,
+        }
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.pool.close()
+
+    # -- one request ------------------------------------------------------------------------
+    def _seed(self, r: SegmentRequest) -> int:
+        """A seed per node, so a node's tokens depend on neither the order of the answers nor retries."""
+        return zlib.crc32(repr((self.seed, r.group, r.node_id)).encode()) & 0x7FFFFFFF
+
+    def _body(self, r: SegmentRequest, max_tokens: Optional[int] = None) -> dict:
+        cfg, m = self.cfg, max_tokens or r.max_new_tokens
+        ids = r.context_ids()
+        body = {"model": self.model_name, "max_tokens": m, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                "min_p": 0.0, "seed": self._seed(r), "stream": False}
+        if self.dialect == "text":
+            text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            if self.tokenizer(text, add_special_tokens=False)["input_ids"] != ids:
+                self.retokenized_contexts += 1
+                if self.retokenized_contexts == 1:
+                    log.warning("the server takes text prompts, and a context's text tokenises to other ids than "
+                                "the tree's (counted in retokenized_contexts); a server that takes token ids "
+                                "(vLLM, SGLang) never does this")
+            body.update(prompt=text, top_k=cfg.top_k, repeat_penalty=1.0, logprobs=0)
+            if cfg.ignore_eos:
+                body["min_tokens"] = m  # llama-cpp-python has no ignore_eos: EOS is masked until max_tokens
+        else:
+            body.update(prompt=ids, top_k=cfg.top_k or -1, repetition_penalty=1.0, logprobs=1,
+                        return_token_ids=True, return_tokens_as_token_ids=True, ignore_eos=cfg.ignore_eos)
+        return body
+
+    def _complete(self, r: SegmentRequest, body: dict) -> SegmentOutput:
+        try:
+            out = self.pool.post("/v1/completions", body, lambda answer: self._parse(answer, r))
+        except HTTPRefused as e:
+            raise ServerError(f"{e}. The server refused a completion request; check --server-model and that "
+                              f"prompt + response fit its context.") from None
+        with self._lock:
+            self.stats.decode_tokens += len(out.token_ids)
+        return out
+
+    def _parse(self, answer: dict, r: SegmentRequest) -> tuple[SegmentOutput, Usage]:
+        try:
+            choice = answer["choices"][0]
+            finish = choice["finish_reason"]
+            lp = choice.get("logprobs") or {}
+            logprobs = [float(x) for x in lp["token_logprobs"]]
+            if self.dialect == "text":
+                ids = self._ids_from_strings(lp["tokens"], choice["text"])
+            elif choice.get("token_ids") is not None:
+                ids = [int(t) for t in choice["token_ids"]]
+            else:
+                ids = [int(str(t).removeprefix("token_id:")) for t in lp["tokens"]]
+            usage = answer.get("usage") or {}
+            prompt_tokens = int(usage.get("prompt_tokens", len(r.context_ids())))
+            details = usage.get("prompt_tokens_details") or {}
+            cached = details.get("cached_tokens")
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise Unusable(f"no completion with token ids and log-probs ({type(e).__name__}: {e})") from None
+        if len(ids) != len(logprobs):
+            raise Unusable(f"{len(ids)} token ids but {len(logprobs)} log-probs")
+        if not all(0 <= t < self.vocab_size for t in ids):
+            raise Unusable(f"token id outside the local vocabulary of {self.vocab_size}")
+        if not all(x <= LOGPROB_SLACK and not math.isnan(x) for x in logprobs):
+            raise Unusable("log-probs that are not log-probabilities")
+        if finish not in ("stop", "length"):
+            raise Unusable(f"finish_reason={finish!r}")
+        hit_eos = finish == "stop" and not self.cfg.ignore_eos  # no stop strings are sent: 'stop' means EOS
+        out = SegmentOutput(ids, logprobs, [math.nan] * len(ids), hit_eos)
+        with self._lock:
+            self.stats.prefill_tokens += prompt_tokens - int(cached or 0)
+        return out, Usage(prompt_tokens, len(ids), None if cached is None else int(cached))
+
+    def _ids_from_strings(self, strings: list, text: str) -> list[int]:
+        """Text dialect: the sampled ids from the per-token strings (see the module docstring)."""
+        table = self._strings
+        ids = [table.get(s, -1) if isinstance(s, str) else -1 for s in strings]
+        if all(i >= 0 for i in ids):
+            return ids
+        with self._lock:
+            canonical = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(canonical) == len(ids) and all(a < 0 or a == b for a, b in zip(ids, canonical)):
+            return canonical
+        raise Unusable("the per-token strings do not name one token each, and the text tokenises to other "
+                       "tokens; this server cannot report these ids (a vLLM or SGLang server can)")
+
+    # -- start-up checks --------------------------------------------------------------------
+    def _check_servers(self) -> tuple[str, str, Optional[int]]:
+        """(model name, dialect, context the servers allow) after checking every server; errors before any rollout."""
+        names, dialects, contexts = set(), set(), []
+        for server in self.pool.servers:
+            try:
+                listing = self.pool.get(server, "/v1/models")
+                served = [m["id"] for m in listing["data"]]
+            except (HTTPRefused, KeyError, TypeError, Unusable) as e:
+                raise InputError(f"server_url={server.url!r} is not an OpenAI-compatible server: GET /v1/models "
+                                 f"gave {e}. Pass the server's base URL, e.g. http://127.0.0.1:8000.") from None
+            name = self._choose_model(server.url, served)
+            contexts += [m["max_model_len"] for m in listing["data"] if m["id"] == name and m.get("max_model_len")]
+            names.add(name)
+            dialect, server_ids = self._tokenize_probe(server, name)
+            self._check_tokenizer(server.url, name, server_ids)
+            dialects.add(dialect)
+        if len(names) > 1 or len(dialects) > 1:
+            raise InputError(f"the servers differ (models {sorted(names)}, kinds {sorted(dialects)}): "
+                             "give servers that run the same model.")
+        self.model_name, self.dialect = names.pop(), dialects.pop()
+        if self.dialect == "text":
+            self._strings = self._string_table()
+            if self.cfg.temperature not in (0.0, 1.0):
+                log.warning("llama-cpp-python reports log-probs before temperature: at temperature %s they are "
+                            "not the sampling distribution's", self.cfg.temperature)
+        for server in self.pool.servers:  # one tiny completion each: the endpoint exists and answers with ids
+            probe = SegmentRequest(0, (0,), (tuple(self._probe_ids()),), 2)
+            try:
+                self.pool.post("/v1/completions", self._body(probe), lambda a: self._parse(a, probe),
+                               server=server)
+            except HTTPRefused as e:
+                raise InputError(f"server_url={server.url!r} does not answer completions for model "
+                                 f"{self.model_name!r}: {e}") from None
+        self.pool.reset_stats()  # the start-up probes are not rollout work
+        self.stats = EngineStats()
+        self.retokenized_contexts = 0
+        return self.model_name, self.dialect, min(contexts) if contexts else None
+
+    def _choose_model(self, url: str, served: list[str]) -> str:
+        wanted = self.cfg.server_model
+        if wanted:
+            if wanted not in served:
+                raise InputError(f"server {url} does not serve server_model={wanted!r}; it serves {served}: "
+                                 f"pass one of those to --server-model.")
+            return wanted
+        if len(served) != 1:
+            raise InputError(f"server {url} serves {len(served)} models {served}: choose one with --server-model.")
+        return served[0]
+
+    def _probe_ids(self) -> list[int]:
+        return self.tokenizer(self._probe_text(), add_special_tokens=False)["input_ids"]
+
+    def _probe_text(self) -> str:
+        if getattr(self.tokenizer, "chat_template", None):  # special tokens too, as real prompts have them
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": PROBE_TEXT}], tokenize=False,
+                                                      add_generation_prompt=True)
+        return PROBE_TEXT
+
+    def _tokenize_probe(self, server, name: str) -> tuple[str, Optional[list[int]]]:
+        """('text' | 'token_ids', the server's ids for the probe or None when it has no tokenize endpoint)."""
+        text = self._probe_text()
+        for path, body, dialect in (("/extras/tokenize", {"input": text}, "text"),  # llama-cpp-python
+                                    ("/tokenize", {"model": name, "prompt": text, "add_special_tokens": False},
+                                     "token_ids")):  # vLLM, SGLang
+            try:
+                return dialect, self.pool.post(path, body, _token_list, server=server)
+            except (HTTPRefused, ServerError):
+                continue
+        log.warning("server %s has no tokenize endpoint: its tokenizer cannot be compared with the local one",
+                    server.url)
+        return "token_ids", None
+
+    def _check_tokenizer(self, url: str, name: str, server_ids: Optional[list[int]]) -> None:
+        if server_ids is None:
+            return
+        local = self._probe_ids()
+        bos = self.tokenizer.bos_token_id
+        if server_ids[:1] == [bos] and local[:1] != [bos]:
+            server_ids = server_ids[1:]  # a server that adds BOS when tokenising
+        if server_ids != local:
+            at = next((i for i, (a, b) in enumerate(zip(server_ids, local)) if a != b), min(len(server_ids), len(local)))
+            raise InputError(
+                f"server {url} ({name}) tokenises differently from the local tokenizer of model="
+                f"{self.cfg.model!r} (first difference at token {at}: server {server_ids[at:at + 3]}, local "
+                f"{local[at:at + 3]}): pass --model the model (or tokenizer folder) that the server runs."
+            )
+
+    def _string_table(self) -> dict[str, int]:
+        strings = self.tokenizer.batch_decode([[i] for i in range(self.vocab_size)], skip_special_tokens=False,
+                                              clean_up_tokenization_spaces=False)
+        table: dict[str, int] = {}
+        for i, s in enumerate(strings):
+            if s and "\ufffd" not in s:
+                table[s] = -1 if s in table else i
+        return table
+
+
+def _token_list(answer: dict) -> tuple[list[int], Usage]:
+    """A tokenize endpoint's answer: {"tokens": [ids]}."""
+    tokens = answer.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+        raise Unusable("no 'tokens' list of ids")
+    return tokens, Usage(0, 0)
