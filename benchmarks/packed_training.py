@@ -149,7 +149,7 @@ def plot(result: dict, path: Path) -> None:
     ax2.bar(["flat", "packed"], [result["peak_memory_mb_flat"], result["peak_memory_mb_packed"]],
             color=["#999999", "#2a7ab9"])
     ax2.set_ylabel("peak memory of one pass (MB)")
-    ax2.set_title(f"Largest w={widths[-1]} tree")
+    ax2.set_title(f"Largest w={result.get('memory_tree_width', 16)} tree (forward + backward)")
     fig.tight_layout()
     with io.atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=120)
@@ -216,7 +216,7 @@ def main() -> int:
         result[f"speedup_w{w}"] = round(statistics.median(ratios), 3)
         result[f"token_ratio_w{w}"] = round(packed_tok / flat_tok, 4)
     result["max_logprob_diff"] = max_diff
-    result.update(measure_memory(largest[0], args.device))
+    result.update(measure_memory(largest[0], args.device), memory_tree_width=16)
     out = Path(args.out)
     io.write_json(out / "packed_training.json", result)
     plot(result, out / "packed_training.png")
