@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from treepo import io
+from treepo.plots import save_png
 from treepo.config import EngineConfig, SamplerConfig
 from treepo.loss import ppo_loss
 from treepo.models import load_engine, load_model
@@ -150,10 +151,7 @@ def plot(result: dict, path: Path) -> None:
             color=["#999999", "#2a7ab9"])
     ax2.set_ylabel("peak memory of one pass (MB)")
     ax2.set_title(f"Largest w={result.get('memory_tree_width', 16)} tree (forward + backward)")
-    fig.tight_layout()
-    with io.atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main() -> int:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from treepo import io
+from treepo.plots import save_png
 from treepo.accounting import summarize
 from treepo.config import EngineConfig, SamplerConfig
 from treepo.engines.base import SegmentRequest
@@ -92,10 +93,7 @@ def plot(result: dict, path: Path) -> None:
             color=["#999999", "#2a7ab9"])
     ax2.set_ylabel("new tokens / s (batch 16, 128 tokens)")
     ax2.set_title(f"Engine vs generate: {result['engine_vs_generate']:.2f}x")
-    fig.tight_layout()
-    with io.atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main() -> int:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from treepo import io
+from treepo.plots import save_png
 from treepo.accounting import summarize
 from treepo.config import EngineConfig, SamplerConfig
 from treepo.engines.local_server import LocalLlamaServer
@@ -97,10 +98,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title("Tree vs independent through llama_cpp.server (SmolLM2 Q4_1)")
     ax.set_ylim(0, max(ind_s) * 1.3)
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    with io.atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main() -> int:

@@ -39,10 +39,7 @@ def _launch(processes: int, script_args: list[str], timeout: int = 300) -> subpr
 
 @pytest.fixture
 def prompts(tmp_path) -> Path:
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)}) + "\n"
-                            for i in range(8)))
-    return path
+    return tiny.write_prompts(tmp_path / "prompts.jsonl", 8)
 
 
 @pytest.mark.parametrize("packing", [1, 0])

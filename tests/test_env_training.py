@@ -24,10 +24,7 @@ TURNS = dict(segment_mode="turn", max_turn_tokens=10, stop_strings=["e"], env="t
 
 @pytest.fixture
 def prompts(tmp_path) -> Path:
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)}) + "\n"
-                            for i in range(8)))
-    return path
+    return tiny.write_prompts(tmp_path / "prompts.jsonl", 8)
 
 
 def _cfgs(prompts: Path, out: Path, **train):

@@ -24,10 +24,7 @@ ROW_KEYS = {"step", "reward_mean", "accuracy", "loss", "clip_fraction", "entropy
 
 @pytest.fixture
 def prompts(tmp_path) -> Path:
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)}) + "\n"
-                            for i in range(12)))
-    return path
+    return tiny.write_prompts(tmp_path / "prompts.jsonl", 12)
 
 
 def _cfgs(prompts: Path, out: Path, reward="toy_rewards:letter_share", **train):

@@ -73,3 +73,12 @@ def model(kind: str = "llama", seed: int = 0, **overrides):
 def prompts(texts=("What is 12 plus 7?", "Count the letters in banana, please", "fox")) -> list[list[int]]:
     tok = tokenizer()
     return [tok(t)["input_ids"] for t in texts]
+
+
+def write_prompts(path, n: int):
+    """A JSONL file of n arithmetic prompts with answers ("What is i plus i?" -> 2i); returns the path."""
+    import json
+
+    path.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)}) + "\n"
+                            for i in range(n)))
+    return path

@@ -225,6 +225,18 @@ def plot_comparison(variants: dict[str, dict], path: Path) -> Path:
     return path
 
 
+def save_png(fig, path: Path, dpi: int = 120) -> Path:
+    """Lay out a pyplot figure, write it to `path` as PNG atomically, and close it (the benchmarks' pictures)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buffer = _bytes_io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    _write(Path(path), buffer.getvalue())
+    return Path(path)
+
+
 def _png_bytes(fig) -> bytes:
     buffer = _bytes_io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
