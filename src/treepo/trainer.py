@@ -244,7 +244,7 @@ class Trainer:
             failures = sum((part[3] for part in parts), Counter())
             dropped = sum(part[4] for part in parts)
         roll = summarize(results, self.sampler_cfg)
-        depths = [len(leaf) for r in results for t in r.trees for leaf in t.leaves]
+        depths = [len(t.model_path(leaf)[0]) for r in results for t in r.trees for leaf in t.leaves]  # model segments
         lengths = [len(t.response_ids(leaf)) for r in results for t in r.trees for leaf in t.leaves]
         ents = [e for r in results for t in r.trees for n in t.nodes.values() if not n.env for e in n.entropies]
         row = {
