@@ -22,10 +22,7 @@ SUMMARY_FIELDS = {"prompts", "trajectories", "leaf_tokens", "decoded_tokens", "p
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny.model().save_pretrained(path)
-    tiny.tokenizer().save_pretrained(path)
-    return path
+    return tiny.save_model_dir(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture()

@@ -80,9 +80,7 @@ def test_a_rank_without_groups_still_joins_the_update(prompts, tmp_path):
 
 def test_treepo_train_under_accelerate_launch(tmp_path, prompts):
     """The real command with real rollouts on 2 ranks: prompts sharded, one metrics file, the model written."""
-    model_dir = tmp_path / "tiny-model"
-    tiny.model("llama").save_pretrained(model_dir)
-    tiny.tokenizer().save_pretrained(model_dir)
+    model_dir = tiny.save_model_dir(tmp_path / "tiny-model")
     out = tmp_path / "run"
     res = _launch(2, ["-m", "treepo.cli", "train", "--model", str(model_dir), "--prompts", str(prompts),
                       "--reward", "toy_rewards:letter_share", "--num_prompts", "8", "--steps", "2",

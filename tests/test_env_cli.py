@@ -17,18 +17,12 @@ TURN_FLAGS = ["--segment_mode", "turn", "--max_turn_tokens", "10", "--stop_strin
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny.model().save_pretrained(path)
-    tiny.tokenizer().save_pretrained(path)
-    return path
+    return tiny.save_model_dir(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture()
 def prompts_file(tmp_path) -> Path:
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)}) + "\n"
-                            for i in range(3)))
-    return path
+    return tiny.write_prompts(tmp_path / "prompts.jsonl", 3)
 
 
 def test_rollout_with_an_env_then_show_marks_env_turns(model_dir, prompts_file, tmp_path, capsys):

@@ -205,10 +205,7 @@ def test_engine_config_checks(cfg, message):
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny.model().save_pretrained(path)
-    tiny.tokenizer().save_pretrained(path)
-    return path
+    return tiny.save_model_dir(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture()

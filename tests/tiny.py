@@ -82,3 +82,10 @@ def write_prompts(path, n: int):
     path.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)}) + "\n"
                             for i in range(n)))
     return path
+
+
+def save_model_dir(path):
+    """A tiny random Llama and its tokenizer saved where `--model DIR` can load them; returns the path."""
+    model().save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    return path
