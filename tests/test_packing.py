@@ -222,3 +222,21 @@ def test_trainer_falls_back_to_flat_with_a_logged_reason(caplog, tmp_path):
                            model=model, optimizer=opt, scheduler=None)
     assert not upd.packed
     assert "packing is off for this run: attention implementation 'flash_attention_2'" in caplog.text
+
+
+def test_a_micro_batch_beyond_the_row_limit_runs_flat_and_is_counted(tmp_path):
+    from accelerate import Accelerator
+    from treepo.config import TrainConfig
+    from treepo.update import PolicyUpdate
+
+    model = tiny.model("llama")
+    upd = PolicyUpdate(TrainConfig(out=str(tmp_path), num_prompts=4), accelerator=Accelerator(cpu=True),
+                       model=model, optimizer=torch.optim.AdamW(model.parameters()), scheduler=None)
+    assert upd.packed
+    samples = _samples([hand_tree(0)])
+    packed, flat, counts = upd._prepare(samples)
+    assert packed is not None and counts["packing_fallbacks"] == 0 and counts["forward_tokens"] == 22
+    upd.pack_limit = 10  # the tree packs to 22 tokens
+    packed, flat, counts = upd._prepare(samples)
+    assert packed is None and counts["packing_fallbacks"] == 1 and counts["forward_tokens"] == counts["flat_tokens"]
+    assert flat.response_ids.shape[0] == len(samples)

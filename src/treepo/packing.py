@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 
 from .errors import InputError
-from .policy import Batch, Sample, collate
+from .policy import Batch, Sample, collate, token_distribution
 from .tree import PromptTree
 
 log = logging.getLogger(__name__)
@@ -192,9 +192,11 @@ def pack_samples(samples: Sequence[Sample], pad_id: int, dtype: torch.dtype = to
     for i, s in enumerate(samples):
         groups.setdefault(s.group, []).append(i)
     members: list[list[int]] = [[]]  # per row, its sample indices
+    alone: dict[int, PackedRow] = {}  # first sample index -> its group packed on its own
     used = 0
     for g, idx in groups.items():
-        n = len(_pack(samples, idx))
+        alone[idx[0]] = _pack(samples, idx)
+        n = len(alone[idx[0]])
         if max_tokens and n > max_tokens:
             name = samples[idx[0]].meta.get("prompt", g)
             raise PackingError(f"prompt {name}: its {len(idx)} trajectories pack to {n} unique tokens, beyond the "
@@ -205,7 +207,8 @@ def pack_samples(samples: Sequence[Sample], pad_id: int, dtype: torch.dtype = to
             used = 0
         members[-1] += idx
         used += n
-    rows = [_pack(samples, m) for m in members]
+    # A row of one group is that group's trie; a row of several packs their union (shared prefixes meet).
+    rows = [alone[m[0]] if len(m) == len(groups[samples[m[0]].group]) else _pack(samples, m) for m in members]
 
     B, N = len(rows), max(len(r) for r in rows)
     ids = torch.full((B, N), pad_id, dtype=torch.long)
@@ -250,19 +253,10 @@ def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0, with_en
         use_cache=False,
         logits_to_keep=batch.keep,
     )
-    logits = out.logits.float()  # [B, K, V]
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    lse = torch.logsumexp(logits, dim=-1)  # [B, K]
+    logits, lse, ent = token_distribution(out.logits, temperature, with_entropy)  # [B, K, V], [B, K], [B, K]
     rows = batch.row[:, None].expand_as(batch.pred)  # [S, R]
-    picked = logits[rows, batch.pred, batch.flat.response_ids]  # [S, R]
-    logp = picked - lse[rows, batch.pred]  # [S, R]
-    entropy = None
-    if with_entropy:
-        logsm = torch.log_softmax(logits, dim=-1)  # [B, K, V]
-        ent = -(logsm.exp() * logsm).sum(-1)  # [B, K]
-        entropy = ent[rows, batch.pred]  # [S, R]
-    return logp, entropy
+    logp = logits[rows, batch.pred, batch.flat.response_ids] - lse[rows, batch.pred]  # [S, R]
+    return logp, (ent[rows, batch.pred] if ent is not None else None)  # [S, R]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,13 +303,13 @@ def _probe(model) -> Optional[str]:
     samples = [Sample(prompt, r, [0.0] * len(r), [0.0] * len(r)) for r in responses]
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
+    batch = pack_samples(samples, 0, dtype).to(device)
     try:
-        flat, _ = response_logprobs(model, collate(samples, 0).to(device))
-        packed, _ = packed_logprobs(model, pack_samples(samples, 0, dtype).to(device))
+        flat, _ = response_logprobs(model, batch.flat)
+        packed, _ = packed_logprobs(model, batch)
     except Exception as exc:  # a model that rejects 4D masks, position ids or index logits_to_keep
         return f"a packed forward pass failed on this model ({type(exc).__name__}: {exc})"
-    mask = collate(samples, 0).response_mask.to(device)
-    diff = float((flat - packed).abs()[mask].max())
+    diff = float((flat - packed).abs()[batch.flat.response_mask].max())
     tol = 1e-3 if dtype == torch.float32 else 5e-2
     if not diff <= tol:
         return f"packed log-probs differ from flat ones by {diff:.2g} on a probe tree (the model ignores the tree mask?)"

@@ -97,14 +97,26 @@ def response_logprobs(
         use_cache=False,
         logits_to_keep=R + 1,
     )
-    logits = out.logits[:, -(R + 1) : -1, :].float()  # [B, R, V]: column t predicts response token t
+    logits = out.logits[:, -(R + 1) : -1, :]  # [B, R, V]: column t predicts response token t
+    logits, lse, entropy = token_distribution(logits, temperature, with_entropy)
+    picked = logits.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)  # [B, R]
+    return picked - lse, entropy
+
+
+def token_distribution(logits: torch.Tensor, temperature: float, with_entropy: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(float logits / T, their logsumexp, their entropy or None) over the last axis.
+
+    logits [..., V] -> [..., V], [...], [...]. Log-probs are the chosen logit minus the logsumexp
+    (no [..., V] log-softmax kept for the backward pass); the entropy needs the full
+    log-softmax, so it is built only when the entropy bonus asks for it.
+    """
+    logits = logits.float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
-    # log p = logit of the token - logsumexp: no [B, R, V] log-softmax kept for the backward pass
-    picked = logits.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)  # [B, R]
-    logp = picked - torch.logsumexp(logits, dim=-1)  # [B, R]
+    lse = torch.logsumexp(logits, dim=-1)
     entropy = None
     if with_entropy:
-        logsm = torch.log_softmax(logits, dim=-1)  # [B, R, V], only when the entropy bonus needs it
-        entropy = -(logsm.exp() * logsm).sum(-1)  # [B, R]
-    return logp, entropy
+        logsm = torch.log_softmax(logits, dim=-1)
+        entropy = -(logsm.exp() * logsm).sum(-1)
+    return logits, lse, entropy

@@ -25,7 +25,7 @@ import torch
 from .advantages import token_advantages, whiten
 from .config import TrainConfig
 from .loss import ppo_loss
-from .packing import PackingError, pack_samples, packed_logprobs, sliding_window, unsupported_reason
+from .packing import PackedBatch, PackingError, pack_samples, packed_logprobs, sliding_window, unsupported_reason
 from .policy import Batch, Sample, collate, response_logprobs
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,6 @@ class PolicyUpdate:
             if reason:
                 log.warning("packing is off for this run: %s; training runs flat (each trajectory its own row)", reason)
             self.packed = reason is None
-        self.packing_fallbacks = 0  # micro-batches that could not be packed and ran flat
         self.step = 0  # for log messages
 
     # -- the step -----------------------------------------------------------------------------
@@ -129,6 +128,7 @@ class PolicyUpdate:
             "packed": self.packed,
             "forward_tokens": int(totals["forward_tokens"] / epochs),  # tokens the model ran (packed: unique)
             "flat_tokens": int(totals["flat_tokens"] / epochs),  # what flat rows would have run
+            "packing_fallbacks": int(totals["packing_fallbacks"]),  # packed run's micro-batches that ran flat
         }
         if self.reference is not None:
             out["kl_ref"] = totals["kl"] / n
@@ -156,31 +156,36 @@ class PolicyUpdate:
             chunks[-1] += members
         return [c for c in chunks if c]
 
-    def _forward(self, model, chunk: Sequence[Sample], with_entropy: bool = False
-                 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Batch, Counter]:
-        """(log-probs [S, R], entropies [S, R] or None, the flat batch, token counts) of a micro-batch."""
+    def _prepare(self, chunk: Sequence[Sample]) -> tuple[Optional[PackedBatch], Batch, Counter]:
+        """(the packed batch or None to run flat, the flat batch, token counts) of a micro-batch.
+
+        Prepared once per micro-batch: the policy's and the reference's passes share it.
+        """
         device = self.policy.device
         if self.packed:
             try:
                 packed = pack_samples(chunk, self.pad_id, dtype=next(self.policy.parameters()).dtype,
-                                      max_tokens=self.pack_limit, window=self.window)
+                                      max_tokens=self.pack_limit, window=self.window).to(device)
             except PackingError as e:
-                self.packing_fallbacks += 1
                 log.warning("step %d: %s; this micro-batch runs flat", self.step + 1, e)
             else:
-                packed = packed.to(device)
-                logp, entropy = packed_logprobs(model, packed, self.temperature, with_entropy)
-                return logp, entropy, packed.flat, Counter(forward_tokens=packed.packed_tokens,
-                                                           flat_tokens=packed.flat_tokens)
-        batch = collate(chunk, self.pad_id).to(device)
-        logp, entropy = response_logprobs(model, batch, self.temperature, with_entropy)
+                return packed, packed.flat, Counter(forward_tokens=packed.packed_tokens,
+                                                    flat_tokens=packed.flat_tokens)
         flat_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in chunk)
-        return logp, entropy, batch, Counter(forward_tokens=flat_tokens, flat_tokens=flat_tokens)
+        return None, collate(chunk, self.pad_id).to(device), Counter(
+            forward_tokens=flat_tokens, flat_tokens=flat_tokens, packing_fallbacks=int(self.packed))
+
+    def _logprobs(self, model, packed: Optional[PackedBatch], flat: Batch, with_entropy: bool = False
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(log-probs [S, R], entropies [S, R] or None) in the flat layout, packed when prepared so."""
+        if packed is not None:
+            return packed_logprobs(model, packed, self.temperature, with_entropy)
+        return response_logprobs(model, flat, self.temperature, with_entropy)
 
     @torch.no_grad()
     def _recompute_old(self, samples: list[Sample]) -> None:
         for chunk in self._chunks(samples):
-            logp, _, _, _ = self._forward(self.policy, chunk)  # not through DDP: no gradient, no collectives
+            logp, _ = self._logprobs(self.policy, *self._prepare(chunk)[:2])  # not through DDP: no collectives
             for row, s in enumerate(chunk):
                 s.old_logprobs = logp[row, : len(s.response_ids)].tolist()
 
@@ -207,11 +212,12 @@ class PolicyUpdate:
         for i, chunk in enumerate(chunks):
             sync = i == len(chunks) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
-                logp, entropy, mb, counts = self._forward(self.model, chunk, with_entropy=cfg.entropy_coef > 0)
+                packed, mb, counts = self._prepare(chunk)
+                logp, entropy = self._logprobs(self.model, packed, mb, with_entropy=cfg.entropy_coef > 0)
                 ref = None
                 if self.reference is not None:
                     with torch.no_grad():
-                        ref, _, _, _ = self._forward(self.reference, chunk)
+                        ref, _ = self._logprobs(self.reference, packed, mb)
                 old = logp.detach() if detach_old else mb.old_logprobs
                 parts = ppo_loss(logp, old, mb.advantages, mb.response_mask, normaliser,
                                  clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
