@@ -6,7 +6,7 @@ On SmolLM2-135M-Instruct (the default model): a tree rollout of gsm_symbolic pro
 and at width 8 (depth 4, segment 32, the default stopping rules), then, for each tree, the
 training pass of its trajectories (forward, `ppo_loss`, backward) run two ways:
 
-- flat: one padded row per trajectory (`policy.collate`), the trainer's micro-batch of one tree;
+- flat: one padded row per trajectory (`train.logprobs.collate`), the trainer's micro-batch of one tree;
 - packed: one row of the tree's unique tokens with the tree mask (`packing.pack_samples`).
 
 The pairs run interleaved, `--repeats` times; the reported speedup is the median over trees and
@@ -33,14 +33,14 @@ from pathlib import Path
 import torch
 
 from treepo import io
-from treepo.plots import save_png
+from treepo.viz.plots import save_png
 from treepo.config import EngineConfig, SamplerConfig
-from treepo.loss import ppo_loss
-from treepo.models import load_engine, load_model
-from treepo.packing import pack_samples, packed_logprobs
-from treepo.policy import Sample, collate, response_logprobs
+from treepo.train.loss import ppo_loss
+from treepo.engines.loading import load_engine, load_model
+from treepo.train.packing import pack_samples, packed_logprobs
+from treepo.train.logprobs import Sample, collate, response_logprobs
 from treepo.prompts import load_task, render
-from treepo.sampler import TreeSampler
+from treepo.rollout.sampler import TreeSampler
 from treepo.tree import PromptTree
 
 SYSTEM = "You are a helpful assistant. Reason step by step, then give the final answer in the form \\boxed{ANSWER}."

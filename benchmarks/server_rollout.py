@@ -25,13 +25,13 @@ import time
 from pathlib import Path
 
 from treepo import io
-from treepo.plots import save_png
-from treepo.accounting import summarize
+from treepo.viz.plots import save_png
+from treepo.rollout.accounting import summarize
 from treepo.config import EngineConfig, SamplerConfig
 from treepo.engines.local_server import LocalLlamaServer
-from treepo.models import load_engine, smollm2_gguf
+from treepo.engines.loading import load_engine, smollm2_gguf
 from treepo.prompts import load_task, render
-from treepo.sampler import TreeSampler
+from treepo.rollout.sampler import TreeSampler
 
 SYSTEM = "You are a helpful assistant. Reason step by step, then give the final answer in the form \\boxed{ANSWER}."
 

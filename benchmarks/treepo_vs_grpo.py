@@ -31,12 +31,12 @@ from rich.console import Console
 from treepo import io
 from treepo.config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig
 from treepo.engines.transformers_engine import TransformersEngine
-from treepo.evaluate import evaluate
-from treepo.models import load_model
-from treepo.plots import plot_comparison
+from treepo.eval.evaluate import evaluate
+from treepo.engines.loading import load_model
+from treepo.viz.plots import plot_comparison
 from treepo.prompts import load_heldout, load_task, parse_task_args
-from treepo.rewards import build_reward
-from treepo.trainer import Trainer
+from treepo.rewards.scorers import build_reward
+from treepo.train.trainer import Trainer
 
 VARIANTS = {
     "grpo": dict(mode="independent", advantage="grpo"),

@@ -21,18 +21,18 @@ import torch  # noqa: E402
 
 import tiny  # noqa: E402
 from treepo.config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig  # noqa: E402
-from treepo.sampler import RolloutResult  # noqa: E402
-from treepo.trainer import Trainer  # noqa: E402
+from treepo.rollout.sampler import RolloutResult  # noqa: E402
+from treepo.train.trainer import Trainer  # noqa: E402
 from treepo.tree import Node, PromptTree  # noqa: E402
 
 
-def fixed_rollout(ids, first_index=0, progress=0.0) -> RolloutResult:
+def fixed_rollout(ids, first_index=0, indices=None, progress=0.0) -> RolloutResult:
     """Width 4, depth 2, segments of 2-6 tokens drawn from a seed made of the prompt's ids."""
     vocab = len(tiny.tokenizer())
     trees = []
     for k, prompt in enumerate(ids):
         rng = random.Random(zlib.crc32(bytes(str(list(prompt)), "ascii")))
-        tree = PromptTree(prompt_index=first_index + k, prompt_ids=list(prompt))
+        tree = PromptTree(prompt_index=first_index + k if indices is None else indices[k], prompt_ids=list(prompt))
         for node_id in [(0,), (1,), (0, 0), (0, 1), (1, 0), (1, 1)]:
             tokens = [rng.randrange(2, vocab) for _ in range(rng.randint(2, 6))]
             start = 0 if len(node_id) == 1 else tree.nodes[node_id[:1]].end

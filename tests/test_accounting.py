@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from fakes import FakeEngine
-from treepo.accounting import bound_saving_ratio, summarize
+from treepo.rollout.accounting import bound_saving_ratio, summarize
 from treepo.config import SamplerConfig
-from treepo.sampler import TreeSampler
+from treepo.rollout.sampler import TreeSampler
 
 
 def spec_formula(b: int, d: int) -> float:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from treepo.advantages import grpo_advantage, segment_advantages, token_advantages, tree_advantage, whiten
+from treepo.train.advantages import grpo_advantage, segment_advantages, token_advantages, tree_advantage, whiten
 
 # The paper's Fig. 3 tree: root -> a, b, c; c -> c1, c2, c3; c1 -> c11, c12; c2 -> c21, c22, c23.
 FIG3 = {

@@ -13,7 +13,7 @@ import pytest
 import tiny
 from treepo import cli
 from treepo.errors import InputError
-from treepo.models import smollm2_gguf
+from treepo.engines.loading import smollm2_gguf
 
 ROLLOUT_FIELDS = {"prompt_index", "node_path", "token_ids", "logprobs", "segment_ends", "finish_reason", "text"}
 SUMMARY_FIELDS = {"prompts", "trajectories", "leaf_tokens", "decoded_tokens", "prefill_tokens", "engine_steps",

@@ -9,7 +9,7 @@ import pytest
 
 from treepo.config import SamplerConfig
 from treepo.errors import ConfigError
-from treepo.sampler import (
+from treepo.rollout.branching import (
     children_total,
     divergence_temperature,
     largest_remainder,

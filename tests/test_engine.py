@@ -11,7 +11,7 @@ from treepo.engines.backends import HFDecoder, LeanDecoder
 from treepo.engines.base import SegmentRequest
 from treepo.engines.sampling import sample_tokens
 from treepo.engines.transformers_engine import TransformersEngine
-from treepo.sampler import TreeSampler
+from treepo.rollout.sampler import TreeSampler
 
 
 def engine(kind="llama", **cfg):
@@ -206,7 +206,7 @@ def test_rollouts_with_frequent_eos_and_fallbacks_keep_exact_logprobs(check_ever
     cfg = SamplerConfig(width=8, depth=3, segment_len=4, branching=2, init_divergence=1, seed=5, answer_policy="none",
                         rep_count=0, fallback_policy="any", fallback_max_backtrack=1, max_response_tokens=10)
     result = TreeSampler(cfg, eng).rollout(tiny.prompts())
-    deep_fallbacks = [n for t in result.trees for n in t.nodes.values() if n.fallback and n.depth >= 3]
+    deep_fallbacks = [n for t in result.trees for n in t.nodes.values() if n.fallback and len(n.id) >= 3]
     assert len(deep_fallbacks) >= 3, "the scenario must exercise fallbacks that keep a prefix"
     assert any(n.hit_eos for t in result.trees for n in t.nodes.values()), "and rows that stop at EOS"
     for tree in result.trees:

@@ -14,10 +14,10 @@ import torch
 import tiny
 from treepo.config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig
 from treepo.engines.transformers_engine import TransformersEngine
-from treepo.policy import Sample, collate, response_logprobs
-from treepo.sampler import TreeSampler
-from treepo.trainer import Trainer, run_train
-from treepo.update import build_samples
+from treepo.train.logprobs import Sample, collate, response_logprobs
+from treepo.rollout.sampler import TreeSampler
+from treepo.train.trainer import Trainer, run_train
+from treepo.train.update import build_samples
 
 TURNS = dict(segment_mode="turn", max_turn_tokens=10, stop_strings=["e"], env="toy_envs:ToolMessage")
 
@@ -68,7 +68,7 @@ def test_engine_continues_after_env_turns_exactly_and_does_not_decode_them():
 
 @pytest.mark.parametrize("packing", [True, False])
 def test_env_tokens_are_masked_in_the_loss_and_its_normaliser(prompts, tmp_path, monkeypatch, packing):
-    import treepo.update as trainer_mod
+    import treepo.train.update as trainer_mod
 
     normalisers, grads = [], []
     real = trainer_mod.ppo_loss

@@ -16,7 +16,7 @@ from treepo.envs.calculator import last_call
 from treepo.envs.recheck import LAST_TURN, RECHECK
 from treepo.envs.safe_eval import Refused, evaluate
 from treepo.errors import ConfigError
-from treepo.sampler import TreeSampler
+from treepo.rollout.sampler import TreeSampler
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")

@@ -18,10 +18,10 @@ import torch
 from treepo.config import EngineConfig, RolloutConfig, SamplerConfig
 from treepo.engines.local_server import LocalLlamaServer, llama_cpp_server_available
 from treepo.errors import ServerError
-from treepo.models import load_engine, smollm2_gguf
+from treepo.engines.loading import load_engine, smollm2_gguf
 from treepo.prompts import load_task, render
-from treepo.rollout import run_rollout
-from treepo.sampler import TreeSampler
+from treepo.rollout.job import run_rollout
+from treepo.rollout.sampler import TreeSampler
 
 if not llama_cpp_server_available():
     if os.environ.get("TREEPO_REQUIRE_SERVER") == "1":

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from treepo.loss import ppo_loss
+from treepo.train.loss import ppo_loss
 
 
 def _t(*rows):

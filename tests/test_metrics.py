@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from treepo.metrics import (bootstrap_ci, maj_at_k, majority_answer, mean_at_k, normalize_answer, pass_at_k,
-                            summarize_eval)
+from treepo.answers import normalize_answer
+from treepo.eval.metrics import bootstrap_ci, maj_at_k, majority_answer, mean_at_k, pass_at_k, summarize_eval
 
 # -- pass@k --------------------------------------------------------------------------------------
 

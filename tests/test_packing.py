@@ -11,12 +11,13 @@ import tiny
 from treepo.config import EngineConfig, SamplerConfig
 from treepo.engines.transformers_engine import TransformersEngine
 from treepo.errors import InputError
-from treepo.loss import ppo_loss
-from treepo.packing import (PackingError, check_tree, pack_samples, pack_sequences, pack_trees, packed_logprobs,
-                            sliding_window, tree_attention, unsupported_reason)
-from treepo.policy import Sample, collate, response_logprobs
-from treepo.sampler import TreeSampler
-from treepo.tree import Node, PromptTree
+from treepo.train.loss import ppo_loss
+from treepo.train.packing import (PackingError, pack_samples, pack_sequences, packed_logprobs, sliding_window,
+                                  tree_attention, unsupported_reason)
+from treepo.train.update import build_samples
+from treepo.train.logprobs import Sample, collate, response_logprobs
+from treepo.rollout.sampler import TreeSampler
+from treepo.tree import Node, PromptTree, check_tree
 
 
 def test_layout_by_hand():
@@ -58,6 +59,11 @@ def hand_tree(index=0, prompt=(5, 6, 7, 8)) -> PromptTree:
         t.nodes[n.id] = n
     t.leaves = [(0, 0, 0), (0, 0, 1), (0, 1), (1,), (0, 3, 0)]
     return t
+
+
+def pack_trees(trees):
+    """One row for the trees' trajectories (prompt + response per leaf, in leaf order, tree by tree)."""
+    return pack_sequences([list(t.prompt_ids) + t.response_ids(leaf) for t in trees for leaf in t.leaves])
 
 
 def test_pack_trees_counts_each_segment_once():
@@ -156,11 +162,12 @@ def test_damaged_trees_are_named():
     tree = hand_tree(3)
     tree.nodes[(0, 1)].start = 2
     with pytest.raises(InputError, match=r"prompt 3, node \[0, 1\]: starts at response offset 2 .* disagree"):
-        pack_trees([tree])
+        check_tree(tree)
     tree = hand_tree(3)
     tree.nodes[(1,)].logprobs = []
+    tree.rewards = {leaf: 1.0 for leaf in tree.leaves}
     with pytest.raises(InputError, match="1 tokens but 0 log-probs"):
-        pack_trees([tree])
+        build_samples([tree], "average", True)  # the trainer checks every tree before it trains on it
 
 
 def test_a_tree_beyond_the_row_limit_names_the_prompt_and_the_fix():
@@ -212,7 +219,7 @@ def test_sliding_window_models_pack_only_within_the_window():
 def test_trainer_falls_back_to_flat_with_a_logged_reason(caplog, tmp_path):
     from treepo.config import TrainConfig
     from accelerate import Accelerator
-    from treepo.update import PolicyUpdate
+    from treepo.train.update import PolicyUpdate
 
     model = tiny.model("llama")
     model.config._attn_implementation = "flash_attention_2"
@@ -227,7 +234,7 @@ def test_trainer_falls_back_to_flat_with_a_logged_reason(caplog, tmp_path):
 def test_a_micro_batch_beyond_the_row_limit_runs_flat_and_is_counted(tmp_path):
     from accelerate import Accelerator
     from treepo.config import TrainConfig
-    from treepo.update import PolicyUpdate
+    from treepo.train.update import PolicyUpdate
 
     model = tiny.model("llama")
     upd = PolicyUpdate(TrainConfig(out=str(tmp_path), num_prompts=4), accelerator=Accelerator(cpu=True),

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from treepo import io, plots
-from treepo.plots import (comparison_figure, overall_saving, plot_comparison, plot_training, reward_figure,
+from treepo import io
+from treepo.viz import plots
+from treepo.viz.plots import (comparison_figure, overall_saving, plot_comparison, plot_training, reward_figure,
                           rolling_mean, savings_figure, series)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -92,11 +93,11 @@ def test_savings_figure_cumulative_lines_and_ratio_axis():
     decoded = lines["cumulative decoded tokens"]
     assert decoded.get_xdata().tolist() == [0, 1, 3, 4, 5]
     assert decoded.get_ydata()[-1] == sum(500 + 5 * s for s in (0, 1, 3, 4, 5))
-    assert lines["cumulative leaf tokens (independent sampling)"].get_ydata()[-1] == sum(1000 + 10 * s for s in range(6))
-    ratio = lines["per-step saving ratio"]
+    assert lines["cumulative leaf tokens (the tree's own leaves)"].get_ydata()[-1] == sum(1000 + 10 * s for s in range(6))
+    ratio = lines["per-step saving vs own leaves"]
     assert ratio.get_ydata()[0] == pytest.approx(50.0)  # percent
     assert ratio.axes is not decoded.axes  # second axis
-    assert "overall saving" in fig.axes[0].get_title()
+    assert "structural saving" in fig.axes[0].get_title()
 
 
 def test_comparison_figure_has_three_panels():

@@ -29,3 +29,52 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
 def test_every_config_field_has_help(cls):
     for f in fields(cls):
         assert len(f.metadata.get("help", "")) > 10, f"{cls.__name__}.{f.name} has no help string"
+
+
+# The pipeline's stages, in order: a module may import from its own stage and from earlier ones only.
+STAGES = {"": 0, "engines": 1, "envs": 1, "viz": 1, "rollout": 2, "rewards": 3, "eval": 4, "train": 5}
+TOP = {"cli": 6, "__init__": 7}  # the command and the public names sit above everything
+
+
+def _stage(module: str) -> tuple[str, int]:
+    """(package, stage) of a dotted module name under treepo ('' for the top-level base modules)."""
+    parts = module.split(".")[1:]
+    if not parts:
+        return "", TOP["__init__"]
+    if len(parts) == 1 and parts[0] in TOP:
+        return "", TOP[parts[0]]
+    package = parts[0] if parts[0] in STAGES else ""
+    return package, STAGES[package]
+
+
+def _imports(path: Path) -> list[str]:
+    import ast
+
+    src = ROOT / "src"
+    module = ".".join(path.relative_to(src).with_suffix("").parts).removesuffix(".__init__")
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            names = [target] if node.module else [f"{target}.{a.name}" for a in node.names]
+            found += [n for n in names if n == "treepo" or n.startswith("treepo.")]
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith("treepo.")]
+    return [module] + found
+
+
+def test_imports_run_down_the_pipeline_never_back_up():
+    bad = []
+    for path in sorted((ROOT / "src" / "treepo").rglob("*.py")):
+        module, *targets = _imports(path)
+        package, stage = _stage(module)
+        for target in targets:
+            t_package, t_stage = _stage(target)
+            if t_package != package and t_stage >= stage:
+                bad.append(f"{module} imports {target}")
+    assert not bad, "imports that run back up the pipeline:\n" + "\n".join(bad)

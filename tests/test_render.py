@@ -12,8 +12,8 @@ from fakes import FakeEngine
 from treepo import io
 from treepo.config import SamplerConfig
 from treepo.errors import InputError
-from treepo.render import layout, load_trees, render_html, write_pictures
-from treepo.sampler import TreeSampler
+from treepo.viz.render import layout, load_trees, render_html, write_pictures
+from treepo.rollout.sampler import TreeSampler
 from treepo.tree import PromptTree
 
 PROMPT = [ord(c) for c in "what is 2+2?"]
@@ -179,7 +179,8 @@ def env_tree() -> PromptTree:
 def test_env_turns_are_marked_in_html_png_and_terminal(tmp_path):
     from rich.console import Console
 
-    from treepo.render import ENV_COLOUR, terminal_tree
+    from treepo.viz.render import ENV_COLOUR
+    from treepo.viz.terminal import terminal_tree
 
     tree = env_tree()
     n_env = sum(n.env for n in tree.nodes.values())

@@ -15,7 +15,8 @@ from collections import Counter
 import pytest
 
 from treepo.errors import ConfigError, InputError
-from treepo.rewards import RewardOutcome, build_reward, extract_answer
+from treepo.answers import extract_answer
+from treepo.rewards.scorers import RewardOutcome, build_reward
 
 # ---------------------------------------------------------------------------------------------
 # extract_answer
@@ -137,7 +138,7 @@ def test_math_verify_timeout_outside_the_main_thread(monkeypatch, caplog):
     box = {}
     worker = threading.Thread(target=lambda: box.setdefault("outcome", _score(reward, ["\\boxed{1}"], ["1"])))
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="treepo.rewards"):
+    with caplog.at_level(logging.WARNING, logger="treepo.rewards.scorers"):
         worker.start()
         worker.join(5)
     assert time.monotonic() - started < 2.0
@@ -311,7 +312,7 @@ def test_custom_tuple_of_ints_is_accepted(user_module):
 
 def test_custom_raising_fails_every_completion(user_module, caplog):
     reward = build_reward(f"{user_module}:raises", failure_reward=-2.0)
-    with caplog.at_level(logging.WARNING, logger="treepo.rewards"):
+    with caplog.at_level(logging.WARNING, logger="treepo.rewards.scorers"):
         outcome = reward(["p"] * 3, ["a", "b", "c"], _columns(3))
     assert outcome.rewards == [-2.0] * 3
     assert outcome.correct == [False] * 3
@@ -324,7 +325,7 @@ def test_custom_raising_fails_every_completion(user_module, caplog):
 def test_custom_hanging_times_out_fast(user_module, caplog):
     reward = build_reward(f"{user_module}:hangs", timeout=0.1, failure_reward=-4.0)
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="treepo.rewards"):
+    with caplog.at_level(logging.WARNING, logger="treepo.rewards.scorers"):
         outcome = reward(["p"] * 2, ["a", "b"], _columns(2))
         reward(["p"], ["a"], _columns(1))
     assert time.monotonic() - started < 2.0  # 0.2 s + 0.1 s of limits, not 30 s
@@ -349,7 +350,7 @@ def test_custom_bad_output_fails_every_completion(user_module, function):
 
 def test_failure_log_is_rate_limited(user_module, caplog):
     reward = build_reward(f"{user_module}:raises")
-    with caplog.at_level(logging.WARNING, logger="treepo.rewards"):
+    with caplog.at_level(logging.WARNING, logger="treepo.rewards.scorers"):
         for _ in range(120):
             outcome = reward(["p"], ["a"], _columns(1))
     assert outcome.failures == {"raised": 1}  # counters are per call

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from fakes import EOS, FakeEngine
 from treepo.config import SamplerConfig
 from treepo.errors import InputError
-from treepo.sampler import TreeSampler
+from treepo.rollout.sampler import TreeSampler
 from treepo.tree import FINISH_REASONS, PromptTree
 
 PROMPTS = [[ord(c) for c in "what is 2+2?"], [ord(c) for c in "name a colour"], [ord(c) for c in "hi"]]
@@ -176,7 +176,7 @@ def test_fallback_cuts_at_segment_boundaries_and_rebuilds_context():
     fallback_nodes = [n for n in tree.nodes.values() if n.fallback]
     assert fallback_nodes
     for node in fallback_nodes:
-        parent = node.parent
+        parent = node.id[:-1]
         # forked at a kept prefix of an earlier path: the parent is an ancestor of a leaf, or the prompt
         assert parent == () or any(leaf[: len(parent)] == parent and len(leaf) > len(parent) for leaf in tree.leaves)
     check_tree_against_engine(tree, engine, cfg)
@@ -281,7 +281,7 @@ def test_fallback_that_keeps_a_prefix_rebuilds_the_whole_context():
     engine = FakeEngine()
     tree = run(cfg, engine, PROMPTS[:1]).trees[0]
     deep = [n for n in tree.nodes.values() if n.fallback]
-    assert deep and all(n.depth == 3 for n in deep)
+    assert deep and all(len(n.id) == 3 for n in deep)
     check_tree_against_engine(tree, engine, cfg)  # each fallback request carried prompt + 2 segments
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from treepo.config import EngineConfig, SamplerConfig
-from treepo.models import load_engine
+from treepo.engines.loading import load_engine
 from treepo.prompts import load_task, render
-from treepo.sampler import TreeSampler
+from treepo.rollout.sampler import TreeSampler
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from treepo.config import SamplerConfig
-from treepo.stopping import classify, has_boxed_answer, is_repetitive, last_boxed
+from treepo.answers import has_boxed_answer, last_boxed
+from treepo.rollout.stopping import classify, is_repetitive
 
 
 @pytest.mark.parametrize(

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import tiny
-from treepo import checkpoint
+from treepo.train import checkpoint
 from treepo.cli import main
 from treepo.config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig
 from treepo.errors import ConfigError, InputError
-from treepo.policy import Sample, collate, response_logprobs
-from treepo.sampler import TreeSampler
-from treepo.trainer import Trainer, run_train
-from treepo.update import build_samples
+from treepo.train.logprobs import Sample, collate, response_logprobs
+from treepo.rollout.sampler import TreeSampler
+from treepo.train.trainer import Trainer, run_train
+from treepo.train.update import build_samples
 
 ROW_KEYS = {"step", "reward_mean", "accuracy", "loss", "clip_fraction", "entropy", "grad_norm", "tree_depth_mean",
             "fallbacks", "trajectories_per_prompt", "decoded_tokens", "leaf_tokens", "saving_ratio", "step_seconds"}
@@ -192,7 +192,7 @@ def test_cli_yaml_unknown_key_and_overrides(tmp_path, capsys):
 
 
 def test_overlong_penalty_by_hand():
-    from treepo.trainer import overlong_penalty
+    from treepo.rewards.scoring import overlong_penalty
 
     assert overlong_penalty(80, budget=128, buffer=32, factor=1.0) == 0.0  # below 128 - 32 = 96
     assert overlong_penalty(96, 128, 32, 1.0) == 0.0
@@ -203,7 +203,7 @@ def test_overlong_penalty_by_hand():
 
 def test_old_logprobs_are_the_policy_before_the_step(prompts, tmp_path, monkeypatch):
     """With 2 mini-batches x 2 epochs, every update's old log-probs are the pre-step policy's, batched the same."""
-    import treepo.update as trainer_mod
+    import treepo.train.update as trainer_mod
 
     calls = []
     real = trainer_mod.ppo_loss

@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fakes import EOS, FakeEngine, encode
-from treepo.accounting import summarize
-from treepo.advantages import token_advantages
+from treepo.rollout.accounting import summarize
+from treepo.train.advantages import token_advantages
 from treepo.config import SamplerConfig
 from treepo.envs import Environment, EnvTurn, RecheckEnv
 from treepo.envs.recheck import LAST_TURN, RECHECK
-from treepo.sampler import TreeSampler, stop_cut
+from treepo.rollout.sampler import TreeSampler, stop_cut
 from treepo.tree import Node, PromptTree
 
 PROMPT = encode("what is 6*7?")
@@ -195,7 +195,7 @@ def test_rollback_cuts_at_turn_boundaries_and_keeps_width_and_turn_counts():
     fallback_nodes = [n for n in tree.nodes.values() if n.fallback]
     assert tree.fallbacks >= 1 and fallback_nodes
     for node in fallback_nodes:  # regrown at the prompt or right after an env turn: a turn boundary
-        assert node.parent == () or tree.nodes[node.parent].env
+        assert node.id[:-1] == () or tree.nodes[node.id[:-1]].env
     for leaf in tree.leaves:  # turn counts come from each path, right after the rollback
         path = tree.path(leaf)
         assert tree.trajectory(leaf).turns == sum(not n.env for n in path)
@@ -287,7 +287,7 @@ def test_width_invariant_and_turn_structure_for_every_config(cfg, p_end, p_err, 
                 assert point == () or not tree.nodes[point].ends_turn
         for node in tree.nodes.values():
             if node.fallback:
-                assert node.parent == () or not tree.nodes[node.parent].ends_turn
+                assert node.id[:-1] == () or not tree.nodes[node.id[:-1]].ends_turn
     summary = summarize([result], cfg)
     assert summary["trajectories"] == 2 * cfg.width
     assert summary["env_errors"] == summary["finish_reasons"].get("env_error", 0)
@@ -328,7 +328,7 @@ def test_tree_advantage_ignores_env_levels():
 def test_a_broken_env_finishes_paths_with_env_error_and_logs(name, message, caplog):
     cfg = SamplerConfig(width=3, depth=3, segment_len=8, segment_mode="turn", env=f"toy_envs:{name}")
     engine = FakeEngine(script=lambda r: {"text": "hi", "eos": True})
-    with caplog.at_level(logging.WARNING, logger="treepo.sampler"):
+    with caplog.at_level(logging.WARNING, logger="treepo.rollout.sampler"):
         result = TreeSampler(cfg, engine).rollout([PROMPT])
     tree = result.trees[0]
     assert len(tree.leaves) == 3 and {tree.nodes[leaf].finish_reason for leaf in tree.leaves} == {"env_error"}
@@ -339,7 +339,7 @@ def test_a_broken_env_finishes_paths_with_env_error_and_logs(name, message, capl
 def test_every_kind_of_malformed_turn_is_an_env_error_with_its_reason(caplog):
     cfg = SamplerConfig(width=1, depth=2, segment_len=8, segment_mode="turn", env="toy_envs:Malformed")
     engine = FakeEngine(script=lambda r: {"text": "hi", "eos": True})
-    with caplog.at_level(logging.WARNING, logger="treepo.sampler"):
+    with caplog.at_level(logging.WARNING, logger="treepo.rollout.sampler"):
         trees = TreeSampler(cfg, engine).rollout([PROMPT] * 6).trees
     assert [t.nodes[t.leaves[0]].finish_reason for t in trees] == ["env_error"] * 6
     for reason in ("returned list, not EnvTurn", "exactly one of messages or token_ids", "non-empty list of",
@@ -350,7 +350,7 @@ def test_every_kind_of_malformed_turn_is_an_env_error_with_its_reason(caplog):
 def test_env_error_logging_is_rate_limited(caplog):
     cfg = SamplerConfig(width=1, depth=2, segment_len=4, segment_mode="turn", env="toy_envs:Raises")
     sampler = TreeSampler(cfg, FakeEngine(script=lambda r: {"text": "h", "eos": True}))
-    with caplog.at_level(logging.WARNING, logger="treepo.sampler"):
+    with caplog.at_level(logging.WARNING, logger="treepo.rollout.sampler"):
         sampler.rollout([PROMPT] * 250)
     assert sampler.env_errors == 250
     lines = [r.getMessage() for r in caplog.records]
@@ -381,7 +381,8 @@ def test_env_trees_round_trip_and_old_files_load():
 
 
 def test_classify_order_with_an_environment_and_turn_segments():
-    from treepo.stopping import classify, has_boxed_answer
+    from treepo.answers import has_boxed_answer
+    from treepo.rollout.stopping import classify
 
     def reason(cfg, text="x", eos=False, stop=False, length=5, depth=1, env=None):
         return classify(cfg, segment_text=text, response_text=text, hit_eos=eos, hit_stop=stop, response_len=length,

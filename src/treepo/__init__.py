@@ -9,59 +9,67 @@
 
     run_train(EngineConfig(), SamplerConfig(), RewardConfig(), TrainConfig(steps=12, out="runs/train"))
 
-One module per piece: `tree` (data), `sampler` (the TreePO loop), `stopping` (when a path ends),
-`engines` (generators behind one protocol), `accounting` (savings), `advantages`, `loss`,
-`policy` (training forward), `rewards`, `trainer`, `checkpoint`, `evaluate`, `metrics`, `plots`,
-`prompts`, `rollout` (the job), `render` (pictures), `cli`.
+The package reads as the pipeline:
+- `tree` (the data: nodes, paths, leaves), `config` (every knob, one dataclass per job), `prompts`,
+  `answers` (answer extraction), `plugins` (loading a user's 'module:name'), `errors`, `io`, `progress`;
+- `engines/`: generators behind one protocol (embedded transformers engine, server engine, model loading);
+- `envs/`: multi-turn environments;
+- `rollout/`: the TreePO sampler, stopping rules, accounting, the `treepo rollout` job;
+- `rewards/`: scorers, time limits, scoring trees;
+- `train/`: advantages, loss, log-prob passes, tree packing, the update, the trainer, checkpoints;
+- `eval/`: metrics, evaluation, the `treepo eval` job;
+- `viz/`: tree pictures and plots;
+- `cli`: the `treepo` command.
 """
 
-from .accounting import bound_saving_ratio, summarize
-from .advantages import grpo_advantage, segment_advantages, token_advantages, tree_advantage, whiten
 from .config import EngineConfig, EvalConfig, RewardConfig, RolloutConfig, SamplerConfig, TrainConfig
 from .engines.base import Engine, EngineStats, SegmentOutput, SegmentRequest
+from .engines.loading import load_engine, load_model
 from .errors import ConfigError, InputError, TreepoError
-from .models import load_engine, load_model
-from .sampler import RolloutResult, TreeSampler
+from .eval.evaluate import evaluate
+from .eval.job import run_eval
+from .rewards.scorers import build_reward
+from .rollout.accounting import bound_saving_ratio, summarize
+from .rollout.sampler import RolloutResult, TreeSampler
+from .train.advantages import grpo_advantage, segment_advantages, token_advantages, tree_advantage, whiten
+from .train.loss import ppo_loss
+from .train.trainer import Trainer, run_train
 from .tree import Node, NodeId, PromptTree, Trajectory
-from .loss import ppo_loss
-from .rewards import build_reward
-from .trainer import Trainer, run_train
-from .evaluate import evaluate, run_eval
 
 __all__ = [
     "ConfigError",
-    "EvalConfig",
-    "RewardConfig",
-    "TrainConfig",
-    "Trainer",
-    "build_reward",
-    "evaluate",
-    "grpo_advantage",
-    "ppo_loss",
-    "run_eval",
-    "run_train",
-    "segment_advantages",
-    "token_advantages",
-    "tree_advantage",
-    "whiten",
     "Engine",
     "EngineConfig",
     "EngineStats",
+    "EvalConfig",
     "InputError",
     "Node",
     "NodeId",
     "PromptTree",
+    "RewardConfig",
     "RolloutConfig",
     "RolloutResult",
     "SamplerConfig",
     "SegmentOutput",
     "SegmentRequest",
+    "TrainConfig",
+    "Trainer",
     "Trajectory",
     "TreeSampler",
     "TreepoError",
     "bound_saving_ratio",
+    "build_reward",
+    "evaluate",
+    "grpo_advantage",
     "load_engine",
     "load_model",
+    "ppo_loss",
+    "run_eval",
+    "run_train",
+    "segment_advantages",
     "summarize",
+    "token_advantages",
+    "tree_advantage",
+    "whiten",
 ]
 __version__ = "0.1.0"

@@ -132,7 +132,7 @@ def _suggest(name: str, known: set[str], prefix: str) -> str:
 
 
 def _rollout(argv: Sequence[str], console: Console) -> int:
-    from .rollout import run_rollout
+    from .rollout.job import run_rollout
 
     engine_cfg, sampler_cfg, rollout_cfg = parse_configs((EngineConfig, SamplerConfig, RolloutConfig), argv,
                                                          "treepo rollout")
@@ -141,18 +141,15 @@ def _rollout(argv: Sequence[str], console: Console) -> int:
 
 
 def _train(argv: Sequence[str], console: Console) -> int:
-    from .trainer import run_train
+    from .train.trainer import run_train
 
     configs = parse_configs((EngineConfig, SamplerConfig, RewardConfig, TrainConfig), argv, "treepo train")
-    if configs[0].engine != "transformers":
-        raise ConfigError("engine='server' cannot train: treepo train samples from the live policy weights with the "
-                          "embedded engine; drop --engine server (use it with treepo rollout and treepo eval).")
     run_train(*configs, console=console)
     return 0
 
 
 def _eval(argv: Sequence[str], console: Console) -> int:
-    from .evaluate import run_eval
+    from .eval.job import run_eval
 
     configs = parse_configs((EngineConfig, SamplerConfig, RewardConfig, EvalConfig), argv, "treepo eval")
     run_eval(*configs, console=console)
@@ -163,7 +160,8 @@ def _show(argv: Sequence[str], console: Console) -> int:
     import argparse
 
     from . import io
-    from .render import load_trees, terminal_tree, write_pictures
+    from .viz.render import load_trees, write_pictures
+    from .viz.terminal import terminal_tree
 
     parser = argparse.ArgumentParser(prog="treepo show", description="Render a run folder's trees as HTML and PNG.")
     parser.add_argument("run_dir", help="a folder written by `treepo rollout --out` (it holds trees.jsonl)")
@@ -191,7 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     console = Console(stderr=True, soft_wrap=True)  # an error line stays one line in logs
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
-    for noisy in ("httpx", "urllib3", "filelock"):
+    for noisy in ("httpx", "urllib3", "filelock", "matplotlib"):  # e.g. matplotlib's "generated new fontManager"
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
 

@@ -114,6 +114,8 @@ class EngineConfig:
 
 
 DivergencePolicy = Literal["fixed_avg", "low_prob", "high_prob", "entropy"]
+# Advantage estimators (train/advantages.py implements each one of these names).
+Estimator = Literal["average", "size_weighted", "segment", "grpo"]
 
 
 @dataclass
@@ -449,7 +451,7 @@ class TrainConfig(EasyTaskConfig):
     warmup_steps: int = field(default=2, metadata=_help("Linear learning-rate warm-up, in optimizer updates."))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
     grad_clip: float = field(default=1.0, metadata=_help("Max gradient norm; 0 = no clipping."))
-    advantage: Literal["average", "size_weighted", "segment", "grpo"] = field(
+    advantage: Estimator = field(
         default="average",
         metadata=_help(
             "'average' (tree advantage, Eq. 5), 'size_weighted' (Eq. 6), 'segment' (per-segment value "

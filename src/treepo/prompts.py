@@ -1,5 +1,8 @@
 """Where prompts come from: reasoning-gym tasks by name, or a JSONL file; and how they are rendered.
 
+`choose_prompts` is the one way a job (rollout, eval, train) picks its problems from its config, and
+`load_heldout` draws held-out problems disjoint from a training pool.
+
 Every problem with the source is reported before any model work, naming the task setting or the
 file line at fault.
 """
@@ -114,3 +117,12 @@ def load_heldout(task: str, count: int, seed: int, task_args: Optional[dict[str,
         f"task={task!r}: only {len(kept)} of {count} held-out problems differ from the training pool; the "
         "task's problem space is too small: lower the held-out count or the training pool (num_prompts)."
     )
+
+
+def choose_prompts(source: Any, seed: int, count: Optional[int] = None) -> list[Prompt]:
+    """The problems of a job's source (`source.prompts`, `.task`, `.task_args`, `.num_prompts`): the first
+    `count` (default `num_prompts`) rows of a JSONL file, or that many problems of a reasoning-gym task."""
+    count = source.num_prompts if count is None else count
+    if source.prompts:
+        return load_jsonl(source.prompts, count)
+    return load_task(source.task, count, seed, parse_task_args(source.task_args))

@@ -23,10 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
+from .errors import InputError
+
 NodeId = tuple[int, ...]
 ROOT: NodeId = ()
 
-# Why a path ended. The sampler records the first rule that matched (spec section 2, step 3).
+# Why a path ended. The sampler records the first rule that matched (first match wins: see `rollout.stopping.classify`).
 # 'stop': a stop string ended the turn and no environment answers; 'max_turns': the path reached
 # the most assistant turns; 'env_done': the environment ended the episode (`next_turn` gave None);
 # 'env_error': an environment hook raised or returned something malformed. An environment's
@@ -54,14 +56,6 @@ class Node:
     def ends_turn(self) -> bool:
         """A model segment that closed its assistant turn (EOS / end-of-turn token or a stop string)."""
         return not self.env and (self.hit_eos or self.hit_stop)
-
-    @property
-    def parent(self) -> NodeId:
-        return self.id[:-1]
-
-    @property
-    def depth(self) -> int:
-        return len(self.id)
 
     @property
     def end(self) -> int:
@@ -268,3 +262,22 @@ class PromptTree:
             rewards={tuple(k): v for k, v in d.get("rewards", [])},
             metadata=d.get("metadata", {}),
         )
+
+
+def check_tree(tree: PromptTree) -> None:
+    """Refuse a tree whose node paths, offsets and tokens disagree (it cannot be trained on); say where."""
+    for node_id, node in tree.nodes.items():
+        where = f"prompt {tree.prompt_index}, node {list(node_id)}"
+        if len(node.logprobs) != len(node.token_ids):
+            raise InputError(f"{where}: {len(node.token_ids)} tokens but {len(node.logprobs)} log-probs; the tree "
+                             "file is damaged: roll it out again.")
+        if len(node_id) > 1 and node_id[:-1] not in tree.nodes:
+            raise InputError(f"{where}: its parent {list(node_id[:-1])} is missing; the tree file is damaged: roll it "
+                             "out again.")
+        expected = 0 if len(node_id) == 1 else tree.nodes[node_id[:-1]].end
+        if node.start != expected:
+            raise InputError(f"{where}: starts at response offset {node.start} but its path's segments end at "
+                             f"{expected}; the node's path and tokens disagree: roll the tree out again.")
+    for leaf in tree.leaves:
+        if leaf not in tree.nodes:
+            raise InputError(f"prompt {tree.prompt_index}: leaf {list(leaf)} has no node; roll the tree out again.")

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .kvcache import HFRowCache, RowCache, attention_mask, write_columns
+from .kvcache import HFRowCache, RowCache, attention_mask, cache_argument, write_columns
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -35,6 +35,7 @@ class HFDecoder:
     def __init__(self, model):
         self.model = model
         self.additive_mask = model.config._attn_implementation == "eager"
+        self.cache_arg = cache_argument(model)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: RowCache, want_logits: bool) -> Optional[torch.Tensor]:
@@ -48,7 +49,7 @@ class HFDecoder:
             input_ids=tokens,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=HFRowCache(cache, t),
+            **{self.cache_arg: HFRowCache(cache, t)},
             use_cache=True,
             logits_to_keep=1,
         )

@@ -13,6 +13,7 @@ Token positions equal column indices, so position ids are `lens[r] + i`.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -111,3 +112,10 @@ class HFRowCache(Cache):
         kv_len = int(cache.lens.max()) + q_len
         layers = [_RowLayer(cache, i, rows, cols, kv_len) for i in range(cache.kv.shape[0])]
         super().__init__(layers=layers)
+
+
+def cache_argument(model) -> str:
+    """The forward keyword that takes a KV cache: 'cache' in newer transformers (5.24+, where
+    'past_key_values' is deprecated), 'past_key_values' before."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

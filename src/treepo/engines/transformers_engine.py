@@ -26,7 +26,7 @@ from ..config import EngineConfig
 from ..errors import ConfigError, InputError
 from .backends import HFDecoder, LeanDecoder, lean_unsupported_reason
 from .base import EngineStats, SegmentOutput, SegmentRequest
-from .kvcache import RowCache
+from .kvcache import RowCache, cache_argument
 from .sampling import sample_tokens
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ def kv_shape(model) -> tuple[int, int, int]:
 
     probe = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model.device), past_key_values=probe, use_cache=True)
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model.device), **{cache_argument(model): probe},
+              use_cache=True)
     shapes = {tuple(layer.keys.shape[1:2]) + tuple(layer.keys.shape[3:]) for layer in probe.layers}
     kinds = {type(layer).__name__ for layer in probe.layers}
     if len(shapes) != 1 or kinds != {"DynamicLayer"}:
@@ -115,7 +116,7 @@ def choose_decoder(model, backend: str, shape: tuple[int, int, int]):
 
 
 class TransformersEngine:
-    """`Engine` on a loaded transformers model and tokenizer. See `treepo.models.load_engine`."""
+    """`Engine` on a loaded transformers model and tokenizer. See `treepo.engines.loading.load_engine`."""
 
     def __init__(self, model, tokenizer, cfg: Optional[EngineConfig] = None, *, seed: int = 0):
         self.cfg = cfg or EngineConfig()

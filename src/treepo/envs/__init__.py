@@ -6,7 +6,7 @@
 - `load_env`: `--env NAME` or `--env module:Class` -> an instance, or a clear ConfigError.
 """
 
-from .base import EnvError, EnvTurn, Environment, PathView, Turn, load_env, system_prompt_with
+from .base import EnvError, Environment, EnvTurn, PathView, Turn, load_env, system_prompt_with
 from .calculator import CalculatorEnv
 from .recheck import RecheckEnv
 

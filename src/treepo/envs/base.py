@@ -27,13 +27,13 @@ Environment tokens are context, never trained on and never counted as decoded (s
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 import json
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional, Sequence
 
 from ..errors import ConfigError
+from ..plugins import load_callable
 from ..tree import NodeId, PromptTree
 
 HOOKS = {
@@ -260,16 +260,7 @@ def load_env(spec: Optional[str], args_json: Optional[str] = None) -> Optional[E
                               f"{', '.join(builtins)}, or 'module:Class' for your own.")
         cls = builtins[spec]
     else:
-        module_name, _, name = spec.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except Exception as e:  # noqa: BLE001 - ImportError, or the module itself failing to run
-            raise ConfigError(f"env={spec!r}: cannot import module {module_name!r} ({type(e).__name__}: {e}).") from e
-        cls = getattr(module, name, None)
-        if cls is None:
-            raise ConfigError(f"env={spec!r}: module {module_name!r} has no class {name!r}.")
-        if not inspect.isclass(cls):
-            raise ConfigError(f"env={spec!r}: {name!r} is a {type(cls).__name__}, not a class.")
+        cls = load_callable(spec, "env", want_class=True)
     check_env(cls, spec)
     args = json.loads(args_json) if args_json else {}
     try:

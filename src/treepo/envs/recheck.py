@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..stopping import has_boxed_answer
+from ..answers import has_boxed_answer
 from .base import Environment, EnvTurn, PathView
 
 RECHECK = ("You have not given a final answer yet. Re-check your reasoning very carefully, "

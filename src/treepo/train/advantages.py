@@ -1,4 +1,4 @@
-"""Advantage estimators (spec section 5): pure functions over a prompt's leaf ids and rewards.
+"""Advantage estimators: pure functions over a prompt's leaf ids and rewards.
 
 A trajectory is named by its leaf id, the tuple of child indices from the root, so the
 trajectories under its ancestor at depth j are exactly the leaves whose ids share its first j
@@ -20,14 +20,14 @@ c22=+1, c23=-1, c3=-1: terms +1.25 (root), +1.333 (node c), +0.667 (node c2), av
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence, get_args
 
 import torch
 
-from .tree import NodeId
+from ..config import Estimator
+from ..tree import NodeId
 
-Estimator = Literal["average", "size_weighted", "segment", "grpo"]
-ESTIMATORS: tuple[str, ...] = ("average", "size_weighted", "segment", "grpo")
+ESTIMATORS: tuple[str, ...] = get_args(Estimator)  # the names come from the config's Literal
 
 
 def _check(leaves: Sequence[NodeId], rewards: Sequence[float]) -> None:

@@ -1,6 +1,6 @@
 """The TreePO trainer: tree rollouts on the live policy -> rewards -> advantages -> PPO update.
 
-    treepo train                                  # the embedded default: SmolLM2-135M, easy chain_sum, CPU
+    treepo train                                  # the embedded default: SmolLM2-135M, letter_counting (1-3 words), CPU
     treepo train --config run.yaml --steps 50     # a YAML file plus command-line overrides
 
 One step:
@@ -35,17 +35,21 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from . import checkpoint, io
-from .accounting import summarize
-from .config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig
-from .errors import ConfigError, InputError
-from .envs import load_env, system_prompt_with
-from .evaluate import evaluate, score_trees
-from .prompts import render
-from .rewards import build_reward
-from .sampler import RolloutResult, TreeSampler
-from .stopping import answer_predicate
-from .train_setup import PromptStream, check_configs, check_sharding, load_training_prompts, overlong_penalty
+from .. import io
+from ..config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig
+from ..envs import load_env, system_prompt_with
+from ..errors import ConfigError, InputError
+from ..eval.evaluate import evaluate
+from ..progress import progress_bar
+from ..prompts import render
+from ..rewards.scorers import build_reward
+from ..rewards.scoring import overlong_penalty, score_trees
+from ..rollout.accounting import summarize
+from ..rollout.sampler import RolloutResult, TreeSampler
+from ..rollout.stopping import answer_predicate
+from . import checkpoint
+from .metrics_log import MetricsLog
+from .setup import PromptStream, check_configs, check_sharding, load_training_prompts
 from .update import PolicyUpdate
 
 log = logging.getLogger(__name__)
@@ -76,7 +80,8 @@ class Trainer:
         console: Optional[Console] = None,
     ):
         from accelerate import Accelerator, DistributedDataParallelKwargs
-        from .engines.transformers_engine import TransformersEngine
+
+        from ..engines.transformers_engine import TransformersEngine
 
         self.engine_cfg, self.sampler_cfg, self.reward_cfg, self.cfg = engine_cfg, sampler_cfg, reward_cfg, train_cfg
         self.console = console or Console(stderr=True)
@@ -92,7 +97,7 @@ class Trainer:
         self.stream = PromptStream(pool, sampler_cfg.seed)
 
         if model is None:
-            from .models import load_model
+            from ..engines.loading import load_model
 
             with self.console.status(f"loading model {engine_cfg.model} ..."):
                 model, tokenizer = load_model(engine_cfg)
@@ -131,7 +136,7 @@ class Trainer:
         self.step = 0
         self.rows: list[dict] = []
         self.evals: list[dict] = []
-        self.tb = None
+        self.log: Optional[MetricsLog] = None
 
     def rank_seed(self, step: int) -> int:
         """The sampling seed of this rank (at a resumed step, for more than one process)."""
@@ -163,7 +168,6 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> dict:
-        from .rollout import progress_bar
 
         if self.resume_from is not None:
             self._restore(self.resume_from)
@@ -198,11 +202,11 @@ class Trainer:
         while True:
             # Every rank draws the same prompts from the stream and rolls out its share of them.
             indices = self.stream.take(need)[self.rank :: self.world]
-            prompts = [self.stream.prompts[i] for i in indices]
             ids = [self.pool_ids[i] for i in indices]
-            result = self.sampler.rollout(ids, first_index=0, progress=progress) if ids else RolloutResult([])
+            # Each tree's prompt_index is its problem's place in the pool, so messages name a real prompt.
+            result = self.sampler.rollout(ids, indices=indices, progress=progress) if ids else RolloutResult([])
             results.append(result)
-            scored, fails = score_trees(result.trees, prompts, self.reward_fn, self.engine)
+            scored, fails = score_trees(result.trees, self.stream.prompts, self.reward_fn, self.engine)
             failures.update(fails)
             for j, tree in enumerate(result.trees):
                 if cfg.overlong_buffer:
@@ -299,35 +303,15 @@ class Trainer:
     # -- logs, checkpoints, the end -----------------------------------------------------------
     def _open_logs(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        path = self.out / "metrics.jsonl"
         # Keep only the rows the checkpoint covers: steps after it will be redone.
-        self.rows = [r for r in _read_rows(path) if r.get("step", 0) <= self.step] if self.resume_from else []
+        self.log = MetricsLog(self.out, main=self.accelerator.is_main_process, tensorboard=self.cfg.tensorboard)
+        self.rows = self.log.open(self.step if self.resume_from else None)
         self.evals = [{k: v for k, v in r.items() if k != "step" and k.startswith("eval")} for r in self.rows
                       if "eval_step" in r]
-        self._metrics = None
-        if not self.accelerator.is_main_process:
-            return
-        io.write_jsonl(path, self.rows)
-        self._metrics = open(path, "a", encoding="utf-8")
-        if self.cfg.tensorboard and self.accelerator.is_main_process:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                log.warning("tensorboard is not installed: metrics go to metrics.jsonl only (pip install tensorboard)")
-            else:
-                self.tb = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1 if self.step else None)
 
     def _log(self, row: dict) -> None:
         self.rows.append(row)
-        if not self.accelerator.is_main_process:
-            return
-        self._metrics.write(json.dumps(row) + "\n")
-        self._metrics.flush()
-        if self.tb is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "step" and value is not None:
-                    self.tb.add_scalar(key, value, row["step"])
-            self.tb.flush()
+        self.log.write(row)
 
     def save_checkpoint(self) -> Optional[Path]:
         if not self.accelerator.is_main_process:
@@ -372,12 +356,9 @@ class Trainer:
                 "reward": asdict(self.reward_cfg), "train": asdict(self.cfg)}
 
     def _finish(self) -> dict:
-        from .plots import plot_training
+        from ..viz.plots import plot_training
 
-        if self._metrics is not None:
-            self._metrics.close()
-        if self.tb is not None:
-            self.tb.close()
+        self.log.close()
         train_rows = [r for r in self.rows if "reward_mean" in r]
         summary = {
             "steps": self.step,
@@ -399,18 +380,6 @@ class Trainer:
             self.console.print(f"wrote {self.out}/model, metrics.jsonl, summary.json"
                                + "".join(f", {p.name}" for p in pictures))
         return summary
-
-
-def _read_rows(path: Path) -> list[dict]:
-    """metrics.jsonl rows; a line cut short by a kill is skipped."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
 
 
 def _brief(row: dict) -> str:

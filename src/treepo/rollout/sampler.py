@@ -1,10 +1,10 @@
-"""Segment-wise tree sampling (spec section 2): grow every prompt's tree in lockstep.
+"""Segment-wise tree sampling (TreePO): grow every prompt's tree in lockstep.
 
 Each round sends every active path of every prompt to the engine in one batched call, then, per
 prompt, classifies the new segments (`stopping.classify`), decides how many children each
-surviving path gets (`children_total`, `split_children`), and backtracks from finished paths when
-a prompt has no active path left but fewer than `width` trajectories (`plan_fallback`). The
-decision functions are pure over explicit tree data; `TreeSampler` is the loop around them.
+surviving path gets (`branching.children_total`, `split_children`), and backtracks from finished paths
+when a prompt has no active path left but fewer than `width` trajectories (`plan_fallback`). The
+decision functions (`branching.py`) are pure over explicit tree data; `TreeSampler` is the loop around them.
 
 With an environment (`treepo.envs`), a model segment that closes its assistant turn (EOS or a
 stop string) and does not finish the path gets the environment's reply as an env node, the path's
@@ -19,137 +19,21 @@ one assistant turn each; backtracking forks only where the model is the next to 
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-from .config import SamplerConfig
-from .errors import InputError
-from .engines.base import Engine, SegmentOutput, SegmentRequest
-from .envs.base import EnvError, Environment, PathView, check_env, load_env, path_view, turn_token_ids
+from ..config import SamplerConfig
+from ..engines.base import Engine, SegmentOutput, SegmentRequest
+from ..envs.base import EnvError, Environment, PathView, check_env, load_env, path_view, turn_token_ids
+from ..errors import InputError
+from ..tree import Node, NodeId, PromptTree
+from .branching import children_total, divergence_temperature, path_score, plan_fallback, root_fanout, split_children
 from .stopping import AnswerPredicate, answer_predicate, classify
-from .tree import ROOT, Node, NodeId, PromptTree
 
 log = logging.getLogger(__name__)
 ENV_ERRORS_LOGGED = 5  # environment errors logged in full per sampler; after that one line per 100
-
-# ---------------------------------------------------------------------------------------------
-# Pure decisions
-# ---------------------------------------------------------------------------------------------
-
-
-def root_fanout(cfg: SamplerConfig, rng: random.Random) -> int:
-    """Initial divergence: fixed, or uniform in [lo, hi] per prompt."""
-    lo, hi = cfg.root_fanout_range
-    return lo if lo == hi else rng.randint(lo, hi)
-
-
-def children_total(active: int, finished_now: int, remaining: int, branching: int) -> int:
-    """Children this round: max(A, min(remaining, b*A + b*F)).
-
-    The b*F term is budget transfer: the forks finished paths would have had go to the survivors.
-    `remaining` = width - trajectories finished so far, so active + finished never exceeds width.
-    """
-    return max(active, min(remaining, branching * active + branching * finished_now))
-
-
-def largest_remainder(n: int, weights: Sequence[float]) -> list[int]:
-    """Split integer n in proportion to weights (Hamilton's method); ties go to the earlier index."""
-    total = sum(weights)
-    quotas = [n * w / total for w in weights]
-    counts = [math.floor(q) for q in quotas]
-    by_remainder = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - counts[i]), i))
-    for i in by_remainder[: n - sum(counts)]:
-        counts[i] += 1
-    return counts
-
-
-def divergence_temperature(cfg: SamplerConfig, progress: float) -> float:
-    """Softmax temperature at training progress in [0, 1]: constant, or cosine from start to end."""
-    if cfg.divergence_temperature_end is None:
-        return cfg.divergence_temperature
-    p = min(max(progress, 0.0), 1.0)
-    start, end = cfg.divergence_temperature, cfg.divergence_temperature_end
-    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * p))
-
-
-def _mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs) if xs else 0.0
-
-
-def path_score(tree: PromptTree, node: Node, cfg: SamplerConfig) -> float:
-    """What the probability / entropy policies rank a path by (higher = more children)."""
-    if cfg.divergence_policy == "entropy":
-        return _mean(node.entropies)
-    if cfg.divergence_score == "last_mean":
-        lp = _mean(node.logprobs)
-    else:
-        all_lp = [x for n in tree.path(node.id) for x in n.logprobs]
-        lp = _mean(all_lp) if cfg.divergence_score == "path_mean" else sum(all_lp)
-    return -lp if cfg.divergence_policy == "low_prob" else lp
-
-
-def split_children(
-    total: int, scores: Sequence[float], cfg: SamplerConfig, rng: random.Random, temperature: float
-) -> list[int]:
-    """Children per active path: at least one each (one child = the path just continues), summing to total."""
-    n = len(scores)
-    assert total >= n >= 1, (total, n)
-    if cfg.divergence_policy == "fixed_avg":
-        base, rem = divmod(total, n)
-        counts = [base] * n
-        for i in rng.sample(range(n), rem):
-            counts[i] += 1
-        return counts
-    top = max(scores)
-    weights = [math.exp((s - top) / temperature) for s in scores]  # softmax, shifted for stability
-    return [1 + extra for extra in largest_remainder(total - n, weights)]
-
-
-CLEAN_ENDS = ("answer", "eos", "stop", "env_done")  # what fallback_policy='finished' reopens
-
-
-def plan_fallback(
-    tree: PromptTree, need: int, cfg: SamplerConfig, rng: random.Random
-) -> list[NodeId]:
-    """New node ids that regrow `need` paths from segment-aligned cuts of finished paths.
-
-    Candidates (by `fallback_policy`) are shuffled and visited in turn; each visit cuts the path
-    at a random fork point (`PromptTree.fork_points`: every segment boundary, or with an
-    environment only where the model speaks next; go back j >= 1 of them) and forks up to
-    `branching` children there. With no candidates the paths restart from the prompt. New ids
-    keep the kept prefix's ids, so they join the same advantage subgroups, and never reuse an
-    existing index.
-    """
-    if cfg.fallback_policy == "root":
-        candidates: list[NodeId] = []
-    elif cfg.fallback_policy == "any":
-        candidates = list(tree.leaves)
-    else:
-        candidates = [leaf for leaf in tree.leaves if tree.nodes[leaf].finish_reason in CLEAN_ENDS]
-    rng.shuffle(candidates)
-
-    planned: list[NodeId] = []
-    next_index: dict[NodeId, int] = {}
-    visit = 0
-    while len(planned) < need:
-        if candidates:
-            leaf = candidates[visit % len(candidates)]
-            visit += 1
-            points = tree.fork_points(leaf)  # root side first; without env turns: leaf[:0] .. leaf[:-1]
-            limit = min(len(points), cfg.fallback_max_backtrack or len(points))
-            cut = rng.randint(1, limit)
-            fork_at = points[-cut]
-        else:
-            fork_at = ROOT
-        start = next_index.get(fork_at, tree.next_child_index(fork_at))
-        count = min(cfg.branching, need - len(planned))
-        planned += [fork_at + (start + k,) for k in range(count)]
-        next_index[fork_at] = start + count
-    return planned
-
 
 # ---------------------------------------------------------------------------------------------
 # The loop
@@ -191,6 +75,7 @@ class TreeSampler:
         self.engine = engine
         self.predicate = predicate if predicate is not None else answer_predicate(cfg)
         self.on_round = on_round
+        self._group: dict[int, int] = {}  # id(tree) -> the engine group of each tree of the current rollout
         if env is not None:
             check_env(env, type(env).__name__)
         self.env = env if env is not None else load_env(cfg.env, cfg.env_args)
@@ -213,13 +98,22 @@ class TreeSampler:
         prompts: Sequence[Sequence[int]],
         *,
         first_index: int = 0,
+        indices: Optional[Sequence[int]] = None,
         progress: float = 0.0,
     ) -> RolloutResult:
-        """Exactly `width` trajectories for every prompt. `progress` in [0, 1] drives schedules."""
+        """Exactly `width` trajectories for every prompt. `progress` in [0, 1] drives schedules.
+
+        Tree i gets `prompt_index` `indices[i]` (its prompt's place in the caller's pool; may repeat),
+        else `first_index + i`; the engine sees each tree of the call as group `first_index + i`.
+        """
         cfg = self.cfg
         if not prompts:
             return RolloutResult(trees=[])
-        trees = [PromptTree(prompt_index=first_index + i, prompt_ids=list(p)) for i, p in enumerate(prompts)]
+        if indices is not None and len(indices) != len(prompts):
+            raise ValueError(f"rollout: {len(indices)} indices for {len(prompts)} prompts")
+        trees = [PromptTree(prompt_index=first_index + i if indices is None else int(indices[i]), prompt_ids=list(p))
+                 for i, p in enumerate(prompts)]
+        self._group = {id(t): first_index + i for i, t in enumerate(trees)}
         for t in trees:
             if not t.prompt_ids:
                 raise InputError(f"prompt {t.prompt_index} is empty: give at least one token.")
@@ -233,7 +127,7 @@ class TreeSampler:
         for t in trees:
             t.root_fanout = root_fanout(cfg, self.rng)
             pending += [self._request(t, (j,)) for j in range(t.root_fanout)]
-        by_group = {t.prompt_index: t for t in trees}
+        by_group = {self._group[id(t)]: t for t in trees}
         done = 0
         rounds = 0
         while pending:
@@ -273,7 +167,7 @@ class TreeSampler:
         parent = node_id[:-1]
         used = sum(len(n) for n in tree.path(parent))
         return SegmentRequest(
-            group=tree.prompt_index,
+            group=self._group[id(tree)],
             node_id=node_id,
             context=tuple(tuple(chunk) for chunk in tree.context(parent)),
             max_new_tokens=min(self.cfg.segment_cap, self.cfg.response_budget - used),

@@ -1,4 +1,4 @@
-"""What tree sampling saved (spec section 4), measured and structural.
+"""What tree sampling saved, measured and structural.
 
 - leaf tokens: the sum of the trajectories' response lengths, i.e. what independent sampling
   decodes for the same leaves;
@@ -7,8 +7,8 @@
 
 The structural bound is what this sampler saves for a config when no path stops early: it runs
 the sampler itself on a stub engine that always decodes full segments, so branching, the width
-cap and fallbacks follow the configured rules exactly. For a full b-ary tree it is the spec's
-1 - b(1 - b^-d) / ((b - 1) d) (53.1% for b=2, d=4, width 16). Where the config draws at random
+cap and fallbacks follow the configured rules exactly. For a full b-ary tree whose leaves all reach
+depth d it is 1 - b(1 - b^-d) / ((b - 1) d) (53.1% for b=2, d=4, width 16). Where the config draws at random
 (a root fan-out range, or fallback cuts with `fallback_policy=any`) it is the mean over 32 seeds.
 A run without early stops saves exactly this; early stops move the measured saving either way
 (budget transfer gives a finished path's forks to the survivors).
@@ -22,8 +22,8 @@ from collections import Counter
 from dataclasses import asdict, replace
 from typing import Iterable, Sequence
 
-from .config import SamplerConfig
-from .engines.base import EngineStats, SegmentOutput, SegmentRequest
+from ..config import SamplerConfig
+from ..engines.base import EngineStats, SegmentOutput, SegmentRequest
 from .sampler import RolloutResult, TreeSampler
 
 BOUND_SEEDS = 32

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .config import EngineConfig
-from .errors import ConfigError, InputError
+from ..config import EngineConfig
+from ..errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def load_tokenizer(cfg: EngineConfig):
     """(tokenizer, context length) of the configured model, without its weights (for the server engine)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .engines.transformers_engine import context_length
+    from .transformers_engine import context_length
 
     folder = resolve_model_dir(cfg.model)
     try:
@@ -159,11 +159,11 @@ def load_tokenizer(cfg: EngineConfig):
 def load_engine(cfg: EngineConfig, seed: int = 0):
     """The engine for a config: the embedded `TransformersEngine`, or a `ServerEngine` (engine='server')."""
     if cfg.engine == "server":
-        from .engines.server import ServerEngine
+        from .server import ServerEngine
 
         tokenizer, context = load_tokenizer(cfg)
         return ServerEngine(cfg, tokenizer, seed=seed, max_context=context)
-    from .engines.transformers_engine import TransformersEngine
+    from .transformers_engine import TransformersEngine
 
     model, tokenizer = load_model(cfg)
     return TransformersEngine(model, tokenizer, cfg, seed=seed)

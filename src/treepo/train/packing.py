@@ -13,7 +13,7 @@ Two trajectories of one tree share their prompt and every segment above their fo
 token, so the trie holds each segment once (and a system prompt common to several prompts once).
 A token has one path to the root, so its log-prob is the same for every trajectory carrying it:
 it is read from the logits of its predictor (its parent in the trie). The loss gathers those
-per-token log-probs back into the flat `[S, R]` layout of `policy.collate` (one row per
+per-token log-probs back into the flat `[S, R]` layout of `logprobs.collate` (one row per
 trajectory) and applies `ppo_loss` unchanged: a shared token's loss is the sum over the
 trajectories that carry it, each with its own advantage, normalised as the flat token-mean is.
 The gather's backward adds the copies' gradients, so gradients equal the flat computation's.
@@ -32,9 +32,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .errors import InputError
-from .policy import Batch, Sample, collate, token_distribution
-from .tree import PromptTree
+from ..errors import InputError
+from .logprobs import Batch, Sample, collate, token_distribution
 
 log = logging.getLogger(__name__)
 
@@ -112,32 +111,6 @@ def tree_attention(rows: Sequence[PackedRow], length: int) -> torch.Tensor:
     return allowed
 
 
-def check_tree(tree: PromptTree) -> None:
-    """A tree whose node paths and tokens disagree cannot be packed (nor trained): say where."""
-    for node_id, node in tree.nodes.items():
-        where = f"prompt {tree.prompt_index}, node {list(node_id)}"
-        if len(node.logprobs) != len(node.token_ids):
-            raise InputError(f"{where}: {len(node.token_ids)} tokens but {len(node.logprobs)} log-probs; the tree "
-                             "file is damaged: roll it out again.")
-        if len(node_id) > 1 and node_id[:-1] not in tree.nodes:
-            raise InputError(f"{where}: its parent {list(node_id[:-1])} is missing; the tree file is damaged: roll it "
-                             "out again.")
-        expected = 0 if len(node_id) == 1 else tree.nodes[node_id[:-1]].end
-        if node.start != expected:
-            raise InputError(f"{where}: starts at response offset {node.start} but its path's segments end at "
-                             f"{expected}; the node's path and tokens disagree: roll the tree out again.")
-    for leaf in tree.leaves:
-        if leaf not in tree.nodes:
-            raise InputError(f"prompt {tree.prompt_index}: leaf {list(leaf)} has no node; roll the tree out again.")
-
-
-def pack_trees(trees: Sequence[PromptTree]) -> PackedRow:
-    """One row for some trees' trajectories (prompt + response per leaf, in leaf order, tree by tree)."""
-    for tree in trees:
-        check_tree(tree)
-    return pack_sequences([list(t.prompt_ids) + t.response_ids(leaf) for t in trees for leaf in t.leaves])
-
-
 # ---------------------------------------------------------------------------------------------
 # Batches for the model
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +126,7 @@ class PackedBatch:
     row                        [S]           packed row of each trajectory
     pred / target              [S, R]        index into `keep` of each response token's predictor;
                                               response token ids (0 on padding)
-    flat                       the `policy.Batch` of the same samples (mask, advantages, old log-probs)
+    flat                       the `logprobs.Batch` of the same samples (mask, advantages, old log-probs)
     """
 
     input_ids: torch.Tensor
@@ -245,7 +218,7 @@ def _pack(samples: Sequence[Sample], idx: Sequence[int]) -> PackedRow:
 def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0, with_entropy: bool = False
                     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(log-probs [S, R], entropies [S, R] or None) of every trajectory's response tokens, in the
-    flat layout of `batch.flat`, from one packed forward pass (see `policy.response_logprobs`)."""
+    flat layout of `batch.flat`, from one packed forward pass (see `logprobs.response_logprobs`)."""
     out = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -293,7 +266,7 @@ def unsupported_reason(model, probe: bool = True) -> Optional[str]:
 @torch.no_grad()
 def _probe(model) -> Optional[str]:
     """Compare packed and flat log-probs on a small random tree (prompt, two forks)."""
-    from .policy import response_logprobs
+    from .logprobs import response_logprobs
 
     vocab = model.get_input_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)

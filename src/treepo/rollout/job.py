@@ -20,25 +20,19 @@ from pathlib import Path
 from typing import Optional
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import io
+from .. import io
+from ..config import EngineConfig, RolloutConfig, SamplerConfig
+from ..engines.base import Engine
+from ..envs import load_env, system_prompt_with
+from ..progress import progress_bar
+from ..prompts import choose_prompts, render
 from .accounting import summarize
-from .config import EngineConfig, RolloutConfig, SamplerConfig
-from .engines.base import Engine
-from .envs import load_env, system_prompt_with
-from .prompts import Prompt, load_jsonl, load_task, parse_task_args, render
 from .sampler import RolloutResult, RoundInfo, TreeSampler
 from .stopping import answer_predicate
 
 log = logging.getLogger(__name__)
-
-
-def load_prompts(cfg: RolloutConfig, seed: int) -> list[Prompt]:
-    if cfg.prompts:
-        return load_jsonl(cfg.prompts, cfg.num_prompts)
-    return load_task(cfg.task or "gsm_symbolic", cfg.num_prompts, seed, parse_task_args(cfg.task_args))
 
 
 def run_rollout(
@@ -54,13 +48,13 @@ def run_rollout(
     out = io.check_output_dir(rollout_cfg.out)
     predicate = answer_predicate(sampler_cfg)  # imports a custom predicate now, before model work
     env = load_env(sampler_cfg.env, sampler_cfg.env_args)  # and the environment
-    prompts = load_prompts(rollout_cfg, sampler_cfg.seed)
+    prompts = choose_prompts(rollout_cfg, sampler_cfg.seed)
     if engine_cfg.engine == "server":
-        from .engines.server import check_sampler_config
+        from ..engines.server import check_sampler_config
 
         check_sampler_config(sampler_cfg)
     if engine is None:
-        from .models import load_engine
+        from ..engines.loading import load_engine
 
         with console.status(f"loading model {engine_cfg.model} ..."):
             engine = load_engine(engine_cfg, seed=sampler_cfg.seed)
@@ -120,19 +114,6 @@ def write_outputs(out: Path, results: list[RolloutResult], summary: dict, engine
         io.write_jsonl(stage / "rollouts.jsonl", rows())
         io.write_jsonl(stage / "trees.jsonl", (t.to_dict() for t in trees))
         io.write_json(stage / "summary.json", summary)
-
-
-def progress_bar(console: Console, unit: str = "prompts") -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn(unit),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-        transient=False,
-    )
 
 
 def summary_table(summary: dict) -> Table:

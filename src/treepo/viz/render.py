@@ -22,21 +22,14 @@ from html import escape
 from pathlib import Path
 from typing import Any, Optional
 
-from . import io
-from .errors import InputError
-from .tree import ROOT, NodeId, PromptTree
+from .. import io
+from ..errors import InputError
+from ..tree import FINISH_REASONS, ROOT, NodeId, PromptTree
 
-REASON_COLOURS = {
-    "answer": "#4c78a8",
-    "eos": "#54a24b",
-    "max_tokens": "#f58518",
-    "depth": "#b279a2",
-    "repetition": "#9d755d",
-    "stop": "#72b7b2",
-    "max_turns": "#e45756",
-    "env_done": "#eeca3b",
-    "env_error": "#d62728",
-}
+# One colour per finish reason, in the order of tree.FINISH_REASONS (a new reason needs a colour here).
+_PALETTE = ("#4c78a8", "#54a24b", "#f58518", "#b279a2", "#9d755d", "#72b7b2", "#e45756", "#eeca3b", "#d62728")
+assert len(_PALETTE) >= len(FINISH_REASONS), "give every finish reason in tree.FINISH_REASONS a colour"
+REASON_COLOURS = dict(zip(FINISH_REASONS, _PALETTE))
 INTERNAL_COLOUR = "#9e9e9e"
 ENV_COLOUR = "#17becf"  # environment turns
 GOOD, BAD = "#1a7f37", "#cf222e"  # reward > 0, reward <= 0
@@ -369,36 +362,6 @@ def _draw_tree(ax, tree: PromptTree) -> None:
     prompt = snippet(tree.prompt_text, 45) if tree.prompt_text else ""
     ax.set_title(f"prompt {tree.prompt_index}: {prompt}\n{len(tree.nodes)} nodes, {len(tree.leaves)} leaves, "
                  f"{tree.fallbacks} fallback rounds", fontsize=9)
-
-
-# -- terminal ------------------------------------------------------------------------------------
-
-
-def terminal_tree(tree: PromptTree, width: int = 48):
-    """A `rich.tree.Tree` of one prompt's tree: segment snippets, env turns tagged, leaves with their reason."""
-    from rich.markup import escape as esc
-    from rich.tree import Tree
-
-    def label(node_id: NodeId) -> str:
-        node = tree.nodes[node_id]
-        text = esc(snippet(node.text, width))
-        if node.env:
-            return f"[bold {ENV_COLOUR}]env[/] [italic {ENV_COLOUR}]{text}[/] [dim]({len(node)} tokens, not trained)[/]"
-        out = f"{text} [dim]({len(node)} tokens{', fallback' if node.fallback else ''})[/]"
-        if node_id in tree.leaves:
-            reward = tree.rewards.get(node_id)
-            colour = REASON_COLOURS.get(node.finish_reason or "", "#888888")
-            out += f" [bold {colour}]{esc(node.finish_reason or '?')}[/]"
-            out += "" if reward is None else f" r={reward:.3g}"
-        return out
-
-    top = Tree(f"[bold]prompt {tree.prompt_index}[/] {esc(snippet(tree.prompt_text, width))}")
-    todo = [(top, ROOT)]
-    while todo:
-        branch, node_id = todo.pop()
-        for child in tree.children(node_id):
-            todo.append((branch.add(label(child)), child))
-    return top
 
 
 # -- files ---------------------------------------------------------------------------------------

@@ -6,8 +6,10 @@
 
 - reward.png: reward mean (top) and accuracy (bottom) per step, each with a rolling mean once
   there are ROLLING_MIN_POINTS points; held-out eval accuracy as markers;
-- savings.png: cumulative decoded vs cumulative leaf tokens (what independent sampling would
-  decode), with the per-step saving ratio on a second axis.
+- savings.png: cumulative decoded vs cumulative leaf tokens (the tokens of the tree's own leaves,
+  each counted once per leaf), with the per-step saving against those leaves on a second axis.
+  This is the structural saving; it is not a saving against independent sampling, whose answers
+  are shorter where paths stop early (tree leaves lean toward long paths).
 
 A value that is missing, None or not a finite number drops that point only. Figures are bare
 `Figure`s (drawn by Agg when saved as PNG), not pyplot: no global backend switch. Every figure is
@@ -24,8 +26,8 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from . import io
-from .errors import InputError
+from .. import io
+from ..errors import InputError
 
 DPI = 110
 ROLLING_MIN_POINTS = 5
@@ -99,7 +101,7 @@ def savings_figure(rows: list[dict]):
     fig = Figure(figsize=(9, 5))
     ax = fig.subplots()
     lines = []
-    for key, label in (("leaf_tokens", "leaf tokens (independent sampling)"), ("decoded_tokens", "decoded tokens")):
+    for key, label in (("leaf_tokens", "leaf tokens (the tree's own leaves)"), ("decoded_tokens", "decoded tokens")):
         steps, values = series(rows, key)
         if len(steps):
             lines += ax.plot(steps, np.cumsum(values), lw=2, color=COLOURS[key.split("_")[0]],
@@ -110,8 +112,8 @@ def savings_figure(rows: list[dict]):
     if len(steps):
         ratio_ax = ax.twinx()
         lines += ratio_ax.plot(steps, 100 * ratio, ls=":", lw=1, marker="o", ms=3, color=COLOURS["ratio"],
-                               label="per-step saving ratio")
-        ratio_ax.set_ylabel("saving ratio (%)")
+                               label="per-step saving vs own leaves")
+        ratio_ax.set_ylabel("saving vs own leaves (%)")
         ratio_ax.set_ylim(min(0.0, 100 * ratio.min()) - 2, max(100.0, 100 * ratio.max()) + 2)
     if lines:
         ax.legend(handles=lines, loc="upper left")
@@ -119,8 +121,8 @@ def savings_figure(rows: list[dict]):
         _no_data(ax)
     ax.grid(True, alpha=0.3)
     overall = overall_saving(rows)
-    ax.set_title("Tokens decoded by tree sampling vs independent sampling"
-                 + (f" (overall saving {overall:.1%})" if overall is not None else ""))
+    ax.set_title("Tokens decoded by tree sampling vs its own leaves' tokens"
+                 + (f" (structural saving {overall:.1%})" if overall is not None else ""))
     fig.tight_layout()
     return fig
 

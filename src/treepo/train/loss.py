@@ -1,4 +1,4 @@
-"""The TreePO policy loss (spec section 6): PPO clip with clip-higher and dual clip, token-mean.
+"""The TreePO policy loss: PPO clip with clip-higher and dual clip, token-mean.
 
 Per response token t with ratio r = exp(logp - old_logp) and advantage A:
 

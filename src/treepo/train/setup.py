@@ -4,24 +4,23 @@
   whose weight sharding the rollout engine cannot serve; a ConfigError names the fix;
 - `load_training_prompts`: the training pool (a JSONL file or a reasoning-gym task) and the
   held-out problems; `PromptStream`: the pool cycled in a seeded order with a resumable position;
-- `overlong_penalty`: DAPO's soft penalty for responses near the length budget.
 """
 
 from __future__ import annotations
 
-import logging
 import random
 from dataclasses import dataclass, field
 
-from .config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig
-from .errors import ConfigError, InputError
-from .prompts import Prompt, load_heldout, load_jsonl, load_task, parse_task_args
-
-log = logging.getLogger(__name__)
+from ..config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig
+from ..errors import ConfigError, InputError
+from ..prompts import Prompt, choose_prompts, load_heldout, parse_task_args
 
 
 def check_configs(engine: EngineConfig, sampler: SamplerConfig, reward: RewardConfig, train: TrainConfig) -> None:
     """Combinations no single config can see; a ConfigError names the fields and the fix."""
+    if engine.engine != "transformers":
+        raise ConfigError("engine='server' cannot train: treepo train samples from the live policy weights with the "
+                          "embedded engine; drop --engine server (use it with treepo rollout and treepo eval).")
     if sampler.width < 2:
         raise ConfigError(
             f"width={sampler.width} with advantage={train.advantage!r}: a group of one trajectory has advantage 0 "
@@ -33,9 +32,6 @@ def check_configs(engine: EngineConfig, sampler: SamplerConfig, reward: RewardCo
     if train.eval_prompts and train.prompts:
         raise ConfigError("eval_prompts needs a reasoning-gym task for its held-out split; with --prompts, "
                           "set --eval_prompts 0 and run `treepo eval --prompts TEST.jsonl` on the result.")
-    if train.old_logprobs == "engine" and (engine.top_p < 1 or engine.top_k > 0):
-        log.warning("old_logprobs='engine' with top_p/top_k: the engine's log-probs are of the untruncated "
-                    "distribution, as the policy's are, so the ratio is still consistent.")
 
 
 def check_sharding(accelerator) -> None:
@@ -50,14 +46,6 @@ def check_sharding(accelerator) -> None:
         what = "FSDP" if kind == DistributedType.FSDP else "DeepSpeed ZeRO-3"
         raise ConfigError(f"{what} shards the weights, but each rank's rollout engine needs all of them: launch with "
                           "DDP (`accelerate launch --multi_gpu`) or DeepSpeed ZeRO stage 1 or 2.")
-
-
-def overlong_penalty(length: int, budget: int, buffer: int, factor: float) -> float:
-    """DAPO's soft overlong penalty: 0 up to budget - buffer tokens, then falling linearly to
-    -factor at the budget (and beyond)."""
-    if buffer <= 0 or length <= budget - buffer:
-        return 0.0
-    return -factor * min(1.0, (length - (budget - buffer)) / buffer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,13 +78,14 @@ class PromptStream:
 def load_training_prompts(train: TrainConfig, reward: RewardConfig, seed: int) -> tuple[list[Prompt], list[Prompt]]:
     """(training pool, held-out problems)."""
     if train.prompts:
-        pool = load_jsonl(train.prompts, train.num_prompts)
+        pool = choose_prompts(train, seed)
         missing = [i for i, p in enumerate(pool) if p.answer is None]
         if missing and reward.reward in ("auto", "math_verify"):
             raise InputError(f"{train.prompts}: row {missing[0] + 1} has no 'answer' column, which the "
                              f"{reward.reward} reward needs; add answers or pass --reward module:function.")
         return pool, []
-    args = parse_task_args(train.task_args)
-    pool = load_task(train.task, train.num_prompts, seed, args)
-    heldout = load_heldout(train.task, train.eval_prompts, seed, args, {p.question for p in pool}) if train.eval_prompts else []
+    pool = choose_prompts(train, seed)
+    if not train.eval_prompts:
+        return pool, []
+    heldout = load_heldout(train.task, train.eval_prompts, seed, parse_task_args(train.task_args), {p.question for p in pool})
     return pool, heldout

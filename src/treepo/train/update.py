@@ -6,7 +6,7 @@
     update   = gradient accumulation over micro-batches, one optimizer step, normalised to the
                token-mean over the update's tokens on all ranks
 
-A micro-batch runs either flat (`policy.collate`: one padded row per trajectory) or packed
+A micro-batch runs either flat (`logprobs.collate`: one padded row per trajectory) or packed
 (`packing.pack_samples`: the unique tokens of whole prompt groups, one row, a tree mask). Both
 give log-probs in the same `[S, R]` layout, so the loss code is one.
 """
@@ -22,11 +22,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..config import TrainConfig
+from ..tree import check_tree
 from .advantages import token_advantages, whiten
-from .config import TrainConfig
+from .logprobs import Batch, Sample, collate, response_logprobs
 from .loss import ppo_loss
 from .packing import PackedBatch, PackingError, pack_samples, packed_logprobs, sliding_window, unsupported_reason
-from .policy import Batch, Sample, collate, response_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ def build_samples(trees, advantage: str, whiten_advantages: bool, reduce_sum=Non
     tokens (on every rank: `reduce_sum` sums a tensor over ranks)."""
     samples = []
     for g, tree in enumerate(trees):
+        check_tree(tree)
         leaves = list(tree.leaves)
         rewards = [tree.rewards[leaf] for leaf in leaves]
         ids, seg_lengths = zip(*(tree.model_path(leaf) for leaf in leaves))  # env levels dropped (tree.py)
@@ -44,7 +46,7 @@ def build_samples(trees, advantage: str, whiten_advantages: bool, reduce_sum=Non
             traj = tree.trajectory(leaf)
             if traj.token_ids:
                 samples.append(Sample(tree.prompt_ids, traj.token_ids, adv, traj.logprobs, group=g,
-                                      meta={"leaf": leaf, "prompt": tree.prompt_index}, loss_mask=traj.loss_mask))
+                                      meta={"prompt": tree.prompt_index}, loss_mask=traj.loss_mask))
     if whiten_advantages:  # over every trained response token of the step, on all ranks
         flat = torch.tensor([a for s in samples for a in s.advantages], dtype=torch.float64)
         mask = torch.tensor([m for s in samples for m in (s.loss_mask or [True] * len(s.advantages))],

@@ -15,16 +15,13 @@ Pure functions on plain Python values (numpy only), so an evaluation can be re-s
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError
-
-_SPACES = re.compile(r"\s+")
-
+from ..answers import normalize_answer
+from ..errors import InputError
 
 # -- per problem ---------------------------------------------------------------------------------
 
@@ -52,17 +49,6 @@ def mean_at_k(correct: Sequence[bool]) -> float:
     if len(correct) == 0:
         raise InputError("mean@k needs at least one sample per problem (got an empty list).")
     return float(np.mean([bool(x) for x in correct]))
-
-
-def normalize_answer(answer: Optional[str]) -> Optional[str]:
-    """The form answers are compared in: whitespace collapsed, ends stripped, trailing '.' dropped.
-
-    None, and an answer that is empty after normalising, mean "no answer" (None).
-    """
-    if answer is None:
-        return None
-    text = _SPACES.sub(" ", str(answer)).strip().rstrip(".").rstrip()
-    return text or None
 
 
 def majority_answer(answers: Sequence[Optional[str]], rng: Optional[np.random.Generator] = None) -> Optional[str]:

@@ -5,7 +5,7 @@
 "answer" (reference strings, may be None) and "entry" (the reasoning-gym entry, or the JSONL row).
 Three kinds:
 
-- "math_verify": the completion's final answer (`extract_answer`) is compared with the reference
+- "math_verify": the completion's final answer (`treepo.answers.extract_answer`) is compared with the reference
   by the `math_verify` package: +1 when equivalent (`1/2` == `0.5` == `\\frac{1}{2}`), else -1.
 - "reasoning_gym": the entry's own reasoning-gym scorer gives c in [0, 1]; the reward is 2c - 1,
   so the scale matches math_verify and partial credit survives. Correct means c >= 1.
@@ -21,20 +21,7 @@ Each failure event is logged as one warning line; only the first 5 and every 100
 Input problems (a missing reference answer, an entry with no reasoning-gym dataset) are not
 reward failures: they raise `InputError`, naming the row and the fix.
 
-Time limits.
-- Built-in scorers get `timeout` seconds per completion. In the main thread a SIGALRM interval
-  timer (`signal.setitimer`, which takes fractions of a second) interrupts the runaway
-  computation itself, by raising an exception that derives from BaseException so library
-  `except Exception` blocks cannot swallow it; an outer timer (e.g. pytest-timeout's) is put back
-  afterwards. Elsewhere (another thread, or an outer timer due sooner) the call runs in a daemon
-  thread that is abandoned at the limit. math_verify's own signal-based timeouts are switched off
-  (`parsing_timeout=None`, `timeout_seconds=None`): they break outside the main thread and
-  `signal.alarm` only takes whole seconds.
-- A custom function gets one call per batch, in a daemon worker thread, limited to
-  `timeout * len(completions)` seconds (the per-completion budget, scaled to the batch). At the
-  limit every completion of the call is a 'timeout'; the thread cannot be stopped, so it is
-  abandoned (logged once) and its late result ignored.
-Neither mechanism can interrupt one long C call that holds the GIL (e.g. a huge integer power).
+Time limits: see `treepo.rewards.timelimit`.
 """
 
 from __future__ import annotations
@@ -42,16 +29,14 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-import re
-import signal
-import threading
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from .errors import ConfigError, InputError
-from .stopping import last_boxed, load_callable
+from ..answers import extract_answer
+from ..errors import ConfigError, InputError
+from ..plugins import load_callable
+from .timelimit import CallResult, call_in_thread, call_with_timeout
 
 log = logging.getLogger(__name__)
 
@@ -68,112 +53,6 @@ class RewardOutcome:
     correct: list[bool]  # builtins: judged fully correct; custom functions: reward > 0
     answers: list[Optional[str]]  # extracted final answers (for majority vote), None if none
     failures: Counter = field(default_factory=Counter)  # kind -> number of completions
-
-
-# ---------------------------------------------------------------------------------------------
-# Answer extraction
-
-# A number: optional minus (not when it joins two terms, as in "10-12"), then digits with
-# thousands separators ("1,234,567") or plain digits, then an optional decimal part; or ".5".
-_NUMBER = re.compile(r"(?:(?<![\w)\]}])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?<!\d)\.\d+")
-
-
-def extract_answer(text: str) -> Optional[str]:
-    """The final answer in a completion, else None.
-
-    The content of the last complete `\\boxed{...}` (via `stopping.last_boxed`); an empty box
-    counts as no box. Otherwise the last number in the text (`-3`, `2.5`, `1,234` -> `1234`),
-    because small models rarely write a box.
-    """
-    boxed = last_boxed(text)
-    if boxed is not None and boxed.strip():
-        return boxed.strip()
-    numbers_found = _NUMBER.findall(text)
-    return numbers_found[-1].replace(",", "") if numbers_found else None
-
-
-# ---------------------------------------------------------------------------------------------
-# Time-limited calls
-
-
-class _Deadline(BaseException):
-    """Raised by our SIGALRM handler; a BaseException so a library's `except Exception` lets it by."""
-
-
-@dataclass
-class _Result:
-    status: str  # 'ok' | 'raised' | 'timeout'
-    value: Any = None
-    error: Optional[BaseException] = None
-    abandoned: bool = False  # timed out in a thread that still runs
-
-
-def _alarm_usable(seconds: float) -> bool:
-    """Whether a SIGALRM timer can bound a call here: main thread, POSIX, no outer alarm due first."""
-    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
-        return False
-    if signal.getsignal(signal.SIGALRM) is None:  # a handler installed from C: we could not restore it
-        return False
-    outer_remaining, _ = signal.getitimer(signal.ITIMER_REAL)
-    return not 0 < outer_remaining <= seconds
-
-
-def _call_with_alarm(fn: Callable[[], Any], seconds: float) -> _Result:
-    armed = True
-
-    def on_alarm(signum, frame):
-        if armed:  # a signal that lands after the call finished is ignored
-            raise _Deadline()
-
-    old_handler = signal.signal(signal.SIGALRM, on_alarm)
-    started = time.monotonic()
-    outer_remaining, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        try:
-            return _Result("ok", fn())
-        finally:
-            armed = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except _Deadline:
-        return _Result("timeout")
-    except Exception as e:
-        return _Result("raised", error=e)
-    finally:
-        signal.signal(signal.SIGALRM, old_handler)
-        if outer_remaining > 0:  # give an outer timer (pytest-timeout, the caller's) its remaining time back
-            left = max(outer_remaining - (time.monotonic() - started), 1e-6)
-            signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
-
-
-def _call_in_thread(fn: Callable[[], Any], seconds: float, name: str) -> _Result:
-    """Run fn in a daemon thread and wait at most `seconds`; at the limit the thread is abandoned."""
-    box: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - a SystemExit in a user function is a failure too
-            box["error"] = e
-
-    thread = threading.Thread(target=work, name=f"treepo-reward:{name}", daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        return _Result("timeout", abandoned=True)
-    if "error" in box:
-        return _Result("raised", error=box["error"])
-    return _Result("ok", box.get("value"))
-
-
-def _call_with_timeout(fn: Callable[[], Any], seconds: float, name: str) -> _Result:
-    """Interrupt fn by SIGALRM where possible, else run it in an abandonable thread."""
-    if _alarm_usable(seconds):
-        return _call_with_alarm(fn, seconds)
-    return _call_in_thread(fn, seconds, name)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reward functions
 
 
 def _describe(error: Optional[BaseException]) -> str:
@@ -275,7 +154,7 @@ class _AnswerReward(RewardFunction):
                 continue
             # Defaults bind this row's values now: an abandoned thread may run the lambda late.
             score = lambda answer=answer, context=contexts[i]: self._score(answer, context)  # noqa: E731
-            result = _call_with_timeout(score, self.timeout, self.name)
+            result = call_with_timeout(score, self.timeout, self.name)
             if result.status == "timeout":
                 self._fail(outcome, i, "timeout")
                 self._log_failure("timeout", 1, f"row {i}: scoring answer {answer[:80]!r} took over {self.timeout:g} s")
@@ -330,9 +209,9 @@ class MathVerifyReward(_AnswerReward):
             if not any(isinstance(f, _QuietTimeoutWarning) for f in logger.filters):
                 logger.addFilter(_QuietTimeoutWarning())
         self._math_verify = math_verify
-        self._gold: dict[str, _Result] = {}  # reference text -> its parse (or its failure), kept across calls
+        self._gold: dict[str, CallResult] = {}  # reference text -> its parse (or its failure), kept across calls
 
-    def _prepare(self, prompts: list[str], columns: dict[str, list]) -> list[_Result]:
+    def _prepare(self, prompts: list[str], columns: dict[str, list]) -> list[CallResult]:
         references = columns.get("answer") or [None] * len(prompts)
         for i, reference in enumerate(references):
             if reference is None or not str(reference).strip():
@@ -342,29 +221,28 @@ class MathVerifyReward(_AnswerReward):
                 )
         return [self._parse_gold(str(reference)) for reference in references]
 
-    def _parse_gold(self, reference: str) -> _Result:
+    def _parse_gold(self, reference: str) -> CallResult:
         """The reference parsed once (time-limited); a failed parse is remembered, not retried per completion."""
         if reference not in self._gold:
             if len(self._gold) >= _GOLD_CACHE_LIMIT:
                 self._gold.clear()
             mv = self._math_verify
-            self._gold[reference] = _call_with_timeout(
+            self._gold[reference] = call_with_timeout(
                 lambda: mv.parse(_as_latex(reference), parsing_timeout=None), self.timeout, self.name
             )
         return self._gold[reference]
 
-    def _context_failure(self, gold: _Result) -> Optional[tuple[str, str]]:
+    def _context_failure(self, gold: CallResult) -> Optional[tuple[str, str]]:
         if gold.status == "timeout":
             return "timeout", f"parsing the reference answer took over {self.timeout:g} s"
         if gold.status == "raised":
             return "raised", f"parsing the reference answer raised {_describe(gold.error)}"
         return None
 
-    def _score(self, answer: str, gold: _Result) -> float:
+    def _score(self, answer: str, gold: CallResult) -> float:
         mv = self._math_verify
         prediction = mv.parse(_as_latex(answer), parsing_timeout=None)
         return 1.0 if mv.verify(gold.value, prediction, timeout_seconds=None) else 0.0
-
 
 
 class ReasoningGymReward(_AnswerReward):
@@ -430,7 +308,7 @@ class CustomReward(RewardFunction):
         # Copies: an abandoned call must not see (or change) lists the caller goes on using.
         kwargs = {key: list(values) for key, values in columns.items()}
         limit = self.timeout * n
-        result = _call_in_thread(
+        result = call_in_thread(
             lambda: self.fn(prompts=list(prompts), completions=list(completions), **kwargs), limit, self.name
         )
         if result.status == "timeout":
@@ -482,10 +360,6 @@ def _reward_list(value: Any, n: int) -> tuple[Optional[list[Optional[float]]], s
     return rewards, ""
 
 
-# ---------------------------------------------------------------------------------------------
-# Building
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -514,10 +388,5 @@ def build_reward(
             f"reward={spec!r}: expected 'auto', 'math_verify', 'reasoning_gym' or 'module:function' "
             "(a function fn(prompts, completions, **columns) -> list[float] on the Python path)."
         )
-    try:
-        fn = load_callable(spec, "reward")
-    except ConfigError:
-        raise
-    except Exception as e:  # the user's module itself failed while importing
-        raise ConfigError(f"reward={spec!r}: importing module {module_name!r} raised {_describe(e)}.") from e
+    fn = load_callable(spec, "reward")
     return CustomReward(spec, fn, timeout=float(timeout), failure_reward=float(failure_reward))

@@ -23,8 +23,8 @@ from typing import Any, Optional
 
 import torch
 
-from . import io
-from .errors import InputError
+from .. import io
+from ..errors import InputError
 
 CHECKPOINTS = "checkpoints"
 

@@ -1,6 +1,6 @@
 """When a path stops: the answer predicate, the repetition detector, and the rule order.
 
-`classify` applies the spec's rules to a freshly generated segment, first match wins:
+`classify` applies the stopping rules to a freshly generated segment, first match wins:
 answer -> (the environment's check_finished) -> eos / stop -> max_tokens -> depth, with
 repetition first or last. It is a pure function of
 the segment, the whole response text and the config, so the sampler stays testable without a
@@ -9,44 +9,14 @@ model.
 
 from __future__ import annotations
 
-import importlib
 from collections import Counter
 from typing import Callable, Optional
 
-from .config import SamplerConfig
-from .errors import ConfigError
+from ..answers import has_boxed_answer
+from ..config import SamplerConfig
+from ..plugins import load_callable
 
 AnswerPredicate = Callable[[str], bool]
-
-_BOX_OPENERS = ("\\boxed{", "\\fbox{")
-
-
-def last_boxed(text: str) -> Optional[str]:
-    """Content of the last complete, brace-balanced `\\boxed{...}` (or `\\fbox{...}`), else None.
-
-    `\\boxed{\\frac{1}{2}}` gives `\\frac{1}{2}`; an unclosed box gives None.
-    """
-    best: Optional[str] = None
-    best_at = -1
-    for opener in _BOX_OPENERS:
-        start = text.rfind(opener)
-        while start != -1:
-            i, level = start + len(opener), 1
-            while i < len(text) and level:
-                level += {"{": 1, "}": -1}.get(text[i], 0)
-                i += 1
-            if level == 0:
-                if start > best_at:
-                    best, best_at = text[start + len(opener) : i - 1], start
-                break
-            start = text.rfind(opener, 0, start)  # unclosed: an earlier box may be complete
-    return best
-
-
-def has_boxed_answer(text: str) -> bool:
-    """The default answer predicate: the response holds a complete `\\boxed{}`."""
-    return last_boxed(text) is not None
-
 
 def is_repetitive(text: str, window: int, count: int) -> bool:
     """True when some `window`-character substring occurs at least `count` times (overlaps count)."""
@@ -54,19 +24,6 @@ def is_repetitive(text: str, window: int, count: int) -> bool:
         return False
     seen = Counter(text[i : i + window] for i in range(len(text) - window + 1))
     return max(seen.values()) >= count
-
-
-def load_callable(spec: str, what: str) -> Callable:
-    """Import 'module:function'; a clear error when the module or the name is missing."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"{what}={spec!r}: cannot import module {module_name!r} ({e}).") from e
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"{what}={spec!r}: module {module_name!r} has no callable {attr!r}.")
-    return fn
 
 
 def answer_predicate(cfg: SamplerConfig) -> Optional[AnswerPredicate]:

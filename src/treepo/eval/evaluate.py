@@ -1,0 +1,79 @@
+"""Evaluation: k samples per problem, tree or independent, scored as mean@k / pass@k / maj@k.
+
+`evaluate` is what both `treepo eval` (`eval/job.py`) and the trainer's held-out evaluation call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Callable, Optional, Sequence
+
+from ..config import SamplerConfig
+from ..engines.base import Engine
+from ..envs import system_prompt_with
+from ..errors import InputError
+from ..prompts import Prompt, render
+from ..rewards.scorers import RewardFunction
+from ..rewards.scoring import score_trees
+from ..rollout.accounting import summarize
+from ..rollout.sampler import TreeSampler
+from ..rollout.stopping import answer_predicate
+from .metrics import summarize_eval
+
+
+def evaluate(
+    engine: Engine,
+    sampler_cfg: SamplerConfig,
+    prompts: Sequence[Prompt],
+    reward_fn: RewardFunction,
+    *,
+    system_prompt: str,
+    k: int = 0,
+    batch_size: int = 8,
+    on_batch: Optional[Callable[[int], None]] = None,
+) -> tuple[dict, list[dict]]:
+    """(summary, per-sample rows) for `prompts`, `sampler_cfg.width` samples each."""
+    sampler = TreeSampler(sampler_cfg, engine, predicate=answer_predicate(sampler_cfg))
+    system_prompt = system_prompt_with(system_prompt, sampler.env)
+    ids = [render(p, engine.tokenizer, system_prompt) for p in prompts]
+    for i, p in enumerate(ids):
+        sampler.check_fits(p, i)
+    k = check_k(k, sampler_cfg.width)
+    problems, rows, results, failures = [], [], [], Counter()
+    for start in range(0, len(ids), batch_size):
+        t0 = time.perf_counter()
+        result = sampler.rollout(ids[start : start + batch_size], first_index=start)
+        scored, fails = score_trees(result.trees, prompts, reward_fn, engine)
+        seconds = time.perf_counter() - t0
+        failures.update(fails)
+        results.append(result)
+        for j, tree in enumerate(result.trees):
+            s = scored[j]
+            problems.append({"correct": s["correct"], "answers": s["answers"], "decoded_tokens": tree.decoded_tokens,
+                             "wall_seconds": seconds / len(result.trees)})
+            p = prompts[tree.prompt_index]
+            for leaf, text, ok, ans in zip(tree.leaves, s["texts"], s["correct"], s["answers"]):
+                rows.append({"prompt_index": tree.prompt_index, "question": p.question, "reference": p.answer,
+                             "node_path": list(leaf), "completion": text, "answer": ans, "correct": ok,
+                             "reward": tree.rewards[leaf], "finish_reason": tree.nodes[leaf].finish_reason})
+        if on_batch:
+            on_batch(len(result.trees))
+    summary = summarize_eval(problems, k)
+    rollout = summarize(results, sampler_cfg)
+    summary.update({
+        "mode": sampler_cfg.mode,
+        "width": sampler_cfg.width,
+        "leaf_tokens": rollout["leaf_tokens"],
+        "saving_ratio": rollout["saving_ratio"],
+        "reward_failures": dict(failures),
+        "wall_seconds": sum(p["wall_seconds"] for p in problems),
+    })
+    return summary, rows
+
+
+def check_k(k: int, width: int) -> int:
+    """k for mean@k / pass@k / maj@k (0 = width); it cannot exceed the samples per problem."""
+    if k > width:
+        raise InputError(f"k={k} exceeds width={width}: mean@k needs k samples per problem; raise --width or lower --k.")
+    return k or width
