@@ -16,7 +16,7 @@ from treepo.config import EngineConfig, SamplerConfig
 from treepo.engines.base import SegmentRequest
 from treepo.engines.server import ServerEngine
 from treepo.errors import ConfigError, InputError, ServerError
-from treepo.sampler import TreeSampler
+from treepo.rollout.sampler import TreeSampler
 
 SHAPE = dict(width=4, depth=3, segment_len=5, branching=2, seed=3)
 
@@ -264,7 +264,80 @@ def test_threads_end_with_close(server):
 
 
 def test_local_weights_are_not_loaded_for_a_server_config():
-    from treepo.models import load_model
+    from treepo.engines.loading import load_model
 
     with pytest.raises(ConfigError, match="local weights are loaded only for the embedded engine"):
         load_model(EngineConfig(engine="server", server_url=["http://127.0.0.1:9"]))
+
+
+# -- the text dialect (llama-cpp-python) when a sampled token's id is uncertain ---------------------
+
+
+class _ScriptedPool:
+    """Stands in for ServerPool: answers completion requests from a script, recording each body."""
+
+    def __init__(self, answers):
+        self.answers, self.bodies = list(answers), []
+
+    def post(self, path, body, parse, server=None):
+        self.bodies.append(body)
+        return parse(self.answers.pop(0))[0]
+
+
+def _text_engine(answers) -> ServerEngine:
+    from treepo.engines.base import EngineStats
+
+    eng = object.__new__(ServerEngine)  # no server: the dialect and the pool are set by hand
+    eng.cfg = EngineConfig(engine="server", server_url=["http://127.0.0.1:9"])
+    eng.tokenizer, eng.vocab_size, eng.eos_ids = tiny.tokenizer(), len(tiny.tokenizer()), set()
+    eng.stats, eng.seed, eng.model_name, eng.dialect = EngineStats(), 0, "m", "text"
+    eng.retokenized_contexts = eng.unmappable_tokens = 0
+    eng._lock = threading.Lock()
+    eng._strings = eng._string_table()
+    eng.pool = _ScriptedPool(answers)
+    return eng
+
+
+def _answer(strings, logprobs, finish):
+    return {"choices": [{"text": "".join(strings), "finish_reason": finish,
+                         "logprobs": {"tokens": strings, "token_logprobs": logprobs}}]}
+
+
+def _certain_strings(eng, n):
+    """n token strings that name one vocabulary entry each."""
+    return [(s, i) for s, i in eng._strings.items() if i >= 0 and len(s) > 1][:n]
+
+
+def test_an_uncertain_token_keeps_the_prefix_and_draws_the_rest_again():
+    probe = _text_engine([])
+    (a, id_a), (c, id_c), (e, id_e) = _certain_strings(probe, 3)
+    eng = _text_engine([_answer([a, "\ufffd", c], [-1.0, -2.0, -3.0], "length"), _answer([e], [-5.0], "stop")])
+    canonical = eng.tokenizer(a + "\ufffd" + c, add_special_tokens=False)["input_ids"]
+    assert len(canonical) != 3 or canonical[0] != id_a  # the text's tokenisation does not rescue it
+    request = SegmentRequest(0, (0,), ((5, 6, 7),), 4)
+    out = eng._complete(request, eng._body(request))
+    assert out.token_ids == [id_a, id_e] and out.logprobs == [-1.0, -5.0] and out.hit_eos  # never a guessed id
+    assert eng.unmappable_tokens == 1
+    first, again = eng.pool.bodies
+    assert again["max_tokens"] == 3 and again["seed"] != first["seed"]  # the rest, with another seed
+    assert again["prompt"] == first["prompt"] + a  # from the kept prefix
+
+
+def test_a_token_that_stays_uncertain_gives_a_shorter_segment_not_an_error():
+    from treepo.engines.server import MAX_REDRAWS
+
+    eng = _text_engine([_answer(["\ufffd"], [-1.0], "length")] * (MAX_REDRAWS + 1))
+    request = SegmentRequest(0, (0,), ((5, 6, 7),), 4)
+    out = eng._complete(request, eng._body(request))
+    assert out.token_ids == [] and not out.hit_eos
+    assert eng.unmappable_tokens == MAX_REDRAWS + 1 and not eng.pool.answers
+
+
+def test_the_start_up_probe_is_greedy_whatever_the_sampling_temperature(server):
+    eng = engine([server.url], temperature=1.0)
+    probe = server.completions[0]
+    assert probe["temperature"] == 0.0 and probe["max_tokens"] == 2
+    server.completions.clear()
+    TreeSampler(SamplerConfig(**SHAPE), eng).rollout(tiny.prompts()[:1])
+    assert {b["temperature"] for b in server.completions} == {1.0}  # the rollout samples as configured
+    eng.close()

@@ -22,8 +22,15 @@ Two dialects, found at start-up:
   to exactly the context's ids (a mismatch, possible after an unusual sampled token split, is
   counted in `retokenized_contexts` and warned about once); the sampled ids are read from the
   per-token strings of `logprobs.tokens` (each maps to one vocabulary entry), falling back to
-  tokenising the completion text when a string is ambiguous, and refusing when neither works.
-  The EOS token is not returned by this server: a segment that stopped at EOS ends before it.
+  tokenising the completion text when a string is ambiguous. When neither names a token for
+  certain (a byte-fallback piece, say), the segment keeps the tokens before it, which are a sound
+  sample of the segment's start, and the rest is drawn again from there with another seed (at most
+  `MAX_REDRAWS` times; counted in `unmappable_tokens`): ids are never guessed, and one such token
+  never ends a rollout. The EOS token is not returned by this server: a segment that stopped at
+  EOS ends before it.
+
+The start-up probe decodes greedily, so whether a server passes it does not hang on a random draw
+(llama.cpp's numerics, and so its draws at a fixed seed, differ from one processor to another).
 
 Log-probs are the sampled tokens' as the server reports them: llama-cpp-python and vLLM (default
 `--logprobs-mode raw_logprobs`) report log_softmax(logits) before temperature, SGLang after it;
@@ -49,6 +56,7 @@ log = logging.getLogger(__name__)
 
 PROBE_TEXT = "Tokenizer check: 12 + 7 = 19, naïve café ☃ \\boxed{x}\n  indented\tline"
 LOGPROB_SLACK = 1e-3  # a log-prob above this is garbage, not rounding
+MAX_REDRAWS = 8  # text dialect: re-draws of a segment's rest after a token whose id is uncertain
 
 
 def check_sampler_config(sampler_cfg) -> None:
@@ -59,7 +67,7 @@ def check_sampler_config(sampler_cfg) -> None:
 
 
 class ServerEngine:
-    """`Engine` on one or more completions servers. See `treepo.models.load_engine`."""
+    """`Engine` on one or more completions servers. See `treepo.engines.loading.load_engine`."""
 
     def __init__(self, cfg: EngineConfig, tokenizer, *, seed: int = 0, max_context: int = 2048,
                  backoff: float = 0.5):
@@ -72,6 +80,7 @@ class ServerEngine:
                                routing=cfg.server_routing, concurrency=cfg.server_concurrency, backoff=backoff)
         self.reseed(seed)
         self.retokenized_contexts = 0
+        self.unmappable_tokens = 0  # text dialect: sampled tokens whose id the answer did not name for certain
         self._lock = threading.Lock()  # engine stats, and the tokenizer (not safe across threads)
         self._strings: Optional[dict[str, int]] = None  # text dialect: token string -> id (-1 = ambiguous)
         self.model_name, self.dialect, served_context = self._check_servers()
@@ -115,6 +124,7 @@ class ServerEngine:
             "concurrency": self.cfg.server_concurrency,
             "servers": self.pool.report(),
             "retokenized_contexts": self.retokenized_contexts,
+            "unmappable_tokens": self.unmappable_tokens,
         }
 
     def close(self) -> None:
@@ -122,15 +132,17 @@ class ServerEngine:
         self.pool.close()
 
     # -- one request ------------------------------------------------------------------------
-    def _seed(self, r: SegmentRequest) -> int:
-        """A seed per node, so a node's tokens depend on neither the order of the answers nor retries."""
-        return zlib.crc32(repr((self.seed, r.group, r.node_id)).encode()) & 0x7FFFFFFF
+    def _seed(self, r: SegmentRequest, redraw: int = 0) -> int:
+        """A seed per node (and re-draw), so a node's tokens depend on neither the order of the answers nor retries."""
+        key = (self.seed, r.group, r.node_id) if not redraw else (self.seed, r.group, r.node_id, redraw)
+        return zlib.crc32(repr(key).encode()) & 0x7FFFFFFF
 
-    def _body(self, r: SegmentRequest, max_tokens: Optional[int] = None) -> dict:
+    def _body(self, r: SegmentRequest, max_tokens: Optional[int] = None, *, redraw: int = 0,
+              greedy: bool = False) -> dict:
         cfg, m = self.cfg, max_tokens or r.max_new_tokens
         ids = r.context_ids()
-        body = {"model": self.model_name, "max_tokens": m, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                "min_p": 0.0, "seed": self._seed(r), "stream": False}
+        body = {"model": self.model_name, "max_tokens": m, "temperature": 0.0 if greedy else cfg.temperature,
+                "top_p": cfg.top_p, "min_p": 0.0, "seed": self._seed(r, redraw), "stream": False}
         if self.dialect == "text":
             text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
             if self.tokenizer(text, add_special_tokens=False)["input_ids"] != ids:
@@ -148,23 +160,49 @@ class ServerEngine:
         return body
 
     def _complete(self, r: SegmentRequest, body: dict) -> SegmentOutput:
-        try:
-            out = self.pool.post("/v1/completions", body, lambda answer: self._parse(answer, r))
-        except HTTPRefused as e:
-            raise ServerError(f"{e}. The server refused a completion request; check --server-model and that "
-                              f"prompt + response fit its context.") from None
+        """One segment; where the answer named a token's id uncertainly, the rest is drawn again from there."""
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        request = r
+        for redraw in range(MAX_REDRAWS + 1):
+            try:
+                out, complete = self.pool.post("/v1/completions", body, lambda answer: self._parse(answer, request))
+            except HTTPRefused as e:
+                raise ServerError(f"{e}. The server refused a completion request; check --server-model and that "
+                                  f"prompt + response fit its context.") from None
+            tokens += out.token_ids
+            logprobs += out.logprobs
+            if complete:
+                break
+            with self._lock:
+                self.unmappable_tokens += 1
+                if self.unmappable_tokens == 1:
+                    log.warning("the server sampled a token whose id its answer does not name for certain; the "
+                                "segment keeps the tokens before it and draws the rest again (counted in "
+                                "unmappable_tokens); a server that returns token ids never does this")
+            left = r.max_new_tokens - len(tokens)
+            if left <= 0 or redraw == MAX_REDRAWS:
+                break  # a shorter segment: the path goes on from it next round
+            request = SegmentRequest(r.group, r.node_id, r.context + (tuple(tokens),), left, r.stop)
+            with self._lock:  # the tokenizer is not safe across threads
+                body = self._body(request, redraw=redraw + 1)
+        hit_eos = complete and out.hit_eos
         with self._lock:
-            self.stats.decode_tokens += len(out.token_ids)
-        return out
+            self.stats.decode_tokens += len(tokens)
+        return SegmentOutput(tokens, logprobs, [math.nan] * len(tokens), hit_eos)
 
-    def _parse(self, answer: dict, r: SegmentRequest) -> tuple[SegmentOutput, Usage]:
+    def _parse(self, answer: dict, r: SegmentRequest) -> tuple[tuple[SegmentOutput, bool], Usage]:
+        """((the segment, whether it is whole), usage); a text-dialect segment may stop short of an uncertain id."""
         try:
             choice = answer["choices"][0]
             finish = choice["finish_reason"]
             lp = choice.get("logprobs") or {}
             logprobs = [float(x) for x in lp["token_logprobs"]]
+            complete = True
             if self.dialect == "text":
                 ids = self._ids_from_strings(lp["tokens"], choice["text"])
+                complete = len(ids) == len(logprobs)
+                logprobs = logprobs[: len(ids)]
             elif choice.get("token_ids") is not None:
                 ids = [int(t) for t in choice["token_ids"]]
             else:
@@ -183,14 +221,16 @@ class ServerEngine:
             raise Unusable("log-probs that are not log-probabilities")
         if finish not in ("stop", "length"):
             raise Unusable(f"finish_reason={finish!r}")
-        hit_eos = finish == "stop" and not self.cfg.ignore_eos  # no stop strings are sent: 'stop' means EOS
+        # no stop strings are sent: 'stop' means EOS (of a whole segment only)
+        hit_eos = finish == "stop" and not self.cfg.ignore_eos and complete
         out = SegmentOutput(ids, logprobs, [math.nan] * len(ids), hit_eos)
         with self._lock:
             self.stats.prefill_tokens += prompt_tokens - int(cached or 0)
-        return out, Usage(prompt_tokens, len(ids), None if cached is None else int(cached))
+        return (out, complete), Usage(prompt_tokens, len(ids), None if cached is None else int(cached))
 
     def _ids_from_strings(self, strings: list, text: str) -> list[int]:
-        """Text dialect: the sampled ids from the per-token strings (see the module docstring)."""
+        """Text dialect: the sampled ids from the per-token strings (see the module docstring): all of them,
+        or those before the first token whose id neither its string nor the text's tokenisation names."""
         table = self._strings
         ids = [table.get(s, -1) if isinstance(s, str) else -1 for s in strings]
         if all(i >= 0 for i in ids):
@@ -199,8 +239,7 @@ class ServerEngine:
             canonical = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(canonical) == len(ids) and all(a < 0 or a == b for a, b in zip(ids, canonical)):
             return canonical
-        raise Unusable("the per-token strings do not name one token each, and the text tokenises to other "
-                       "tokens; this server cannot report these ids (a vLLM or SGLang server can)")
+        return ids[: ids.index(-1)]
 
     # -- start-up checks --------------------------------------------------------------------
     def _check_servers(self) -> tuple[str, str, Optional[int]]:
@@ -230,15 +269,15 @@ class ServerEngine:
                             "not the sampling distribution's", self.cfg.temperature)
         for server in self.pool.servers:  # one tiny completion each: the endpoint exists and answers with ids
             probe = SegmentRequest(0, (0,), (tuple(self._probe_ids()),), 2)
-            try:
-                self.pool.post("/v1/completions", self._body(probe), lambda a: self._parse(a, probe),
+            try:  # greedy: the check must not depend on a random draw
+                self.pool.post("/v1/completions", self._body(probe, greedy=True), lambda a: self._parse(a, probe),
                                server=server)
             except HTTPRefused as e:
                 raise InputError(f"server_url={server.url!r} does not answer completions for model "
                                  f"{self.model_name!r}: {e}") from None
         self.pool.reset_stats()  # the start-up probes are not rollout work
         self.stats = EngineStats()
-        self.retokenized_contexts = 0
+        self.retokenized_contexts = self.unmappable_tokens = 0
         return self.model_name, self.dialect, min(contexts) if contexts else None
 
     def _choose_model(self, url: str, served: list[str]) -> str:
