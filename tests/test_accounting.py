@@ -50,4 +50,4 @@ def test_a_rollout_without_early_stops_saves_exactly_the_bound(kwargs):
     cfg = SamplerConfig(segment_len=3, answer_policy="none", rep_count=0, **kwargs)
     result = TreeSampler(cfg, FakeEngine()).rollout([[65, 66], [67]])
     summary = summarize([result], cfg)
-    assert summary["saving_ratio"] == pytest.approx(summary["bound_saving_ratio"], abs=1e-6)
+    assert summary["saving_vs_own_leaves"] == pytest.approx(summary["bound_saving_ratio"], abs=1e-6)

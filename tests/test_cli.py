@@ -17,7 +17,7 @@ from treepo.engines.loading import smollm2_gguf
 
 ROLLOUT_FIELDS = {"prompt_index", "node_path", "token_ids", "logprobs", "segment_ends", "finish_reason", "text"}
 SUMMARY_FIELDS = {"prompts", "trajectories", "leaf_tokens", "decoded_tokens", "prefill_tokens", "engine_steps",
-                  "wall_seconds", "saving_ratio", "bound_saving_ratio"}
+                  "wall_seconds", "saving_vs_own_leaves", "bound_saving_ratio"}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_rollout_writes_trajectories_trees_and_summary(model_dir, prompts_file, 
     assert SUMMARY_FIELDS <= set(summary)
     assert summary["prompts"] == 2 and summary["trajectories"] == 8
     # no early stops: the measured saving is the structural one (2+4+4 of 12 segments)
-    assert summary["saving_ratio"] == summary["bound_saving_ratio"] == pytest.approx(1 - 10 / 12, abs=1e-6)
+    assert summary["saving_vs_own_leaves"] == summary["bound_saving_ratio"] == pytest.approx(1 - 10 / 12, abs=1e-6)
     assert len((out / "trees.jsonl").read_text().splitlines()) == 2
 
     assert cli.main(["show", str(out)]) == 0
@@ -61,7 +61,7 @@ def test_independent_mode_and_every_sampler_knob_are_accepted(model_dir, prompts
     assert rollout(model_dir, prompts_file, out, "--mode", "independent", "--temperature", "0.7", "--top-p", "0.9",
                    "--top-k", "20", "--seed", "3", "--num-prompts", "1") == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["saving_ratio"] == 0 and summary["trajectories"] == 4 and summary["prompts"] == 1
+    assert summary["saving_vs_own_leaves"] == 0 and summary["trajectories"] == 4 and summary["prompts"] == 1
     out2 = tmp_path / "knobs"
     assert rollout(model_dir, prompts_file, out2, "--branching", "3", "--init-divergence", "1",
                    "--init-divergence-max", "3", "--divergence-policy", "entropy", "--fallback-policy", "root",

@@ -81,7 +81,7 @@ def test_env_tokens_are_masked_in_the_loss_and_its_normaliser(prompts, tmp_path,
         for k, leaf in enumerate(tree.leaves):
             tree.rewards[leaf] = float(k % 2)
     trainer.update.packed = packing
-    samples = build_samples(trees, trainer.cfg.advantage, trainer.cfg.whiten_advantages)
+    samples = build_samples(trees, trainer.cfg.advantage, "token")
     masks = [torch.tensor(s.loss_mask) for s in samples]
     assert any((~m).any() for m in masks), "no env tokens in the step"
     adv = torch.tensor([a for s in samples for a in s.advantages], dtype=torch.float64)

@@ -23,7 +23,7 @@ def metric_rows(steps: int = 12) -> list[dict]:
         leaf = 1000 + 10 * s
         decoded = 500 + 5 * s
         row = {"step": s, "reward_mean": 0.1 * s, "accuracy": s / steps, "loss": 1.0 / (s + 1),
-               "saving_ratio": 1 - decoded / leaf, "decoded_tokens": decoded, "leaf_tokens": leaf}
+               "saving_vs_own_leaves": 1 - decoded / leaf, "decoded_tokens": decoded, "leaf_tokens": leaf}
         if s % 4 == 0:
             row["eval_accuracy"] = 0.2 + s / 100
         rows.append(row)
@@ -126,7 +126,7 @@ def test_plot_training_writes_two_pngs(tmp_path):
 
 def test_plot_training_tolerates_missing_keys(tmp_path):
     rows = [{"step": 0, "reward_mean": 0.5}, {"step": 1, "accuracy": None, "loss": 2.0}, {"reward_mean": 0.7},
-            {"step": 2, "saving_ratio": 0.4}, {"step": 3, "eval_accuracy": 0.3, "decoded_tokens": None}, {}]
+            {"step": 2, "saving_vs_own_leaves": 0.4}, {"step": 3, "eval_accuracy": 0.3, "decoded_tokens": None}, {}]
     paths = plot_training(rows, tmp_path)
     assert [p.name for p in paths] == ["reward.png", "savings.png"]
     for path in paths:

@@ -53,7 +53,7 @@ def trees() -> list[PromptTree]:
 
 @pytest.fixture(scope="module")
 def page(trees) -> str:
-    summary = {"prompts": 2, "saving_ratio": 0.4321, "finish_reasons": {"answer": 3, "eos": 5},
+    summary = {"prompts": 2, "saving_vs_own_leaves": 0.4321, "finish_reasons": {"answer": 3, "eos": 5},
                "config": {"sampler": {"width": 8}}}
     return render_html(trees, "demo <title>", summary)
 
@@ -72,7 +72,7 @@ def test_legend_summary_and_counts(trees, page):
     assert "Legend:" in page
     for reason in ("answer", "eos", "max_tokens", "depth", "repetition", "fallback"):
         assert reason in page.split("Legend:")[1].split("</div>")[0]
-    assert "saving_ratio" in page and "0.4321" in page and "answer: 3" in page
+    assert "saving_vs_own_leaves" in page and "0.4321" in page and "answer: 3" in page
     tree = trees[0]
     assert f"decoded tokens: {tree.decoded_tokens}" in page and f"leaf tokens: {tree.leaf_tokens}" in page
     assert "reference answer" in page

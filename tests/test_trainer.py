@@ -19,7 +19,7 @@ from treepo.train.trainer import Trainer, run_train
 from treepo.train.update import build_samples
 
 ROW_KEYS = {"step", "reward_mean", "accuracy", "loss", "clip_fraction", "entropy", "grad_norm", "tree_depth_mean",
-            "fallbacks", "trajectories_per_prompt", "decoded_tokens", "leaf_tokens", "saving_ratio", "step_seconds"}
+            "fallbacks", "trajectories_per_prompt", "decoded_tokens", "leaf_tokens", "saving_vs_own_leaves", "step_seconds"}
 
 
 @pytest.fixture
@@ -276,7 +276,7 @@ def test_step_advantages_are_whitened_over_tokens(prompts, tmp_path):
     for tree in result.trees:
         for k, leaf in enumerate(tree.leaves):
             tree.rewards[leaf] = float(k % 2)
-    samples = build_samples(result.trees, trainer.cfg.advantage, trainer.cfg.whiten_advantages)
+    samples = build_samples(result.trees, trainer.cfg.advantage, "token")
     flat = torch.tensor([a for s in samples for a in s.advantages], dtype=torch.float64)
     assert abs(flat.mean()) < 1e-6 and abs(flat.var(unbiased=False) - 1) < 1e-4
 

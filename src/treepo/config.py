@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Optional
+from typing import ClassVar, Literal, Optional, get_args
 
 from .errors import ConfigError
 
@@ -115,7 +115,11 @@ class EngineConfig:
 
 DivergencePolicy = Literal["fixed_avg", "low_prob", "high_prob", "entropy"]
 # Advantage estimators (train/advantages.py implements each one of these names).
-Estimator = Literal["average", "size_weighted", "segment", "grpo"]
+Estimator = Literal["average", "size_weighted", "segment", "grpo", "unbiased"]
+# Estimators built on subtrees: with independent samples they have no tree to read.
+TREE_ESTIMATORS = ("average", "size_weighted", "segment")
+# How the step's advantages are normalised (train/advantages.py).
+Whitening = Literal["token", "scale", "group", "none"]
 
 
 @dataclass
@@ -158,6 +162,14 @@ class SamplerConfig:
     divergence_temperature_end: Optional[float] = field(
         default=None,
         metadata=_help("If set, the temperature follows a cosine from divergence_temperature to this over training."),
+    )
+    budget: Literal["transfer", "branch"] = field(
+        default="transfer",
+        metadata=_help(
+            "Where a finished path's unused forks go: 'transfer' (to the surviving paths, the paper's budget "
+            "transfer: leaves run longer than the policy's answers) or 'branch' (to new branches cut from the "
+            "finished paths at random earlier segment boundaries, so short answers keep their share)."
+        ),
     )
     fallback_policy: Literal["finished", "any", "root"] = field(
         default="finished",
@@ -452,15 +464,20 @@ class TrainConfig(EasyTaskConfig):
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
     grad_clip: float = field(default=1.0, metadata=_help("Max gradient norm; 0 = no clipping."))
     advantage: Estimator = field(
-        default="average",
+        default="unbiased",
         metadata=_help(
-            "'average' (tree advantage, Eq. 5), 'size_weighted' (Eq. 6), 'segment' (per-segment value "
-            "differences), 'grpo' (group mean/std)."
+            "'unbiased' (leave-one-out segment values with leaf weights: an unbiased policy gradient from tree "
+            "samples; RLOO on independent ones), 'average' (the paper's tree advantage, Eq. 5), 'size_weighted' "
+            "(Eq. 6), 'segment' (per-segment subtree-mean differences), 'grpo' (group mean/std)."
         ),
     )
-    whiten: Optional[bool] = field(
+    whiten: Optional[str] = field(
         default=None,
-        metadata=_help("Whiten advantages over the batch's tokens; default on for tree estimators, off for grpo."),
+        metadata=_help(
+            "How the step's advantages are normalised: 'token' (minus the token mean, over the token std: it can "
+            "give wrong answers a positive advantage), 'scale' (over the token std only: no sign changes), "
+            "'group' (centre each prompt group, then scale), 'none'. Default: 'scale', or 'none' for grpo."
+        ),
     )
     clip_low: float = field(default=0.2, metadata=_help("PPO clip below: ratio >= 1 - clip_low."))
     clip_high: float = field(default=0.28, metadata=_help("PPO clip above (clip-higher): ratio <= 1 + clip_high."))
@@ -490,6 +507,11 @@ class TrainConfig(EasyTaskConfig):
         default=0, metadata=_help("Held-out problems evaluated before training and at the end; 0 = none.")
     )
     eval_every: int = field(default=0, metadata=_help("Also evaluate every N steps; 0 = only before and after."))
+    eval_mode: Literal["independent", "tree"] = field(
+        default="independent",
+        metadata=_help("Sampling of the held-out evaluation: 'independent' (the policy's own answers, so runs with "
+                       "any training sampler compare) or 'tree' (the training sampler's leaves)."),
+    )
     checkpoint_every: int = field(default=5, metadata=_help("Write a checkpoint every N steps (and at the end); 0 = only at the end."))
     keep_checkpoints: int = field(default=2, metadata=_help("Newest checkpoints kept; older ones are deleted."))
     resume: bool = field(default=False, metadata=_help("Continue the run in --out from its latest checkpoint."))
@@ -497,6 +519,14 @@ class TrainConfig(EasyTaskConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.whiten, bool):  # the API's old on/off switch
+            self.whiten = "token" if self.whiten else "none"
+        _require(self.whiten is None or self.whiten in get_args(Whitening),
+                 f"whiten={self.whiten!r}: use one of {', '.join(get_args(Whitening))} (e.g. --whiten scale).")
+        _require(self.advantage in get_args(Estimator),
+                 f"advantage={self.advantage!r}: use one of {', '.join(get_args(Estimator))} (e.g. --advantage unbiased).")
+        _require(self.eval_mode in ("independent", "tree"),
+                 f"eval_mode={self.eval_mode!r}: use independent or tree.")
         positive = ("steps", "prompts_per_step", "mini_batches", "ppo_epochs", "micro_batch_size")
         for name in positive:
             _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)}: must be an integer >= 1.")
@@ -521,8 +551,11 @@ class TrainConfig(EasyTaskConfig):
         )
 
     @property
-    def whiten_advantages(self) -> bool:
-        return self.whiten if self.whiten is not None else self.advantage != "grpo"
+    def whitening(self) -> str:
+        """The normalisation in force: `whiten`, or by default 'scale' ('none' for grpo, normalised per group)."""
+        if self.whiten is not None:
+            return self.whiten
+        return "none" if self.advantage == "grpo" else "scale"
 
 
 @dataclass

@@ -21,7 +21,7 @@ model segment.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 from .errors import InputError
 
@@ -281,3 +281,23 @@ def check_tree(tree: PromptTree) -> None:
     for leaf in tree.leaves:
         if leaf not in tree.nodes:
             raise InputError(f"prompt {tree.prompt_index}: leaf {list(leaf)} has no node; roll the tree out again.")
+
+
+def leaf_weights(leaves: Sequence[NodeId]) -> list[float]:
+    """Per leaf, the product over its strict ancestors (the root included) of 1 / (their number of children).
+
+    Each node's children are independent draws of its continuation, so a mean over a tree's leaves
+    weighted by these is an unbiased estimate of the policy's mean (see `train/unbiased.py`); they sum
+    to 1. Children are counted from the leaf ids (env levels dropped or not, as the ids given).
+    """
+    children: dict[NodeId, set[NodeId]] = {}
+    for leaf in leaves:
+        for k in range(1, len(leaf) + 1):
+            children.setdefault(leaf[: k - 1], set()).add(leaf[:k])
+    out = []
+    for leaf in leaves:
+        w = 1.0
+        for k in range(len(leaf)):
+            w /= len(children[leaf[:k]])
+        out.append(w)
+    return out

@@ -65,7 +65,7 @@ def evaluate(
         "mode": sampler_cfg.mode,
         "width": sampler_cfg.width,
         "leaf_tokens": rollout["leaf_tokens"],
-        "saving_ratio": rollout["saving_ratio"],
+        "saving_vs_own_leaves": rollout["saving_vs_own_leaves"],
         "reward_failures": dict(failures),
         "wall_seconds": sum(p["wall_seconds"] for p in problems),
     })

@@ -92,6 +92,6 @@ def eval_table(summary: dict) -> Table:
     table.add_row("decoded tokens", str(summary["decoded_tokens"]))
     table.add_row("decoded tokens / solved", "-" if per_solved is None else f"{per_solved:.0f}")
     table.add_row("wall seconds / solved", "-" if secs is None else f"{secs:.1f}")
-    table.add_row("saving ratio (vs independent)", f"{summary['saving_ratio']:.1%}")
+    table.add_row("saving vs own leaves", f"{summary['saving_vs_own_leaves']:.1%}")
     return table
 

@@ -1,12 +1,17 @@
 """What tree sampling saved, measured and structural.
 
-- leaf tokens: the sum of the trajectories' response lengths, i.e. what independent sampling
-  decodes for the same leaves;
+- leaf tokens: the sum of the trajectories' response lengths (each leaf's whole path);
 - decoded tokens: unique generated tokens (each segment once);
-- saving ratio = 1 - decoded / leaf.
+- `saving_vs_own_leaves` = 1 - decoded / leaf: the structural saving against the tree's *own* leaves.
+  It is not a saving against independent sampling: tree leaves lean toward long paths (a node forks
+  only `branching` ways, and budget transfer gives finished paths' forks to the survivors), so the
+  same policy's independent answers are shorter where paths stop early. Only a run of both modes on
+  the same prompts measures that (`compare_modes`, the benchmarks);
+- `weighted_response_tokens`: the mean answer length the leaf weights (`tree.leaf_weights`) estimate
+  for the policy itself, per prompt.
 
 The structural bound is what this sampler saves for a config when no path stops early: it runs
-the sampler itself on a stub engine that always decodes full segments, so branching, the width
+the sampler itself on `engines.simulated.HazardEngine(0)`, which always decodes full segments, so branching, the width
 cap and fallbacks follow the configured rules exactly. For a full b-ary tree whose leaves all reach
 depth d it is 1 - b(1 - b^-d) / ((b - 1) d) (53.1% for b=2, d=4, width 16). Where the config draws at random
 (a root fan-out range, or fallback cuts with `fallback_policy=any`) it is the mean over 32 seeds.
@@ -20,36 +25,14 @@ import functools
 import json
 from collections import Counter
 from dataclasses import asdict, replace
-from typing import Iterable, Sequence
+from typing import Iterable
 
 from ..config import SamplerConfig
-from ..engines.base import EngineStats, SegmentOutput, SegmentRequest
+from ..engines.simulated import HazardEngine
+from ..tree import leaf_weights
 from .sampler import RolloutResult, TreeSampler
 
 BOUND_SEEDS = 32
-
-
-class _FullSegments:
-    """An engine that decodes every segment to its full length and never ends a path itself."""
-
-    max_context = 1 << 62
-    tokenizer = None
-
-    def __init__(self) -> None:
-        self.stats = EngineStats()
-
-    def generate(self, requests: Sequence[SegmentRequest]) -> list[SegmentOutput]:
-        return [SegmentOutput([1] * r.max_new_tokens, [0.0] * r.max_new_tokens, [0.0] * r.max_new_tokens, False)
-                for r in requests]
-
-    def release(self, group: int) -> None:
-        pass
-
-    def decode(self, token_ids) -> str:
-        return ""
-
-    def reseed(self, seed: int) -> None:
-        pass
 
 
 def bound_saving_ratio(cfg: SamplerConfig) -> float:
@@ -73,7 +56,7 @@ def _bound(ideal_json: str) -> float:
     seeds = BOUND_SEEDS if lo != hi or ideal.fallback_policy == "any" else 1
     savings = []
     for seed in range(seeds):
-        tree = TreeSampler(replace(ideal, seed=seed), _FullSegments()).rollout([[0]]).trees[0]
+        tree = TreeSampler(replace(ideal, seed=seed), HazardEngine(0.0)).rollout([[0]]).trees[0]
         savings.append(1.0 - tree.decoded_tokens / tree.leaf_tokens)
     return sum(savings) / len(savings)
 
@@ -103,12 +86,15 @@ def summarize(results: Iterable[RolloutResult], cfg: SamplerConfig) -> dict:
         "forward_passes": engine.get("forward_passes", 0),
         "computed_decode_rows": engine.get("computed_decode_rows", 0),
         "wall_seconds": round(wall, 3),
-        "saving_ratio": round(1.0 - decoded / leaf, 6) if leaf else 0.0,
+        "saving_vs_own_leaves": round(1.0 - decoded / leaf, 6) if leaf else 0.0,
         "bound_saving_ratio": round(bound_saving_ratio(cfg), 6),
         "trajectories_per_second": round(n_traj / wall, 3) if wall else 0.0,
         "decoded_tokens_per_second": round(decoded / wall, 2) if wall else 0.0,
         "leaf_tokens_per_second": round(leaf / wall, 2) if wall else 0.0,
         "mean_response_tokens": round(leaf / n_traj, 2) if n_traj else 0.0,
+        "weighted_response_tokens": round(sum(
+            sum(w * len(t.response_ids(x)) for w, x in zip(leaf_weights(t.leaves), t.leaves)) for t in trees
+        ) / len(trees), 2) if trees else 0.0,
         "segments": sum(len(t.nodes) for t in trees) - len(env_nodes),
         "env_turns": len(env_nodes),  # environment replies in the trees (each once, however many leaves share it)
         "env_tokens": sum(len(n) for n in env_nodes),  # appended as context: prefilled, never decoded
@@ -117,3 +103,19 @@ def summarize(results: Iterable[RolloutResult], cfg: SamplerConfig) -> dict:
         "fallbacks": sum(t.fallbacks for t in trees),
         "finish_reasons": dict(sorted(reasons.items())),
     }
+
+
+SIDE_KEYS = ("decoded_tokens", "leaf_tokens", "wall_seconds", "mean_response_tokens", "trajectories_per_second",
+             "decoded_tokens_per_second", "saving_vs_own_leaves")
+
+
+def compare_modes(tree: dict, independent: dict) -> dict:
+    """The measured saving of tree over independent sampling, from two `summarize` records of the same prompts:
+    each side's tokens, time and throughput, `measured_saving` = 1 - decoded(tree) / decoded(independent) and
+    `speedup` = wall(independent) / wall(tree)."""
+    out = {"tree": {k: tree[k] for k in SIDE_KEYS if k in tree},
+           "independent": {k: independent[k] for k in SIDE_KEYS if k in independent}}
+    d_ind, w_tree = independent["decoded_tokens"], tree["wall_seconds"]
+    out["measured_saving"] = round(1.0 - tree["decoded_tokens"] / d_ind, 6) if d_ind else None
+    out["speedup"] = round(independent["wall_seconds"] / w_tree, 4) if w_tree else None
+    return out

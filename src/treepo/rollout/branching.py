@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ..config import SamplerConfig
 from ..tree import ROOT, Node, NodeId, PromptTree
@@ -92,7 +92,7 @@ CLEAN_ENDS = ("answer", "eos", "stop", "env_done")  # what fallback_policy='fini
 
 
 def plan_fallback(
-    tree: PromptTree, need: int, cfg: SamplerConfig, rng: random.Random
+    tree: PromptTree, need: int, cfg: SamplerConfig, rng: random.Random, candidates: Optional[list[NodeId]] = None
 ) -> list[NodeId]:
     """New node ids that regrow `need` paths from segment-aligned cuts of finished paths.
 
@@ -101,9 +101,12 @@ def plan_fallback(
     environment only where the model speaks next; go back j >= 1 of them) and forks up to
     `branching` children there. With no candidates the paths restart from the prompt. New ids
     keep the kept prefix's ids, so they join the same advantage subgroups, and never reuse an
-    existing index.
+    existing index. `candidates` (e.g. the paths that just finished, for the 'branch' budget) replaces
+    the policy's choice; the root is then used only when the list is empty.
     """
-    if cfg.fallback_policy == "root":
+    if candidates is not None:
+        candidates = list(candidates)
+    elif cfg.fallback_policy == "root":
         candidates: list[NodeId] = []
     elif cfg.fallback_policy == "any":
         candidates = list(tree.leaves)

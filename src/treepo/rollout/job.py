@@ -123,10 +123,12 @@ def summary_table(summary: dict) -> Table:
     rows = [
         ("prompts", summary["prompts"]),
         ("trajectories", summary["trajectories"]),
-        ("leaf tokens (independent would decode)", summary["leaf_tokens"]),
+        ("leaf tokens (the tree's own leaves)", summary["leaf_tokens"]),
         ("decoded tokens (unique)", summary["decoded_tokens"]),
-        ("saving ratio", f"{summary['saving_ratio']:.1%}"),
+        ("saving vs own leaves (not vs independent)", f"{summary['saving_vs_own_leaves']:.1%}"),
         ("structural bound", f"{summary['bound_saving_ratio']:.1%}"),
+        ("mean answer tokens: leaves / weighted", f"{summary['mean_response_tokens']} / "
+                                                  f"{summary['weighted_response_tokens']}"),
         ("prefill tokens", summary["prefill_tokens"]),
         ("engine steps", summary["engine_steps"]),
         ("fallbacks", summary["fallbacks"]),

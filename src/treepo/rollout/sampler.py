@@ -143,10 +143,9 @@ class TreeSampler:
             fallback_ids.clear()
             for group, nodes in fresh.items():
                 tree = by_group[group]
-                new_requests, is_fallback = self._advance(tree, nodes, temperature)
-                pending += new_requests
-                if is_fallback:
-                    fallback_ids.update((group, r.node_id) for r in new_requests)
+                grown, regrown = self._advance(tree, nodes, temperature)
+                pending += grown + regrown
+                fallback_ids.update((group, r.node_id) for r in regrown)
                 if len(tree.leaves) == cfg.width:
                     done += 1
                     self.engine.release(group)
@@ -196,11 +195,13 @@ class TreeSampler:
             hit_stop=hit_stop,
         )
 
-    def _advance(self, tree: PromptTree, nodes: list[Node], temperature: float) -> tuple[list[SegmentRequest], bool]:
-        """Classify this round's segments of one prompt; return its next requests (and if they are a fallback)."""
+    def _advance(self, tree: PromptTree, nodes: list[Node], temperature: float
+                 ) -> tuple[list[SegmentRequest], list[SegmentRequest]]:
+        """Classify this round's segments of one prompt; return its next requests: (children of the active
+        paths, new branches re-grown from earlier points of finished paths)."""
         cfg = self.cfg
         active: list[tuple[NodeId, Node]] = []  # (where the path grows on: the segment or its env turn, the segment)
-        finished_now = 0
+        finished: list[NodeId] = []
         for node in nodes:
             reason, tip = self._classify(tree, node)
             if reason is None:
@@ -208,20 +209,29 @@ class TreeSampler:
             else:
                 node.finish_reason = reason
                 tree.leaves.append(node.id)
-                finished_now += 1
+                finished.append(node.id)
 
         if cfg.mode == "independent":  # every sample runs its own course: no forks, no backtracking
-            return [self._request(tree, tip + (0,)) for tip, _ in active], False
+            return [self._request(tree, tip + (0,)) for tip, _ in active], []
         remaining = cfg.width - len(tree.leaves)
         if active:
-            total = children_total(len(active), finished_now, remaining, cfg.branching)
+            # 'transfer': the finished paths' forks go to the survivors; 'branch': to new branches cut from
+            # the finished paths at earlier points, so the tree's leaves stay as short as the policy's answers.
+            transfer = len(finished) if cfg.budget == "transfer" else 0
+            total = children_total(len(active), transfer, remaining, cfg.branching)
             scores = [path_score(tree, n, cfg) for _, n in active] if cfg.divergence_policy != "fixed_avg" else [0.0] * len(active)
             counts = split_children(total, scores, cfg, self.rng, temperature)
-            return [self._request(tree, tip + (j,)) for (tip, _), c in zip(active, counts) for j in range(c)], False
+            grown = [self._request(tree, tip + (j,)) for (tip, _), c in zip(active, counts) for j in range(c)]
+            spare = min(remaining - total, cfg.branching * len(finished)) if cfg.budget == "branch" else 0
+            if spare <= 0:
+                return grown, []
+            tree.fallbacks += 1
+            cuts = plan_fallback(tree, spare, cfg, self.rng, candidates=finished)
+            return grown, [self._request(tree, i) for i in cuts]
         if remaining > 0:
             tree.fallbacks += 1
-            return [self._request(tree, i) for i in plan_fallback(tree, remaining, cfg, self.rng)], True
-        return [], False
+            return [], [self._request(tree, i) for i in plan_fallback(tree, remaining, cfg, self.rng)]
+        return [], []
 
     def _classify(self, tree: PromptTree, node: Node) -> tuple[Optional[str], NodeId]:
         """(finish reason or None, the node the path grows on from): the segment, or the env turn added after it."""

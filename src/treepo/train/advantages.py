@@ -12,7 +12,12 @@ order) and returns per-token advantages through `token_advantages`, which the lo
 - `segment_advantages`: per segment, V(node_k) - V(node_{k-1}), V = mean reward of the leaves
   under a node; a shared segment gets one value whichever descendant carries it.
 - `grpo_advantage`: (R - mean) / (std + eps) over the prompt group.
-- `whiten`: (x - mean) / sqrt(var + 1e-8) over every valid token of the batch.
+- 'unbiased' (`unbiased.py`): leave-one-out segment values with leaf weights, whose weighted policy
+  gradient is unbiased for the policy's (the derivation is in that module).
+- `whiten` ('token'): (x - mean) / sqrt(var + 1e-8) over every valid token of the batch; it re-centres,
+  and with longer wrong answers the token-weighted mean is negative, so some wrong answers end up
+  with a positive advantage. `scale` ('scale': divide by the same std, no re-centring) never changes
+  a sign; `center_groups` ('group': centre each prompt group, then scale) keeps the batch-wide scale.
 
 Worked example (paper Fig. 3), leaf c22 with rewards a=-1, b=+1, c11=-1, c12=-1, c21=+1,
 c22=+1, c23=-1, c3=-1: terms +1.25 (root), +1.333 (node c), +0.667 (node c2), average 1.083.
@@ -24,10 +29,12 @@ from typing import Literal, Optional, Sequence, get_args
 
 import torch
 
-from ..config import Estimator
+from ..config import Estimator, Whitening
 from ..tree import NodeId
+from .unbiased import unbiased_advantages
 
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)  # the names come from the config's Literal
+WHITENINGS: tuple[str, ...] = get_args(Whitening)
 
 
 def _check(leaves: Sequence[NodeId], rewards: Sequence[float]) -> None:
@@ -102,8 +109,8 @@ def token_advantages(
     segment_lengths[i] lists the token count of each segment on leaf i's path (root side first);
     scalar estimators broadcast to every token, 'segment' gives each segment's tokens its value.
     """
-    if estimator == "segment":
-        per_segment = segment_advantages(leaves, rewards)
+    if estimator in ("segment", "unbiased"):
+        per_segment = segment_advantages(leaves, rewards) if estimator == "segment" else unbiased_advantages(leaves, rewards)
         return [
             [a for a, n in zip(values, lengths) for _ in range(n)]
             for values, lengths in zip(per_segment, segment_lengths)
@@ -132,3 +139,25 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, *, mean:
     if var is None:
         var = (((values - mean) * m) ** 2).sum() / n
     return (values - mean) * torch.rsqrt(torch.as_tensor(var + eps, dtype=values.dtype)) * m
+
+
+def scale(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, *, var: Optional[float] = None) -> torch.Tensor:
+    """x / sqrt(var + eps) over the tokens where mask is true (masked-out entries 0): no re-centring, so no
+    advantage changes sign. `var` (the masked tokens' population variance by default) may be given."""
+    m = mask.to(values.dtype)
+    if var is None:
+        n = m.sum().clamp_min(1.0)
+        mean = (values * m).sum() / n
+        var = (((values - mean) * m) ** 2).sum() / n
+    return values * torch.rsqrt(torch.as_tensor(var + eps, dtype=values.dtype)) * m
+
+
+def center_groups(values: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Each group's masked tokens minus that group's token mean (masked-out entries 0). values, mask, groups: [N]."""
+    m = mask.to(values.dtype)
+    out = torch.zeros_like(values)
+    for g in torch.unique(groups):
+        sel = (groups == g).to(values.dtype) * m
+        mean = (values * sel).sum() / sel.sum().clamp_min(1.0)
+        out += (values - mean) * sel
+    return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from ..config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig
+from ..config import TREE_ESTIMATORS, EngineConfig, RewardConfig, SamplerConfig, TrainConfig
 from ..errors import ConfigError, InputError
 from ..prompts import Prompt, choose_prompts, load_heldout, parse_task_args
 
@@ -21,6 +21,9 @@ def check_configs(engine: EngineConfig, sampler: SamplerConfig, reward: RewardCo
     if engine.engine != "transformers":
         raise ConfigError("engine='server' cannot train: treepo train samples from the live policy weights with the "
                           "embedded engine; drop --engine server (use it with treepo rollout and treepo eval).")
+    if sampler.mode == "independent" and train.advantage in TREE_ESTIMATORS:
+        raise ConfigError(f"advantage={train.advantage!r} reads subtrees, which --mode independent does not grow: use "
+                          "--advantage grpo or unbiased (RLOO on independent samples), or --mode tree.")
     if sampler.width < 2:
         raise ConfigError(
             f"width={sampler.width} with advantage={train.advantage!r}: a group of one trajectory has advantage 0 "

@@ -47,6 +47,7 @@ from ..rewards.scoring import overlong_penalty, score_trees
 from ..rollout.accounting import summarize
 from ..rollout.sampler import RolloutResult, TreeSampler
 from ..rollout.stopping import answer_predicate
+from ..tree import leaf_weights
 from . import checkpoint
 from .metrics_log import MetricsLog
 from .setup import PromptStream, check_configs, check_sharding, load_training_prompts
@@ -198,6 +199,7 @@ class Trainer:
         cfg = self.cfg
         progress = self.step / max(cfg.steps, 1)
         kept, results, failures, dropped, rounds, rewards_all, correct_all = [], [], Counter(), 0, 0, [], []
+        weighted = []  # per tree: (leaf-weighted reward, leaf-weighted accuracy), unbiased for the policy's
         need = cfg.prompts_per_step
         while True:
             # Every rank draws the same prompts from the stream and rolls out its share of them.
@@ -217,6 +219,8 @@ class Trainer:
                 rewards = [tree.rewards[leaf] for leaf in tree.leaves]
                 rewards_all += rewards
                 correct_all += scored[j]["correct"]
+                w = leaf_weights(tree.leaves)
+                weighted.append((float(np.dot(w, rewards)), float(np.dot(w, scored[j]["correct"]))))
                 if cfg.dynamic_sampling and max(rewards) - min(rewards) < 1e-9:
                     dropped += 1
                 else:
@@ -241,20 +245,23 @@ class Trainer:
         if self.world > 1:  # the step's rollouts and counts from every rank, for the metrics row
             from accelerate.utils import gather_object
 
-            parts = gather_object([(results, rewards_all, correct_all, failures, dropped)])
+            parts = gather_object([(results, rewards_all, correct_all, failures, dropped, weighted)])
             results = [r for part in parts for r in part[0]]
             rewards_all = [x for part in parts for x in part[1]]
             correct_all = [x for part in parts for x in part[2]]
             failures = sum((part[3] for part in parts), Counter())
             dropped = sum(part[4] for part in parts)
+            weighted = [x for part in parts for x in part[5]]
         roll = summarize(results, self.sampler_cfg)
         depths = [len(t.model_path(leaf)[0]) for r in results for t in r.trees for leaf in t.leaves]  # model segments
         lengths = [len(t.response_ids(leaf)) for r in results for t in r.trees for leaf in t.leaves]
         ents = [e for r in results for t in r.trees for n in t.nodes.values() if not n.env for e in n.entropies]
         row = {
             "step": self.step,
-            "reward_mean": float(np.mean(rewards_all)),
+            "reward_mean": float(np.mean(rewards_all)),  # over the leaves (biased toward long paths in trees)
             "accuracy": float(np.mean(correct_all)),
+            "reward_weighted": float(np.mean([r for r, _ in weighted])) if weighted else None,  # unbiased for the policy
+            "accuracy_weighted": float(np.mean([a for _, a in weighted])) if weighted else None,
             **update,
             "entropy": float(np.mean(ents)) if ents else None,
             "lr": lr,
@@ -269,7 +276,7 @@ class Trainer:
             "fallbacks": roll["fallbacks"],
             "decoded_tokens": roll["decoded_tokens"],
             "leaf_tokens": roll["leaf_tokens"],
-            "saving_ratio": roll["saving_ratio"],
+            "saving_vs_own_leaves": roll["saving_vs_own_leaves"],
             "finish_reasons": roll["finish_reasons"],
             "env_turns": roll["env_turns"],
             "reward_failures": sum(failures.values()),
@@ -287,7 +294,9 @@ class Trainer:
         if not self.accelerator.is_main_process:  # rank 0 evaluates; the others wait at the next step
             return {}
         state = self.engine.generator.get_state()  # evaluation must not shift training's random stream
-        summary, _ = evaluate(self.engine, replace(self.sampler_cfg, seed=EVAL_SEED), self.heldout, self.reward_fn,
+        # Independent sampling by default, so the curve means the same thing whatever the training sampler.
+        eval_cfg = replace(self.sampler_cfg, seed=EVAL_SEED, mode=self.cfg.eval_mode)
+        summary, _ = evaluate(self.engine, eval_cfg, self.heldout, self.reward_fn,
                               system_prompt=self.cfg.system_prompt, batch_size=self.cfg.prompt_batch_size)
         self.engine.generator.set_state(state)
         k = summary["k"]
@@ -372,7 +381,7 @@ class Trainer:
             "config": self._configs(),
         }
         if summary["leaf_tokens"]:
-            summary["saving_ratio"] = 1 - summary["decoded_tokens"] / summary["leaf_tokens"]
+            summary["saving_vs_own_leaves"] = 1 - summary["decoded_tokens"] / summary["leaf_tokens"]
         if self.accelerator.is_main_process:
             checkpoint.save_model_dir(self.out / "model", self.policy, self.tokenizer)
             io.write_json(self.out / "summary.json", summary)
@@ -384,7 +393,7 @@ class Trainer:
 
 def _brief(row: dict) -> str:
     return (f"reward {row['reward_mean']:+.2f}, acc {row['accuracy']:.0%}, "
-            f"saving {row['saving_ratio']:.0%}, {row['step_seconds']:.0f} s/step")
+            f"saving {row['saving_vs_own_leaves']:.0%}, {row['step_seconds']:.0f} s/step")
 
 
 def run_train(engine_cfg: EngineConfig, sampler_cfg: SamplerConfig, reward_cfg: RewardConfig, train_cfg: TrainConfig,

@@ -1,7 +1,7 @@
 """One step's policy update: scored trees -> per-token advantages -> PPO updates (flat or packed).
 
-    samples  = one `Sample` per leaf: prompt, response, per-token advantages (whitened over the
-               step's tokens), the sampler's log-probs
+    samples  = one `Sample` per leaf: prompt, response, per-token advantages (normalised over the
+               step's tokens, `--whiten`), the sampler's log-probs
     minis    = `mini_batches` shares of whole prompt groups; `ppo_epochs` passes over each
     update   = gradient accumulation over micro-batches, one optimizer step, normalised to the
                token-mean over the update's tokens on all ranks
@@ -24,7 +24,7 @@ import torch
 
 from ..config import TrainConfig
 from ..tree import check_tree
-from .advantages import token_advantages, whiten
+from .advantages import center_groups, scale, token_advantages, whiten
 from .logprobs import Batch, Sample, collate, response_logprobs
 from .loss import ppo_loss
 from .packing import PackedBatch, PackingError, pack_samples, packed_logprobs, sliding_window, unsupported_reason
@@ -32,9 +32,10 @@ from .packing import PackedBatch, PackingError, pack_samples, packed_logprobs, s
 log = logging.getLogger(__name__)
 
 
-def build_samples(trees, advantage: str, whiten_advantages: bool, reduce_sum=None) -> list[Sample]:
-    """One sample per non-empty leaf, its advantages expanded per token, whitened over the step's
-    tokens (on every rank: `reduce_sum` sums a tensor over ranks)."""
+def build_samples(trees, advantage: str, whitening: str, reduce_sum=None) -> list[Sample]:
+    """One sample per non-empty leaf, its advantages expanded per token and normalised over the step's
+    trained tokens by `whitening` ('token', 'scale', 'group' or 'none'; see `advantages.py`), on every
+    rank alike (`reduce_sum` sums a tensor over ranks)."""
     samples = []
     for g, tree in enumerate(trees):
         check_tree(tree)
@@ -47,21 +48,30 @@ def build_samples(trees, advantage: str, whiten_advantages: bool, reduce_sum=Non
             if traj.token_ids:
                 samples.append(Sample(tree.prompt_ids, traj.token_ids, adv, traj.logprobs, group=g,
                                       meta={"prompt": tree.prompt_index}, loss_mask=traj.loss_mask))
-    if whiten_advantages:  # over every trained response token of the step, on all ranks
-        flat = torch.tensor([a for s in samples for a in s.advantages], dtype=torch.float64)
-        mask = torch.tensor([m for s in samples for m in (s.loss_mask or [True] * len(s.advantages))],
-                            dtype=torch.bool)
-        mean = var = None
-        if reduce_sum is not None:  # the moments of all ranks' trained tokens
-            kept = flat[mask]
-            moments = reduce_sum(torch.stack([kept.new_tensor(float(len(kept))), kept.sum(), (kept ** 2).sum()]))
-            n, total, squares = moments.tolist()
-            mean = total / max(n, 1.0)
-            var = max(squares / max(n, 1.0) - mean * mean, 0.0)
-        white = whiten(flat, mask, mean=mean, var=var).tolist()
-        at = 0
-        for s in samples:
-            s.advantages, at = white[at : at + len(s.advantages)], at + len(s.advantages)
+    if whitening == "none":
+        return samples  # (every other mode joins the all-reduce below, even on a rank without samples)
+    flat = torch.tensor([a for s in samples for a in s.advantages], dtype=torch.float64)  # [N] every token
+    mask = torch.tensor([m for s in samples for m in (s.loss_mask or [True] * len(s.advantages))],
+                        dtype=torch.bool)  # [N] the trained ones
+    if whitening == "group":  # centre each prompt group first; the scale is then the batch's
+        groups = torch.tensor([s.group for s in samples for _ in s.advantages])
+        flat = center_groups(flat, mask, groups)
+    mean = var = None
+    if reduce_sum is not None:  # the moments of all ranks' trained tokens
+        kept = flat[mask]
+        moments = reduce_sum(torch.stack([kept.new_tensor(float(len(kept))), kept.sum(), (kept ** 2).sum()]))
+        n, total, squares = moments.tolist()
+        mean = total / max(n, 1.0)
+        var = max(squares / max(n, 1.0) - mean * mean, 0.0)
+    if whitening == "token":
+        out = whiten(flat, mask, mean=mean, var=var)
+    elif whitening in ("scale", "group"):
+        out = scale(flat, mask, var=var)
+    else:
+        raise ValueError(f"whitening={whitening!r}: use token, scale, group or none.")
+    values, at = out.tolist(), 0
+    for s in samples:
+        s.advantages, at = values[at : at + len(s.advantages)], at + len(s.advantages)
     return samples
 
 
@@ -92,7 +102,7 @@ class PolicyUpdate:
         self.step = step
         acc = self.accelerator
         reduce_sum = (lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu()) if acc.num_processes > 1 else None
-        samples = build_samples(trees, cfg.advantage, cfg.whiten_advantages, reduce_sum)
+        samples = build_samples(trees, cfg.advantage, cfg.whitening, reduce_sum)
         groups = sorted({s.group for s in samples})
         share = {g: i % cfg.mini_batches for i, g in enumerate(groups)}  # whole groups, dealt round-robin
         minis = [[s for s in samples if share[s.group] == m] for m in range(cfg.mini_batches)]

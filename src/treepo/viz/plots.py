@@ -94,7 +94,7 @@ def reward_figure(rows: list[dict]):
 
 
 def savings_figure(rows: list[dict]):
-    """Cumulative decoded vs leaf tokens against step; per-step saving ratio on a second axis."""
+    """Cumulative decoded vs leaf tokens against step; per-step saving vs own leaves on a second axis."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
 
@@ -108,7 +108,7 @@ def savings_figure(rows: list[dict]):
                              label=f"cumulative {label}")
     ax.set(xlabel="step", ylabel="cumulative tokens")
     ax.yaxis.set_major_formatter(EngFormatter())
-    steps, ratio = series(rows, "saving_ratio")
+    steps, ratio = series(rows, "saving_vs_own_leaves")
     if len(steps):
         ratio_ax = ax.twinx()
         lines += ratio_ax.plot(steps, 100 * ratio, ls=":", lw=1, marker="o", ms=3, color=COLOURS["ratio"],
