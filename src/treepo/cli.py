@@ -24,7 +24,15 @@ from typing import Optional, Sequence
 from rich.console import Console
 from rich.logging import RichHandler
 
-from .config import EngineConfig, EvalConfig, RewardConfig, RolloutConfig, SamplerConfig, TrainConfig
+from .config import (
+    EngineConfig,
+    EvalConfig,
+    RewardConfig,
+    RolloutConfig,
+    SamplerConfig,
+    TrainConfig,
+    TrainSamplerConfig,
+)
 from .errors import ConfigError, TreepoError
 
 USAGE = """usage: treepo <command> [options]
@@ -49,6 +57,11 @@ def parse_configs(types: tuple, argv: Sequence[str], prog: str) -> tuple:
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(types, prog=prog)
+
+    def one_line_error(message: str):  # argparse would print the whole usage and exit
+        raise ConfigError(f"{message}; `{prog} --help` lists every option.")
+
+    parser.error = one_line_error
     # --config is read before parsing; it is declared so that --help shows it.
     parser.add_argument("--config", default=None, help="YAML file of settings; command-line flags override it.")
     fields = {f.name: f for t in types for f in dataclasses.fields(t)}
@@ -143,7 +156,7 @@ def _rollout(argv: Sequence[str], console: Console) -> int:
 def _train(argv: Sequence[str], console: Console) -> int:
     from .train.trainer import run_train
 
-    configs = parse_configs((EngineConfig, SamplerConfig, RewardConfig, TrainConfig), argv, "treepo train")
+    configs = parse_configs((EngineConfig, TrainSamplerConfig, RewardConfig, TrainConfig), argv, "treepo train")
     run_train(*configs, console=console)
     return 0
 

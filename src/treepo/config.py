@@ -339,6 +339,32 @@ class SamplerConfig:
 
 
 @dataclass
+class TrainSamplerConfig(SamplerConfig):
+    """The sampler of `treepo train`: SamplerConfig with the root fan-out measured best for training.
+
+    On a model-free engine with a known answer-length law (benchmarks/sampler_bias.py), a fan-out drawn
+    from 2..8 (the paper's "more init divergence") gave the least-biased leaf-weighted estimates (fewest
+    fallbacks) and the fewest all-equal groups for dynamic sampling to drop, against a fixed fan-out of 2.
+    """
+
+    init_divergence: int = field(
+        default=2,
+        metadata=_help("Root fan-out; 0 = branching (at most width). With init_divergence_max: the low end "
+                       "[treepo train: 2..8]."),
+    )
+    init_divergence_max: int = field(
+        default=8,
+        metadata=_help("If > 0, each prompt's root fan-out is drawn uniformly from [init_divergence, "
+                       "init_divergence_max] [treepo train: 8, at most width]."),
+    )
+
+    def __post_init__(self) -> None:
+        if self.init_divergence_max == 8 and self.init_divergence <= self.width:
+            self.init_divergence_max = min(8, self.width)  # the default range shrinks to a narrower group
+        super().__post_init__()
+
+
+@dataclass
 class RolloutConfig:
     """The `treepo rollout` job: which prompts, how many at once, where results go."""
 
