@@ -216,6 +216,19 @@ def test_train_then_eval_the_trained_model(model_dir, tmp_path, capsys):
     assert "mean@2" in capsys.readouterr().err
 
 
+def test_eval_compares_tree_and_independent_sampling_on_the_same_problems(model_dir, prompts_file, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert cli.main(["eval", "--model", str(model_dir), "--prompts", str(prompts_file), "--num_prompts", "2",
+                     "--width", "4", "--depth", "2", "--segment_len", "4", "--reward", "toy_rewards:letter_share",
+                     "--compare_modes", "--out", str(out)]) == 0
+    summary = json.loads((out / "eval.json").read_text())
+    compare = summary["compare"]
+    assert compare["tree"]["decoded_tokens"] == summary["decoded_tokens"]  # --mode tree is the run's own side
+    assert compare["measured_saving"] == pytest.approx(
+        1 - compare["tree"]["decoded_tokens"] / compare["independent"]["decoded_tokens"], abs=1e-5)
+    assert compare["speedup"] > 0 and "measured saving" in capsys.readouterr().err
+
+
 def test_eval_k_above_width_is_refused(model_dir, prompts_file, tmp_path, capsys):
     assert cli.main(["eval", "--model", str(model_dir), "--prompts", str(prompts_file), "--width", "2",
                      "--k", "4", "--reward", "toy_rewards:letter_share", "--out", str(tmp_path / "e")]) == 2

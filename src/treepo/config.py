@@ -599,6 +599,12 @@ class EvalConfig(EasyTaskConfig):
         default=DEFAULT_TRAIN_POOL,
         metadata=_help("Size of the training pool (treepo train's num_prompts) that the held-out split excludes."),
     )
+    compare_modes: bool = field(
+        default=False,
+        metadata=_help("Also sample the same problems with the other --mode (same seed) and report both side by "
+                       "side: accuracy, decoded tokens, wall time, trajectories/s, and the measured saving of "
+                       "tree over independent sampling (eval.json 'compare')."),
+    )
     out: str = field(default="runs/eval", metadata=_help("Output folder for eval.json and samples.jsonl."))
 
     def __post_init__(self) -> None:

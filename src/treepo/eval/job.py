@@ -8,7 +8,7 @@ the configs) and `samples.jsonl` (every completion with its answer and reward), 
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Optional
 
 from rich.console import Console
@@ -21,6 +21,7 @@ from ..envs import load_env
 from ..progress import progress_bar
 from ..prompts import Prompt, choose_prompts, load_heldout, parse_task_args
 from ..rewards.scorers import build_reward
+from ..rollout.accounting import compare_modes
 from ..rollout.stopping import answer_predicate
 from .evaluate import check_k, evaluate
 
@@ -65,6 +66,13 @@ def run_eval(
         summary, rows = evaluate(engine, sampler_cfg, prompts, reward_fn, system_prompt=eval_cfg.system_prompt,
                                  k=eval_cfg.k, batch_size=eval_cfg.prompt_batch_size,
                                  on_batch=lambda n: progress.advance(task, n))
+        if eval_cfg.compare_modes:  # the same problems and seed, sampled the other way
+            other_cfg = replace(sampler_cfg, mode="independent" if sampler_cfg.mode == "tree" else "tree")
+            task = progress.add_task(f"eval ({other_cfg.mode})", total=len(prompts), info="")
+            other, _ = evaluate(engine, other_cfg, prompts, reward_fn, system_prompt=eval_cfg.system_prompt,
+                                k=eval_cfg.k, batch_size=eval_cfg.prompt_batch_size,
+                                on_batch=lambda n: progress.advance(task, n))
+            summary["compare"] = mode_comparison(summary, other)
     summary["model"] = engine_cfg.model
     if hasattr(engine, "server_report"):
         summary["servers"] = engine.server_report()
@@ -74,6 +82,8 @@ def run_eval(
         io.write_json(stage / "eval.json", summary)
         io.write_jsonl(stage / "samples.jsonl", rows)
     console.print(eval_table(summary))
+    if "compare" in summary:
+        console.print(compare_table(summary["compare"]))
     console.print(f"wrote {eval_cfg.out}/eval.json, samples.jsonl")
     return summary
 
@@ -95,3 +105,27 @@ def eval_table(summary: dict) -> Table:
     table.add_row("saving vs own leaves", f"{summary['saving_vs_own_leaves']:.1%}")
     return table
 
+
+def mode_comparison(first: dict, second: dict) -> dict:
+    """Tree vs independent on the same problems, from two `evaluate` summaries (either order)."""
+    tree, independent = (first, second) if first["mode"] == "tree" else (second, first)
+    sides = {name: {**s, "trajectories_per_second": s["problems"] * s["samples_per_problem"] / s["wall_seconds"]
+                    if s["wall_seconds"] else None} for name, s in (("tree", tree), ("independent", independent))}
+    out = compare_modes(sides["tree"], sides["independent"])
+    k = tree["k"]
+    for name, s in (("tree", tree), ("independent", independent)):
+        out[name][f"mean@{k}"] = s[f"mean@{k}"]["value"]
+    return out
+
+
+def compare_table(compare: dict) -> Table:
+    table = Table(title="tree vs independent sampling, same problems and seed")
+    for name in ("", "tree", "independent"):
+        table.add_column(name, justify="left" if not name else "right")
+    acc = next(k for k in compare["tree"] if k.startswith("mean@"))
+    for key in (acc, "decoded_tokens", "wall_seconds", "trajectories_per_second", "saving_vs_own_leaves"):
+        table.add_row(key, *(f"{compare[s].get(key):.3g}" if compare[s].get(key) is not None else "-"
+                             for s in ("tree", "independent")))
+    table.add_row("measured saving (tree vs independent)", f"{compare['measured_saving']:.1%}", "")
+    table.add_row("speedup (independent / tree wall)", f"{compare['speedup']:.2f}x", "")
+    return table
