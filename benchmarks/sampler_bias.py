@@ -5,7 +5,7 @@
 `HazardEngine(1/48)` ends each token with EOS with probability 1/48 (answers of 48 tokens on average,
 cut at a 128-token budget), and an answer is "correct" when it has at most 40 tokens, so correctness
 falls with length as in real training (wrong answers run longer). The truth is known: the policy's
-accuracy is 1 - (47/48)^40 = 0.570. For each sampler setting, on the same 400 prompts (w=8), it
+accuracy is 1 - (47/48)^40 = 0.569. For each sampler setting, on the same 400 prompts (w=8), it
 measures against an independent run of the same engine:
 
 - leaf bias: mean leaf tokens of the tree vs the policy's (independent) mean answer, and the share of

@@ -89,7 +89,7 @@ def test_token_whitening_can_flip_a_sign_and_group_centring_is_per_group():
 # -- against the truth: HazardEngine's answers end at each token with probability 1/48 -----------------
 
 HAZARD, BUDGET, SHORT = 1 / 48, 128, 40
-TRUTH = 1 - (1 - HAZARD) ** SHORT  # the policy's share of answers of at most 40 tokens: 0.570
+TRUTH = 1 - (1 - HAZARD) ** SHORT  # the policy's share of answers of at most 40 tokens: 0.569
 
 
 def _share_short(cfg: SamplerConfig, prompts: int) -> tuple[list[float], list[float], dict]:
@@ -147,3 +147,48 @@ def test_bad_estimator_flags_are_one_line_errors_before_any_model_work(flags, me
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("eval_mode", ["independent", "tree"])
+def test_held_out_evaluation_samples_independently_unless_asked(eval_mode, tmp_path, monkeypatch):
+    import tiny
+    import treepo.train.trainer as trainer_mod
+    from treepo.config import EngineConfig, RewardConfig
+    from treepo.prompts import Prompt
+    from treepo.train.trainer import Trainer
+
+    prompts = tiny.write_prompts(tmp_path / "prompts.jsonl", 12)
+    seen = []
+
+    def fake_evaluate(engine, sampler_cfg, problems, reward_fn, **kw):
+        seen.append(sampler_cfg)
+        return {"k": 2, **{f"{m}@2": {"value": 0.5} for m in ("mean", "pass", "maj")}}, []
+
+    monkeypatch.setattr(trainer_mod, "evaluate", fake_evaluate)
+    train = TrainConfig(prompts=str(prompts), num_prompts=12, steps=1, prompts_per_step=2, out=str(tmp_path / "run"),
+                        tensorboard=False, eval_mode=eval_mode)
+    trainer = Trainer(EngineConfig(threads=1), SamplerConfig(width=4, depth=2, segment_len=8),
+                      RewardConfig(reward="toy_rewards:letter_share"), train, model=tiny.model("llama"),
+                      tokenizer=tiny.tokenizer())
+    trainer.heldout = [Prompt("q", "a")]
+    trainer._evaluate_heldout(log_row=False)
+    assert seen[0].mode == eval_mode and seen[0].seed == trainer_mod.EVAL_SEED
+    assert trainer.sampler_cfg.mode == "tree"  # training still samples trees
+
+
+def test_training_logs_leaf_weighted_accuracy_beside_the_raw_leaf_mean(tmp_path):
+    import json
+
+    import tiny
+    from treepo.config import EngineConfig, RewardConfig
+    from treepo.train.trainer import run_train
+
+    prompts = tiny.write_prompts(tmp_path / "prompts.jsonl", 12)
+    train = TrainConfig(prompts=str(prompts), num_prompts=12, steps=1, prompts_per_step=2, out=str(tmp_path / "run"),
+                        tensorboard=False, learning_rate=1e-3)
+    run_train(EngineConfig(threads=1), SamplerConfig(width=4, depth=2, segment_len=8),
+              RewardConfig(reward="toy_rewards:letter_share"), train, model=tiny.model("llama"),
+              tokenizer=tiny.tokenizer())
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"accuracy", "accuracy_weighted", "reward_mean", "reward_weighted"} <= set(row)
+    assert -1.0 <= row["reward_weighted"] <= 1.0 and 0.0 <= row["accuracy_weighted"] <= 1.0
