@@ -79,6 +79,17 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+RUN_ONLY = ("out", "resume", "tensorboard", "checkpoint_every", "keep_checkpoints", "eval_prompts", "eval_every",
+            "eval_mode")  # train settings that do not change what a run learns
+
+
+def run_fingerprint(sampler_cfg, train_cfg, before_key: str) -> str:
+    sampler = {**asdict(sampler_cfg), "init_divergence_max": sampler_cfg.root_fanout_range[1]
+               if sampler_cfg.mode == "tree" else sampler_cfg.init_divergence_max}  # the range in force
+    train = {k: v for k, v in asdict(train_cfg).items() if k not in RUN_ONLY}
+    return fingerprint([sampler, train, before_key])
+
+
 def aggregate(runs: dict, befores: dict) -> dict:
     tasks: dict = {}
     for run in runs.values():
@@ -196,11 +207,13 @@ def main(argv=None) -> int:
                 mode=spec["mode"], width=args.width, seed=seed)
             train_cfg = replace(train_base, advantage=spec["advantage"], whiten=spec["whiten"])
             key = f"{task}/{variant}/seed{seed}"
-            fp = fingerprint([asdict(sampler_cfg), asdict(replace(train_cfg, out="")), before_key])
+            fp = run_fingerprint(sampler_cfg, train_cfg, before_key)
             if runs.get(key, {}).get("fingerprint") == fp:
                 continue
             if args.max_runs and new_runs >= args.max_runs:
-                break
+                save()
+                console.print(f"stopped after --max-runs {args.max_runs} new runs; rerun to continue")
+                return 0
             model.load_state_dict(initial)
             scratch = Path(tempfile.mkdtemp(prefix="treepo-vs-grpo-"))
             try:

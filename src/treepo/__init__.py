@@ -5,9 +5,9 @@
     engine = load_engine(EngineConfig(model="smollm2"))
     trees = TreeSampler(SamplerConfig(width=8, depth=4, segment_len=32), engine).rollout([prompt_ids]).trees
 
-    from treepo import RewardConfig, TrainConfig, run_train
+    from treepo import RewardConfig, TrainConfig, TrainSamplerConfig, run_train
 
-    run_train(EngineConfig(), SamplerConfig(), RewardConfig(), TrainConfig(steps=12, out="runs/train"))
+    run_train(EngineConfig(), TrainSamplerConfig(), RewardConfig(), TrainConfig(steps=12, out="runs/train"))
 
 The package reads as the pipeline:
 - `tree` (the data: nodes, paths, leaves), `config` (every knob, one dataclass per job), `prompts`,
@@ -22,7 +22,15 @@ The package reads as the pipeline:
 - `cli`: the `treepo` command.
 """
 
-from .config import EngineConfig, EvalConfig, RewardConfig, RolloutConfig, SamplerConfig, TrainConfig
+from .config import (
+    EngineConfig,
+    EvalConfig,
+    RewardConfig,
+    RolloutConfig,
+    SamplerConfig,
+    TrainConfig,
+    TrainSamplerConfig,
+)
 from .engines.base import Engine, EngineStats, SegmentOutput, SegmentRequest
 from .engines.loading import load_engine, load_model
 from .errors import ConfigError, InputError, TreepoError
@@ -53,6 +61,7 @@ __all__ = [
     "SegmentOutput",
     "SegmentRequest",
     "TrainConfig",
+    "TrainSamplerConfig",
     "Trainer",
     "Trajectory",
     "TreeSampler",

@@ -113,6 +113,7 @@ class EngineConfig:
         _require(self.server_concurrency >= 1, f"server_concurrency={self.server_concurrency}: must be >= 1.")
 
 
+AUTO_FANOUT_MAX = -1  # init_divergence_max: up to 8 root children, at most width (treepo train's default)
 DivergencePolicy = Literal["fixed_avg", "low_prob", "high_prob", "entropy"]
 # Advantage estimators (train/advantages.py implements each one of these names).
 Estimator = Literal["average", "size_weighted", "segment", "grpo", "unbiased"]
@@ -245,13 +246,14 @@ class SamplerConfig:
             )
         lo, hi = self.init_divergence, self.init_divergence_max
         _require(lo >= 0, f"init_divergence={lo}: must be >= 0 (0 = use branching).")
-        _require(hi >= 0, f"init_divergence_max={hi}: must be >= 0 (0 = fixed fan-out).")
+        _require(hi >= 0 or hi == AUTO_FANOUT_MAX,
+                 f"init_divergence_max={hi}: must be >= 0 (0 = fixed fan-out; -1 = up to 8, at most width).")
         _require(
             self.root_fanout_range[0] <= self.width,
             f"init_divergence={self.root_fanout_range[0]} exceeds width={self.width}: a prompt cannot start more "
             f"paths than it may finish; lower init_divergence or raise width.",
         )
-        if hi:
+        if hi > 0:
             _require(lo >= 1, "init_divergence_max is set: give the low end too, e.g. --init_divergence 2.")
             _require(
                 hi >= lo,
@@ -316,7 +318,10 @@ class SamplerConfig:
         if self.mode == "independent":
             return self.width, self.width
         lo = self.init_divergence or min(self.branching, self.width)
-        return lo, (self.init_divergence_max or lo)
+        hi = self.init_divergence_max
+        if hi == AUTO_FANOUT_MAX:  # up to 8, at most width, when a low end is given; else a fixed fan-out
+            hi = max(lo, min(8, self.width)) if self.init_divergence else lo
+        return lo, (hi or lo)
 
     @property
     def segment_cap(self) -> int:
@@ -353,15 +358,11 @@ class TrainSamplerConfig(SamplerConfig):
                        "[treepo train: 2..8]."),
     )
     init_divergence_max: int = field(
-        default=8,
+        default=AUTO_FANOUT_MAX,
         metadata=_help("If > 0, each prompt's root fan-out is drawn uniformly from [init_divergence, "
-                       "init_divergence_max] [treepo train: 8, at most width]."),
+                       "init_divergence_max]; -1 (treepo train's default) = up to 8, at most width "
+                       "(a fixed fan-out when init_divergence is 0)."),
     )
-
-    def __post_init__(self) -> None:
-        if self.init_divergence_max == 8 and self.init_divergence <= self.width:
-            self.init_divergence_max = min(8, self.width)  # the default range shrinks to a narrower group
-        super().__post_init__()
 
 
 @dataclass
@@ -545,8 +546,9 @@ class TrainConfig(EasyTaskConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.whiten, bool):  # the API's old on/off switch
-            self.whiten = "token" if self.whiten else "none"
+        if isinstance(self.whiten, bool) or str(self.whiten).lower() in ("true", "false", "1", "0"):
+            # the old on/off switch (API, YAML `whiten: true`, `--whiten false`): on meant token whitening
+            self.whiten = "token" if str(self.whiten).lower() in ("true", "1") else "none"
         _require(self.whiten is None or self.whiten in get_args(Whitening),
                  f"whiten={self.whiten!r}: use one of {', '.join(get_args(Whitening))} (e.g. --whiten scale).")
         _require(self.advantage in get_args(Estimator),

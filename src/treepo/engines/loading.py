@@ -167,3 +167,16 @@ def load_engine(cfg: EngineConfig, seed: int = 0):
 
     model, tokenizer = load_model(cfg)
     return TransformersEngine(model, tokenizer, cfg, seed=seed)
+
+
+def job_engine(cfg: EngineConfig, sampler_cfg, console, engine=None):
+    """The engine of a rollout or eval job: sampler settings a server cannot serve are refused first; then
+    `engine` if given (a loaded one to reuse), else the model (or the server's tokenizer) loads under a status line."""
+    if cfg.engine == "server":
+        from .server import check_sampler_config
+
+        check_sampler_config(sampler_cfg)
+    if engine is not None:
+        return engine
+    with console.status(f"loading model {cfg.model} ..."):
+        return load_engine(cfg, seed=sampler_cfg.seed)

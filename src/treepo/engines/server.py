@@ -26,7 +26,8 @@ Two dialects, found at start-up:
   certain (a byte-fallback piece, say), the segment keeps the tokens before it, which are a sound
   sample of the segment's start, and the rest is drawn again from there with another seed (at most
   `MAX_REDRAWS` times; counted in `unmappable_tokens`): ids are never guessed, and one such token
-  never ends a rollout. The EOS token is not returned by this server: a segment that stopped at
+  never ends a rollout. The re-draw slightly under-samples such tokens (the stored log-probs are of
+  the full distribution), a small off-policy effect that `unmappable_tokens` sizes. The EOS token is not returned by this server: a segment that stopped at
   EOS ends before it.
 
 The start-up probe decodes greedily, so whether a server passes it does not hang on a random draw
@@ -200,8 +201,11 @@ class ServerEngine:
             logprobs = [float(x) for x in lp["token_logprobs"]]
             complete = True
             if self.dialect == "text":
-                ids = self._ids_from_strings(lp["tokens"], choice["text"])
-                complete = len(ids) == len(logprobs)
+                strings = lp["tokens"]
+                if len(strings) != len(logprobs):
+                    raise Unusable(f"{len(strings)} token strings but {len(logprobs)} log-probs")
+                ids = self._ids_from_strings(strings, choice["text"])
+                complete = len(ids) == len(strings)  # shorter only where an id is uncertain
                 logprobs = logprobs[: len(ids)]
             elif choice.get("token_ids") is not None:
                 ids = [int(t) for t in choice["token_ids"]]
@@ -270,11 +274,15 @@ class ServerEngine:
         for server in self.pool.servers:  # one tiny completion each: the endpoint exists and answers with ids
             probe = SegmentRequest(0, (0,), (tuple(self._probe_ids()),), 2)
             try:  # greedy: the check must not depend on a random draw
-                self.pool.post("/v1/completions", self._body(probe, greedy=True), lambda a: self._parse(a, probe),
-                               server=server)
+                out, complete = self.pool.post("/v1/completions", self._body(probe, greedy=True),
+                                               lambda a: self._parse(a, probe), server=server)
             except HTTPRefused as e:
                 raise InputError(f"server_url={server.url!r} does not answer completions for model "
                                  f"{self.model_name!r}: {e}") from None
+            if not complete and not out.token_ids:  # not even the first token's id could be named
+                raise InputError(f"server_url={server.url!r}: its answers do not name the sampled tokens' ids for "
+                                 f"model {self.model_name!r} (the per-token strings match no vocabulary entry of "
+                                 "the local tokenizer): pass --model the model the server runs.")
         self.pool.reset_stats()  # the start-up probes are not rollout work
         self.stats = EngineStats()
         self.retokenized_contexts = self.unmappable_tokens = 0

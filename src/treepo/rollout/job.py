@@ -25,6 +25,7 @@ from rich.table import Table
 from .. import io
 from ..config import EngineConfig, RolloutConfig, SamplerConfig
 from ..engines.base import Engine
+from ..engines.loading import job_engine
 from ..envs import load_env, system_prompt_with
 from ..progress import progress_bar
 from ..prompts import choose_prompts, render
@@ -49,15 +50,7 @@ def run_rollout(
     predicate = answer_predicate(sampler_cfg)  # imports a custom predicate now, before model work
     env = load_env(sampler_cfg.env, sampler_cfg.env_args)  # and the environment
     prompts = choose_prompts(rollout_cfg, sampler_cfg.seed)
-    if engine_cfg.engine == "server":
-        from ..engines.server import check_sampler_config
-
-        check_sampler_config(sampler_cfg)
-    if engine is None:
-        from ..engines.loading import load_engine
-
-        with console.status(f"loading model {engine_cfg.model} ..."):
-            engine = load_engine(engine_cfg, seed=sampler_cfg.seed)
+    engine = job_engine(engine_cfg, sampler_cfg, console, engine)
     sampler = TreeSampler(sampler_cfg, engine, predicate=predicate, env=env)
     system_prompt = system_prompt_with(rollout_cfg.system_prompt, env)
     ids = [render(p, engine.tokenizer, system_prompt) for p in prompts]

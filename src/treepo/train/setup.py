@@ -8,12 +8,15 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 
 from ..config import TREE_ESTIMATORS, EngineConfig, RewardConfig, SamplerConfig, TrainConfig
 from ..errors import ConfigError, InputError
 from ..prompts import Prompt, choose_prompts, load_heldout, parse_task_args
+
+log = logging.getLogger(__name__)
 
 
 def check_configs(engine: EngineConfig, sampler: SamplerConfig, reward: RewardConfig, train: TrainConfig) -> None:
@@ -24,6 +27,10 @@ def check_configs(engine: EngineConfig, sampler: SamplerConfig, reward: RewardCo
     if sampler.mode == "independent" and train.advantage in TREE_ESTIMATORS:
         raise ConfigError(f"advantage={train.advantage!r} reads subtrees, which --mode independent does not grow: use "
                           "--advantage grpo or unbiased (RLOO on independent samples), or --mode tree.")
+    if train.advantage == "unbiased" and train.whitening in ("token", "group"):
+        log.warning("advantage='unbiased' with whiten=%r: re-centring undoes the leaf weighting (the gradient is no "
+                    "longer unbiased, and wrong answers can get a positive advantage); use --whiten scale or none.",
+                    train.whitening)
     if sampler.width < 2:
         raise ConfigError(
             f"width={sampler.width} with advantage={train.advantage!r}: a group of one trajectory has advantage 0 "

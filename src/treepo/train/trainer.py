@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 EVAL_SEED = 12345  # held-out evaluation samples with this seed every time, so runs compare
 # Settings a resumed run may change; every other one must match the checkpoint's.
-RESUMABLE = {"steps", "eval_prompts", "eval_every", "checkpoint_every", "keep_checkpoints", "resume", "tensorboard",
+RESUMABLE = {"steps", "eval_prompts", "eval_every", "eval_mode", "checkpoint_every", "keep_checkpoints", "resume", "tensorboard",
              "out", "threads", "device"}
 
 
@@ -161,7 +161,8 @@ class Trainer:
                              "or choose another --out.")
         saved = json.loads((latest / "trainer.json").read_text()).get("config", {})
         changed = [f"{section}.{k}" for section, now in self._configs().items()
-                   for k, v in now.items() if section in saved and k not in RESUMABLE and saved[section].get(k) != v]
+                   for k, v in now.items()  # a setting newer than the checkpoint is not compared
+                   if k in saved.get(section, {}) and k not in RESUMABLE and saved[section][k] != v]
         if changed:
             raise ConfigError(f"resume: {', '.join(changed)} differ from the run in {self.out}; a resumed run must "
                               "keep its settings (only steps, evaluation, checkpoint and logging settings may change).")
