@@ -192,3 +192,64 @@ def test_training_logs_leaf_weighted_accuracy_beside_the_raw_leaf_mean(tmp_path)
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert {"accuracy", "accuracy_weighted", "reward_mean", "reward_weighted"} <= set(row)
     assert -1.0 <= row["reward_weighted"] <= 1.0 and 0.0 <= row["accuracy_weighted"] <= 1.0
+
+
+def test_the_policy_gradient_estimate_is_unbiased_on_a_tabular_policy():
+    """Monte Carlo against the exact gradient: a 2-step policy over 2 tokens with a softmax table per prefix,
+    trees whose children counts (1..3) are drawn independently of outcomes. The weighted leave-one-out
+    estimator averages to the exact gradient; plain V(child) - V(parent) (with the same weights) does not."""
+    rng = np.random.default_rng(0)
+    theta = {(): np.array([0.3, -0.2]), (0,): np.array([1.0, -0.5]), (1,): np.array([-0.4, 0.6])}
+    reward = {(0, 0): 1.0, (0, 1): -1.0, (1, 0): 0.5, (1, 1): -0.25}
+
+    def pi(prefix):
+        e = np.exp(theta[prefix] - theta[prefix].max())
+        return e / e.sum()
+
+    def grad_logp(prefix, a):  # d log pi(a | prefix) / d theta, as a dict over the table
+        g = {k: np.zeros(2) for k in theta}
+        g[prefix] = np.eye(2)[a] - pi(prefix)
+        return g
+
+    def flat(g):
+        return np.concatenate([g[k] for k in sorted(theta)])
+
+    exact = sum(pi(())[a] * pi((a,))[b] * reward[(a, b)] * (flat(grad_logp((), a)) + flat(grad_logp((a,), b)))
+                for a in (0, 1) for b in (0, 1))
+
+    def one_tree(plain: bool):
+        tokens: dict = {}
+        leaves = []
+
+        def grow(node, depth):
+            if depth == 2:
+                leaves.append(node)
+                return
+            prefix = tokens.get(node, ())
+            for j in range(int(rng.integers(1, 4))):
+                child = node + (j,)
+                tokens[child] = prefix + (int(rng.choice(2, p=pi(prefix))),)
+                grow(child, depth + 1)
+
+        grow((), 0)
+        rewards = [reward[tokens[x]] for x in leaves]
+        if plain:  # V(child) - V(parent), weighted the same way
+            value, _ = tree_values(leaves, rewards)
+            w = leaf_weights(leaves)
+            advs = [[wi * len(leaves) * (value[x[:k]] - value[x[: k - 1]]) for k in (1, 2)] for x, wi in zip(leaves, w)]
+        else:
+            advs = unbiased_advantages(leaves, rewards)
+        g = np.zeros(6)
+        for leaf, adv in zip(leaves, advs):
+            toks = tokens[leaf]
+            g += adv[0] * flat(grad_logp((), toks[0])) + adv[1] * flat(grad_logp(toks[:1], toks[1]))
+        return g / len(leaves)
+
+    for plain, should_match in ((False, True), (True, False)):
+        draws = np.array([one_tree(plain) for _ in range(6000)])
+        mean, se = draws.mean(0), draws.std(0, ddof=1) / math.sqrt(len(draws))
+        z = np.abs(mean - exact) / se
+        if should_match:
+            assert z.max() < 4.5, (mean, exact, z)
+        else:
+            assert z.max() > 6, (mean, exact, z)  # shrunk by (c - 1) / c: biased
