@@ -120,15 +120,25 @@ GREEDY_SHAPE = dict(width=4, depth=4, segment_len=8, branching=2, answer_policy=
 DIVERGENCES_LISTED = 8
 
 
+def _tally() -> dict:
+    return dict(pairs=0, identical=0, min_agreed_tokens=None)
+
+
 def greedy_tree_equals_independent(device, dtype, report: dict, check_every: Optional[int] = None) -> None:
     """Greedy tree leaves equal greedy independent samples and an uncached greedy reference, token
     for token. float32: exactly. bfloat16: each first divergence must sit at a near-tie of the two
-    tokens' logits; reported are the tokens agreed before it and the logit gap there."""
+    tokens' logits; reported are the tokens agreed before it and the logit gap there.
+
+    Report: `tree_vs_independent` and `vs_reference` (pairs, identical, least tokens agreed), the
+    same per model in `by_model`, and `divergences`: each distinct first divergence (model, prompt,
+    tokens agreed, logit gap, max |logit|) with the pairs that share it.
+    """
     tol = tolerance(device, dtype)
     tokens = GREEDY_SHAPE["depth"] * GREEDY_SHAPE["segment_len"]
-    report.update(tokens_per_path=tokens, models=[f"{k}/{b}" for k, b in GREEDY_MODELS], pairs=0, identical=0,
-                  min_agreed_tokens=tokens, max_gap_at_divergence=None, near_tie_tolerance=tol.tie or "exact",
-                  divergences=[], by_model={})
+    report.update(tokens_per_path=tokens, models=[f"{k}/{b}" for k, b in GREEDY_MODELS],
+                  tree_vs_independent=_tally(), vs_reference=_tally(), max_gap_at_divergence=None,
+                  near_tie_tolerance=tol.tie or "exact", divergences=[], by_model={})
+    seen: dict[tuple, dict] = {}
     for kind, backend in GREEDY_MODELS:
         name = f"{kind}/{backend}"
         model = tiny_model(kind, device, dtype)
@@ -139,32 +149,37 @@ def greedy_tree_equals_independent(device, dtype, report: dict, check_every: Opt
         prompts = tiny.prompts()
         tree = TreeSampler(SamplerConfig(**GREEDY_SHAPE), engines[0]).rollout(prompts)
         ind = TreeSampler(SamplerConfig(mode="independent", **GREEDY_SHAPE), engines[1]).rollout(prompts)
-        mine = report["by_model"][name] = dict(pairs=0, identical=0, min_agreed_tokens=tokens,
+        mine = report["by_model"][name] = dict(tree_vs_independent=_tally(), vs_reference=_tally(),
                                                tree_decoded=sum(t.decoded_tokens for t in tree.trees),
                                                independent_decoded=sum(t.decoded_tokens for t in ind.trees))
         for p, (t_tree, t_ind, prompt) in enumerate(zip(tree.trees, ind.trees, prompts)):
             reference = greedy_reference(model, prompt, tokens)
             leaves = [t.token_ids for t in t_tree.trajectories()]
             samples = [t.token_ids for t in t_ind.trajectories()]
-            pairs = [(f"leaf {i} vs sample {i}", a, b) for i, (a, b) in enumerate(zip(leaves, samples))]
-            pairs += [(f"leaf {i} vs reference", a, reference) for i, a in enumerate(leaves)]
-            pairs += [(f"sample {i} vs reference", b, reference) for i, b in enumerate(samples)]
-            for what, a, b in pairs:
+            pairs = [("tree_vs_independent", f"leaf {i} vs sample {i}", a, b) for i, (a, b) in enumerate(zip(leaves, samples))]
+            pairs += [("vs_reference", f"leaf {i} vs reference", a, reference) for i, a in enumerate(leaves)]
+            pairs += [("vs_reference", f"sample {i} vs reference", b, reference) for i, b in enumerate(samples)]
+            for kind_of_pair, what, a, b in pairs:
                 agreed, gap, scale = divergence(model, prompt, a, b)
                 same = gap is None and len(a) == len(b) == tokens
-                for r in (report, mine):
+                for r in (report[kind_of_pair], mine[kind_of_pair]):
                     r["pairs"] += 1
                     r["identical"] += int(same)
-                    r["min_agreed_tokens"] = min(r["min_agreed_tokens"], agreed)
+                    r["min_agreed_tokens"] = min(agreed, r["min_agreed_tokens"] if r["min_agreed_tokens"] is not None
+                                                 else agreed)
                 if same:
                     continue
                 where = f"{name} prompt {p}, {what}"
                 if gap is None:
                     raise CheckFailed(f"{where}: lengths {len(a)} and {len(b)}, expected {tokens} tokens each")
                 report["max_gap_at_divergence"] = max(report["max_gap_at_divergence"] or 0.0, gap)
-                if len(report["divergences"]) < DIVERGENCES_LISTED:
-                    report["divergences"].append(dict(model=name, prompt=p, pair=what, agreed_tokens=agreed,
-                                                      logit_gap=round(gap, 5), max_abs_logit=round(scale, 3)))
+                key = (name, p, agreed, round(gap, 5))
+                if key not in seen and len(seen) < DIVERGENCES_LISTED:
+                    seen[key] = dict(model=name, prompt=p, agreed_tokens=agreed, logit_gap=round(gap, 5),
+                                     max_abs_logit=round(scale, 3), pairs=[])
+                    report["divergences"].append(seen[key])
+                if key in seen:
+                    seen[key]["pairs"].append(what)
                 if gap > tol.tie * max(1.0, scale):
                     raise CheckFailed(f"{where}: differ at token {agreed} of {tokens} with a logit gap of {gap:.3g} "
                                       f"(max |logit| {scale:.3g}): " + ("float32 must agree exactly" if not tol.tie
