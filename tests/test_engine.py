@@ -11,28 +11,12 @@ from treepo.engines.backends import HFDecoder, LeanDecoder
 from treepo.engines.base import SegmentRequest
 from treepo.engines.sampling import sample_tokens
 from treepo.engines.transformers_engine import TransformersEngine
+from treepo.gpu_check.correctness import full_forward_logprobs, greedy_reference
 from treepo.rollout.sampler import TreeSampler
 
 
 def engine(kind="llama", **cfg):
     return TransformersEngine(tiny.model(kind), tiny.tokenizer(), EngineConfig(**cfg))
-
-
-def full_forward_logprobs(model, prompt, response, temperature=1.0):
-    ids = torch.tensor([prompt + response])
-    with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()  # [R, V] predicting each response token
-    logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, -1)
-    return logp.gather(-1, torch.tensor(response)[:, None]).squeeze(-1), torch.special.entr(logp.exp()).sum(-1)
-
-
-def greedy_reference(model, context, n):
-    """Greedy continuation by full forward passes: no cache, no EOS handling (the engines run with ignore_eos)."""
-    ids = list(context)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(context):]
 
 
 @pytest.mark.parametrize("kind, backend", [("llama", "lean"), ("llama", "hf"), ("qwen2", "lean"), ("qwen3", "lean"), ("gpt2", "hf")])

@@ -11,7 +11,7 @@ import tiny
 from treepo.config import EngineConfig, SamplerConfig
 from treepo.engines.transformers_engine import TransformersEngine
 from treepo.errors import InputError
-from treepo.train.loss import ppo_loss
+from treepo.gpu_check.correctness import loss_and_grads
 from treepo.train.packing import (PackingError, pack_samples, pack_sequences, packed_logprobs, sliding_window,
                                   tree_attention, unsupported_reason)
 from treepo.train.update import build_samples
@@ -99,16 +99,6 @@ def _rollout_trees(model, n=3):
     return TreeSampler(cfg, engine).rollout(tiny.prompts()[:n]).trees
 
 
-def _loss_and_grads(model, forward, samples, normaliser):
-    model.zero_grad(set_to_none=True)
-    logp, ent, batch = forward()
-    parts = ppo_loss(logp, batch.old_logprobs, batch.advantages, batch.response_mask, normaliser,
-                     entropy=ent, entropy_coef=0.01)
-    parts.loss.backward()
-    return logp.detach(), ent.detach(), parts.loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()
-                                                               if p.grad is not None}
-
-
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gpt2"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_packed_equals_flat_logprobs_and_gradients(kind, attn):
@@ -130,8 +120,8 @@ def test_packed_equals_flat_logprobs_and_gradients(kind, attn):
         lp, ent = packed_logprobs(model, packed, with_entropy=True)
         return lp, ent, packed.flat
 
-    lp_f, ent_f, loss_f, g_f = _loss_and_grads(model, run_flat, samples, normaliser)
-    lp_p, ent_p, loss_p, g_p = _loss_and_grads(model, run_packed, samples, normaliser)
+    lp_f, ent_f, loss_f, g_f = loss_and_grads(model, run_flat, normaliser)
+    lp_p, ent_p, loss_p, g_p = loss_and_grads(model, run_packed, normaliser)
     m = flat.response_mask
     assert (lp_f - lp_p).abs()[m].max() < 1e-4
     assert (ent_f - ent_p).abs()[m].max() < 1e-4

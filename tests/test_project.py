@@ -32,7 +32,8 @@ def test_every_config_field_has_help(cls):
 
 
 # The pipeline's stages, in order: a module may import from its own stage and from earlier ones only.
-STAGES = {"": 0, "engines": 1, "envs": 1, "viz": 1, "rollout": 2, "rewards": 3, "eval": 4, "train": 5}
+STAGES = {"": 0, "engines": 1, "envs": 1, "viz": 1, "rollout": 2, "rewards": 3, "eval": 4, "train": 5,
+          "gpu_check": 6}  # the GPU check exercises the whole pipeline
 TOP = {"cli": 6, "__init__": 7}  # the command and the public names sit above everything
 
 

@@ -1,87 +1,10 @@
-"""Tiny random models and a tiny tokenizer, built in milliseconds, nothing from a hub."""
+"""The tests' tiny models and tokenizer: `treepo.tiny` (shared with the GPU check), plus a saved-model helper."""
 
 from __future__ import annotations
 
-import functools
+from treepo.tiny import CORPUS, model, prompts, tokenizer, write_prompts
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
-
-CORPUS = [
-    "What is 12 plus 7? Let us think step by step. 12 + 7 = 19. The answer is \\boxed{19}.",
-    "Count the letters in the word banana. b a n a n a: six letters, so \\boxed{6}.",
-    "The quick brown fox jumps over the lazy dog while the cat sleeps on the mat.",
-] * 20
-
-
-@functools.lru_cache(maxsize=1)
-def tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
-
-
-def _common(vocab: int) -> dict:
-    return dict(vocab_size=vocab, eos_token_id=1, pad_token_id=0, bos_token_id=None)
-
-
-def model(kind: str = "llama", seed: int = 0, **overrides):
-    """A random tiny causal LM of the given family, float32, eval mode."""
-    torch.manual_seed(seed)
-    vocab = len(tokenizer())
-    if kind == "llama":
-        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=512, **_common(vocab), **overrides)
-        m = LlamaForCausalLM(cfg)
-    elif kind == "qwen2":
-        cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=512, **_common(vocab), **overrides)
-        m = Qwen2ForCausalLM(cfg)
-    elif kind == "qwen3":
-        cfg = Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=16, max_position_embeddings=512, **_common(vocab), **overrides)
-        m = Qwen3ForCausalLM(cfg)
-    elif kind == "gpt2":
-        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **_common(vocab), **overrides)
-        m = GPT2LMHeadModel(cfg)
-    else:
-        raise ValueError(kind)
-    # Random init gives near-uniform logits; sharpen them so greedy choices are far from ties.
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
-    return m.eval()
-
-
-def prompts(texts=("What is 12 plus 7?", "Count the letters in banana, please", "fox")) -> list[list[int]]:
-    tok = tokenizer()
-    return [tok(t)["input_ids"] for t in texts]
-
-
-def write_prompts(path, n: int):
-    """A JSONL file of n arithmetic prompts with answers ("What is i plus i?" -> 2i); returns the path."""
-    import json
-
-    path.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)}) + "\n"
-                            for i in range(n)))
-    return path
+__all__ = ["CORPUS", "model", "prompts", "save_model_dir", "tokenizer", "write_prompts"]
 
 
 def save_model_dir(path):
