@@ -47,6 +47,7 @@ from treepo.engines.transformers_engine import TransformersEngine
 from treepo.eval.evaluate import evaluate
 from treepo.prompts import load_heldout, load_task, parse_task_args
 from treepo.rewards.scorers import build_reward
+from treepo.train.setup import PromptStream
 from treepo.train.trainer import Trainer
 
 TASKS = {  # SmolLM2-135M starts above zero on both (stack.md)
@@ -60,7 +61,8 @@ VARIANTS = {
     "treepo_unbiased": dict(mode="tree", advantage="unbiased", whiten="scale"),
 }
 DEFAULT_VARIANT = "treepo_unbiased"  # what `treepo train` runs by default (TrainConfig, TrainSamplerConfig)
-# (variant, seeds): GRPO and the default get 3 seeds, the others 1; most important runs first.
+# (variant, seed): GRPO and the default get 3 seeds, the others 1; the most telling runs first, the tasks
+# interleaved, so a partial benchmark still compares GRPO and the default on both tasks.
 PLAN = [("grpo", 0), ("treepo_unbiased", 0), ("grpo", 1), ("treepo_unbiased", 1), ("grpo", 2),
         ("treepo_unbiased", 2), ("treepo", 0), ("grpo_tree", 0)]
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}  # two-sided 95% t quantiles by number of seeds
@@ -81,6 +83,15 @@ def fingerprint(obj) -> str:
 
 RUN_ONLY = ("out", "resume", "tensorboard", "checkpoint_every", "keep_checkpoints", "eval_prompts", "eval_every",
             "eval_mode")  # train settings that do not change what a run learns
+
+
+def legacy_fingerprint(sampler_cfg, train_cfg, before_key: str) -> str:
+    """The fingerprint of the runs made before `run_fingerprint` (2026-12-01): the whole configs, the
+    fan-out range written out as init_divergence_max = 8."""
+    sampler = asdict(sampler_cfg)
+    if sampler_cfg.mode == "tree" and sampler["init_divergence_max"] == -1:
+        sampler["init_divergence_max"] = sampler_cfg.root_fanout_range[1]
+    return fingerprint([sampler, asdict(replace(train_cfg, out="")), before_key])
 
 
 def run_fingerprint(sampler_cfg, train_cfg, before_key: str) -> str:
@@ -188,27 +199,39 @@ def main(argv=None) -> int:
         if summary:
             plot(summary, out / "treepo_vs_grpo.png")
 
-    for task in args.tasks.split(","):
-        task_args = TASKS[task]
-        train_base = TrainConfig(task=task, task_args=task_args, steps=args.steps, prompts_per_step=args.prompts_per_step,
-                                 learning_rate=args.lr, checkpoint_every=0, keep_checkpoints=1, tensorboard=False)
-        pool = {p.question for p in load_task(task, train_base.num_prompts, 0, parse_task_args(task_args))}
-        heldout = load_heldout(task, args.eval_prompts, 0, parse_task_args(task_args), pool)
-        before_key = fingerprint([task, task_args, args.eval_prompts, args.eval_k])
-        if befores.get(task, {}).get("key") != before_key:
-            model.load_state_dict(initial)
-            befores[task] = {"key": before_key, **heldout_accuracy(model, tokenizer, task, task_args, heldout,
-                                                                   args.eval_k, train_base.system_prompt)}
-            save()
-        console.print(f"{task}: held-out mean@{args.eval_k} before training {befores[task]['mean']:.1%}")
-        for variant, seed in PLAN:
+    tasks = args.tasks.split(",")
+    prepared: dict = {}
+
+    def prepare(task: str):
+        """(train settings, held-out problems, before-key) of a task; its before-training accuracy once."""
+        if task not in prepared:
+            task_args = TASKS[task]
+            base = TrainConfig(task=task, task_args=task_args, steps=args.steps, prompts_per_step=args.prompts_per_step,
+                               learning_rate=args.lr, checkpoint_every=0, keep_checkpoints=1, tensorboard=False)
+            pool = {p.question for p in load_task(task, base.num_prompts, 0, parse_task_args(task_args))}
+            heldout = load_heldout(task, args.eval_prompts, 0, parse_task_args(task_args), pool)
+            key = fingerprint([task, task_args, args.eval_prompts, args.eval_k])
+            if befores.get(task, {}).get("key") != key:
+                model.load_state_dict(initial)
+                befores[task] = {"key": key, **heldout_accuracy(model, tokenizer, task, task_args, heldout,
+                                                                args.eval_k, base.system_prompt)}
+                save()
+            console.print(f"{task}: held-out mean@{args.eval_k} before training {befores[task]['mean']:.1%}")
+            prepared[task] = (base, heldout, key)
+        return prepared[task]
+
+    for variant, seed in PLAN:
+        for task in tasks:
+            train_base, heldout, before_key = prepare(task)
+            task_args = TASKS[task]
             spec = VARIANTS[variant]
             sampler_cfg = (TrainSamplerConfig if spec["mode"] == "tree" else SamplerConfig)(
                 mode=spec["mode"], width=args.width, seed=seed)
             train_cfg = replace(train_base, advantage=spec["advantage"], whiten=spec["whiten"])
             key = f"{task}/{variant}/seed{seed}"
             fp = run_fingerprint(sampler_cfg, train_cfg, before_key)
-            if runs.get(key, {}).get("fingerprint") == fp:
+            if runs.get(key, {}).get("fingerprint") in (fp, legacy_fingerprint(sampler_cfg, train_cfg, before_key)):
+                runs[key]["fingerprint"] = fp
                 continue
             if args.max_runs and new_runs >= args.max_runs:
                 save()
@@ -227,7 +250,12 @@ def main(argv=None) -> int:
                 shutil.rmtree(scratch, ignore_errors=True)
             after = heldout_accuracy(model, tokenizer, task, task_args, heldout, args.eval_k, train_base.system_prompt)
             rows = [r for r in trainer.rows if "reward_mean" in r]
+            # Held-out problems are disjoint from the seed-0 pool; other seeds draw other pools, so count any
+            # held-out problem this run actually trained on (the stream's prompts so far, replayed).
+            replay = PromptStream(trainer.stream.prompts, trainer.stream.seed)
+            trained = {trainer.stream.prompts[i].question for i in replay.take(trainer.stream.position)}
             runs[key] = {
+                "heldout_in_training_prompts": len(trained & {q.question for q in heldout}),
                 "fingerprint": fp, "task": task, "variant": variant, "seed": seed,
                 "acc_before": befores[task]["mean"], "acc_after": after["mean"],
                 "acc_after_ci": [after["low"], after["high"]], "pass_after": after["pass"],
