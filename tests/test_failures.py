@@ -1,0 +1,121 @@
+"""No silent failures: a run that could not do its job says so in one line and exits non-zero.
+
+Reward functions that fail everywhere, `--resume` with nothing to resume, long work without a word,
+leftovers of a killed save, private file modes, messages that point the wrong way, and servers that
+outlive the test that started them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io as stdio
+import json
+import os
+import stat
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+import tiny
+import toy_rewards
+from treepo import cli, io
+from treepo.config import EngineConfig, EvalConfig, RewardConfig, SamplerConfig, TrainConfig
+from treepo.engines import local_server
+from treepo.engines.local_server import LocalServerProcess, free_port, live_servers
+from treepo.engines.transformers_engine import TransformersEngine
+from treepo.errors import ConfigError, InputError, ServerError
+from treepo.progress import progress_bar
+from treepo.rollout.sampler import TreeSampler
+from treepo.train import checkpoint
+from treepo.train.trainer import run_train
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return tiny.save_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def prompts(tmp_path) -> Path:
+    return tiny.write_prompts(tmp_path / "prompts.jsonl", 12)
+
+
+def _train(prompts: Path, out: Path, reward="toy_rewards:letter_share", **train):
+    args = dict(prompts=str(prompts), num_prompts=12, steps=1, prompts_per_step=2, micro_batch_size=4,
+                learning_rate=1e-3, out=str(out), checkpoint_every=1, tensorboard=False, dynamic_sampling=False)
+    args.update(train)
+    cfgs = (EngineConfig(threads=1), SamplerConfig(width=4, depth=2, segment_len=8), RewardConfig(reward=reward),
+            TrainConfig(**args))
+    return run_train(*cfgs, model=tiny.model("llama"), tokenizer=tiny.tokenizer(), console=Console(file=stdio.StringIO()))
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+# -- servers never outlive the test (or the process) that started them --------------------------------
+
+NEVER_ANSWERS = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)"
+ANSWERS = textwrap.dedent("""
+    import http.server, subprocess, sys
+    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])  # a child of the server
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200); self.end_headers(); self.wfile.write(b'{}')
+        def log_message(self, *a):
+            pass
+    http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), Ok).serve_forever()
+""")
+
+
+def _group_gone(pgid: int) -> bool:
+    return not local_server._group_running(pgid)
+
+
+def test_a_server_that_never_answers_is_killed_with_its_children():
+    with pytest.raises(ServerError, match="did not answer .* within 1 s"):
+        LocalServerProcess([sys.executable, "-c", NEVER_ANSWERS], f"http://127.0.0.1:{free_port()}",
+                           startup_timeout=1.0)
+    assert live_servers() == []
+
+
+def test_an_interrupt_during_start_up_kills_the_server(monkeypatch):
+    started = []
+    real_popen = local_server.subprocess.Popen
+
+    def popen(*a, **k):
+        started.append(real_popen(*a, **k))
+        return started[-1]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local_server.subprocess, "Popen", popen)
+    monkeypatch.setattr(local_server.requests, "get", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        LocalServerProcess([sys.executable, "-c", NEVER_ANSWERS], "http://127.0.0.1:9", startup_timeout=30)
+    assert started and started[0].poll() is not None and _group_gone(started[0].pid)
+    assert live_servers() == []
+
+
+def test_a_server_that_exits_while_starting_is_an_error(tmp_path):
+    with pytest.raises(ServerError, match="exited with status 3 while starting; see .*log"):
+        LocalServerProcess([sys.executable, "-c", "import sys; sys.exit(3)"], "http://127.0.0.1:9",
+                           log_path=tmp_path / "server.log")
+    assert live_servers() == []
+
+
+def test_stop_ends_the_server_and_its_children():
+    port = free_port()
+    with LocalServerProcess([sys.executable, "-c", ANSWERS, str(port)], f"http://127.0.0.1:{port}",
+                            probe="/", startup_timeout=30) as server:
+        assert live_servers() == [server.process.pid]
+    assert live_servers() == [] and _group_gone(server.process.pid)
