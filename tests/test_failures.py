@@ -61,6 +61,30 @@ def _digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+# -- outputs get the modes the umask gives ------------------------------------------------------------
+
+
+@pytest.fixture
+def umask_002(monkeypatch):
+    old = os.umask(0o002)
+    monkeypatch.setattr(io, "_UMASK", None)  # read afresh
+    yield
+    os.umask(old)
+
+
+def test_checkpoints_model_and_outputs_respect_the_umask(prompts, tmp_path, umask_002):
+    out = tmp_path / "run"
+    _train(prompts, out, steps=1)
+    paths = [out / "model", out / "model" / "model.safetensors", out / "checkpoints" / "step-000001",
+             out / "checkpoints" / "step-000001" / "model" / "model.safetensors",
+             out / "checkpoints" / "step-000001" / "optimizer.pt", out / "summary.json", out / "metrics.jsonl"]
+    modes = {p.relative_to(out).as_posix(): oct(stat.S_IMODE(p.stat().st_mode)) for p in paths}
+    assert modes == {k: ("0o775" if (out / k).is_dir() else "0o664") for k in modes}
+    with io.staged_dir(tmp_path / "staged") as stage:
+        io.write_json(stage / "eval.json", {})
+    assert oct(stat.S_IMODE((tmp_path / "staged" / "eval.json").stat().st_mode)) == "0o664"
+
+
 # -- servers never outlive the test (or the process) that started them --------------------------------
 
 NEVER_ANSWERS = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)"

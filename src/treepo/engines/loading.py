@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .. import io
 from ..config import EngineConfig
 from ..errors import ConfigError, InputError
 
@@ -66,6 +67,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        io.apply_umask(tmp)  # mkdtemp's 0700: a shared cache must stay readable
         os.replace(tmp, out)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)

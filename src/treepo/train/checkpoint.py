@@ -10,6 +10,8 @@ target, which is renamed into place only when complete; `latest` then names it.
 
 A kill during a save leaves only a `.step-*.tmp` folder, which `latest_checkpoint` ignores and
 `prune` removes.
+Folders and files get the modes the umask gives (`io.apply_umask`), not mkdtemp's private 0700 / 0600,
+so a colleague can read a model trained on shared storage.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def save(
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(rng_state, tmp / "rng.pt")
         io.write_json(tmp / "trainer.json", trainer_state)  # last: its presence marks a complete folder
+        io.apply_umask(tmp)
         _fsync_tree(tmp)
         if target.exists():
             shutil.rmtree(target)
@@ -69,6 +72,7 @@ def save_model_dir(target: Path, model, tokenizer) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        io.apply_umask(tmp)
         _fsync_tree(tmp)
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)
