@@ -85,6 +85,18 @@ def test_checkpoints_model_and_outputs_respect_the_umask(prompts, tmp_path, umas
     assert oct(stat.S_IMODE((tmp_path / "staged" / "eval.json").stat().st_mode)) == "0o664"
 
 
+# -- messages that name the right fix -----------------------------------------------------------------
+
+
+def test_a_run_or_checkpoint_folder_as_model_points_to_its_model(prompts, tmp_path, capsys):
+    out = tmp_path / "run"
+    _train(prompts, out, steps=1)
+    step = out / "checkpoints" / "step-000001"
+    for folder in (step, out):
+        assert cli.main(["eval", "--model", str(folder), "--prompts", str(prompts), "--out", str(tmp_path / "e")]) == 2
+        assert f"pass --model {folder / 'model'}" in capsys.readouterr().err.replace("\n", "")
+
+
 # -- servers never outlive the test (or the process) that started them --------------------------------
 
 NEVER_ANSWERS = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)"
