@@ -26,6 +26,7 @@ from treepo import cli, io
 from treepo.config import EngineConfig, EvalConfig, RewardConfig, SamplerConfig, TrainConfig
 from treepo.engines import local_server
 from treepo.engines.local_server import LocalServerProcess, free_port, live_servers
+from treepo.engines.memory import kv_cache_bytes
 from treepo.engines.transformers_engine import TransformersEngine
 from treepo.errors import ConfigError, InputError, ServerError
 from treepo.progress import progress_bar
@@ -59,6 +60,64 @@ def _digest(folder: Path) -> str:
         if p.is_file():
             h.update(p.name.encode() + p.read_bytes())
     return h.hexdigest()
+
+
+# -- long work shows its size and its progress; a KV cache that cannot fit is refused ------------------
+
+
+def test_kv_cache_bytes_by_hand():
+    # 2 prompts x width 4 rows, 100 positions, 2 layers x (K, V) x 2 heads x 16 dims x 4 bytes
+    assert kv_cache_bytes(rows=8, tokens=100, layers=2, kv_heads=2, head_dim=16, dtype_bytes=4) == 8 * 100 * 2 * 2 * 2 * 16 * 4
+
+
+def test_a_kv_cache_that_cannot_fit_is_refused_with_its_size():
+    engine = TransformersEngine(tiny.model("llama"), tiny.tokenizer(), EngineConfig(threads=1))
+    sampler = TreeSampler(SamplerConfig(width=512, depth=4, segment_len=64), engine)
+    lengths = [20, 30]
+    need = engine.kv_cache_bytes(2 * 512, 30 + 256 + 1)
+    assert need == 2 * 512 * 287 * 2 * 2 * 2 * 16 * 4  # tiny llama: 2 layers, 2 kv heads, head dim 16, float32
+    plan = sampler.plan(lengths, 8, available=need)  # just fits
+    assert plan.kv_bytes == need and plan.most_tokens == 2 * 512 * 256
+    assert "2 prompts x width 512 x budget 256 tokens = at most 262,144 response tokens" in plan.describe()
+    with pytest.raises(ConfigError, match=r"KV cache of 2 prompts x width 512 x 287 tokens .* needs 143\.5 MiB, more "
+                                          r"than the 1\.0 MiB free on cpu: lower --prompt_batch_size \(now 8\)"):
+        sampler.plan(lengths, 8, available=1 << 20)
+    assert engine.available_memory() > 0  # the real figure: MemAvailable / physical memory
+
+
+def test_rollout_prints_its_plan_and_refuses_before_work_when_memory_is_short(model_dir, prompts, tmp_path,
+                                                                              capsys, monkeypatch):
+    base = ["rollout", "--model", str(model_dir), "--prompts", str(prompts), "--num_prompts", "2", "--width", "4",
+            "--depth", "2", "--segment_len", "4"]
+    assert cli.main(base + ["--out", str(tmp_path / "ok")]) == 0
+    err = capsys.readouterr().err
+    assert "rollout plan: 2 prompts x width 4 x budget 8 tokens = at most 64 response tokens" in err
+    assert "rollout: 0/2 prompts" in err  # a plain progress line: this console is not a terminal
+    monkeypatch.setattr(TransformersEngine, "available_memory", lambda self: 1000)
+    assert cli.main(base + ["--out", str(tmp_path / "never")]) == 2
+    assert "more than the 1000 B free on cpu" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_progress_is_reported_within_a_round_and_as_lines_off_a_terminal():
+    engine = TransformersEngine(tiny.model("llama"), tiny.tokenizer(), EngineConfig(threads=1, ignore_eos=True))
+    seen: list[str] = []
+    engine.on_progress = seen.append
+    TreeSampler(SamplerConfig(mode="independent", width=3, depth=1, segment_len=5, rep_count=0), engine).rollout(
+        tiny.prompts()[:1])
+    assert seen[0] == "token 1/5, 3 paths" and seen[-1].startswith("token 5/5")
+
+    log = Console(file=stdio.StringIO(), width=200)  # a file: not a terminal
+    with progress_bar(log, line_every=0.2) as progress:
+        task = progress.add_task("rollout", total=4, info="")
+        progress.update(task, info="round 1: token 3/64, 512 paths")  # printed at once
+        progress.update(task, info="round 1: token 4/64, 512 paths")  # too soon after: not printed
+        time.sleep(0.25)
+        progress.advance(task, 1)
+    lines = [line for line in log.file.getvalue().splitlines() if line.startswith("rollout:")]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("rollout: 0/4 prompts, 0 s, round 1: token 3/64, 512 paths")
+    assert lines[1].startswith("rollout: 1/4 prompts")
 
 
 # -- outputs get the modes the umask gives ------------------------------------------------------------

@@ -17,7 +17,7 @@ from ..prompts import Prompt, render
 from ..rewards.scorers import RewardFunction
 from ..rewards.scoring import score_trees
 from ..rollout.accounting import summarize
-from ..rollout.sampler import TreeSampler
+from ..rollout.sampler import RolloutPlan, TreeSampler
 from ..rollout.stopping import answer_predicate
 from .metrics import summarize_eval
 
@@ -32,6 +32,7 @@ def evaluate(
     k: int = 0,
     batch_size: int = 8,
     on_batch: Optional[Callable[[int], None]] = None,
+    on_plan: Optional[Callable[[RolloutPlan], None]] = None,
 ) -> tuple[dict, list[dict]]:
     """(summary, per-sample rows) for `prompts`, `sampler_cfg.width` samples each."""
     sampler = TreeSampler(sampler_cfg, engine, predicate=answer_predicate(sampler_cfg))
@@ -40,6 +41,9 @@ def evaluate(
     for i, p in enumerate(ids):
         sampler.check_fits(p, i)
     k = check_k(k, sampler_cfg.width)
+    plan = sampler.plan([len(p) for p in ids], batch_size)  # a KV cache that cannot fit is refused here
+    if on_plan:
+        on_plan(plan)
     problems, rows, results, failures = [], [], [], Counter()
     for start in range(0, len(ids), batch_size):
         t0 = time.perf_counter()

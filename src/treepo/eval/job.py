@@ -61,10 +61,16 @@ def run_eval(
         with console.status(f"loading model {engine_cfg.model} ..."):
             engine = load_engine(engine_cfg, seed=sampler_cfg.seed)
     with progress_bar(console) as progress:
-        task = progress.add_task("eval", total=len(prompts), info="")
-        summary, rows = evaluate(engine, sampler_cfg, prompts, reward_fn, system_prompt=eval_cfg.system_prompt,
-                                 k=eval_cfg.k, batch_size=eval_cfg.prompt_batch_size,
-                                 on_batch=lambda n: progress.advance(task, n))
+        task = progress.add_task("eval", total=len(prompts), info="starting")
+        engine.on_progress = lambda text: progress.update(task, info=f"batch: {text}")
+        try:
+            summary, rows = evaluate(engine, sampler_cfg, prompts, reward_fn, system_prompt=eval_cfg.system_prompt,
+                                     k=eval_cfg.k, batch_size=eval_cfg.prompt_batch_size,
+                                     on_batch=lambda n: progress.advance(task, n),
+                                     on_plan=lambda plan: console.print(f"eval plan: {plan.describe()}",
+                                                                        highlight=False))
+        finally:
+            engine.on_progress = None
     summary["model"] = engine_cfg.model
     if hasattr(engine, "server_report"):
         summary["servers"] = engine.server_report()

@@ -37,6 +37,7 @@ from rich.console import Console
 
 from .. import io
 from ..config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig
+from ..engines.memory import format_bytes
 from ..envs import load_env, system_prompt_with
 from ..errors import ConfigError, InputError
 from ..eval.evaluate import evaluate
@@ -134,6 +135,9 @@ class Trainer:
         self.pool_ids = [render(p, tokenizer, system_prompt) for p in pool]
         for i, ids in enumerate(self.pool_ids):  # a prompt too long for the context fails now, not at step N
             self.sampler.check_fits(ids, i)
+        # A step rolls out its prompts (this rank's share) together: a KV cache that cannot fit fails now.
+        per_rank = -(-train_cfg.prompts_per_step // self.world)
+        self.plan = self.sampler.plan([len(ids) for ids in self.pool_ids], per_rank, batch_flag="--prompts_per_step")
         self.step = 0
         self.rows: list[dict] = []
         self.evals: list[dict] = []
@@ -174,23 +178,33 @@ class Trainer:
             self._restore(self.resume_from)
             self.console.print(f"resumed from {self.resume_from} (step {self.step})")
         self._open_logs()
-        if self.heldout and self.step == 0:
-            self._evaluate_heldout()
-        with progress_bar(self.console, unit="steps") as progress:
-            task = progress.add_task("train", total=self.cfg.steps, completed=self.step, info="")
-            while self.step < self.cfg.steps:
-                row = self.train_step()
-                if self.heldout and self.cfg.eval_every and self.step % self.cfg.eval_every == 0 \
-                        and self.step < self.cfg.steps:
-                    row.update(self._evaluate_heldout(log_row=False))
-                self._log(row)
-                progress.update(task, completed=self.step, info=_brief(row))
-                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 \
-                        and self.step < self.cfg.steps:
-                    self.save_checkpoint()
-        if self.heldout and not any(e["eval_step"] == self.step for e in self.evals):
-            self._evaluate_heldout()
-        self.save_checkpoint()
+        p = self.plan
+        self.console.print(f"train plan: {self.cfg.steps - self.step} steps x {p.batch} prompts x width {p.width} x "
+                           f"budget {p.budget} tokens per step"
+                           + (f"; KV cache up to {format_bytes(p.kv_bytes)}" if p.kv_bytes is not None else "")
+                           + (f" of {format_bytes(p.available)} available" if p.available is not None else ""),
+                           highlight=False)
+        try:
+            if self.heldout and self.step == 0:
+                self._evaluate_heldout()
+            with progress_bar(self.console, unit="steps") as progress:
+                task = progress.add_task("train", total=self.cfg.steps, completed=self.step, info="first step")
+                self.engine.on_progress = lambda text: progress.update(task, info=f"step {self.step + 1}: {text}")
+                while self.step < self.cfg.steps:
+                    row = self.train_step()
+                    if self.heldout and self.cfg.eval_every and self.step % self.cfg.eval_every == 0 \
+                            and self.step < self.cfg.steps:
+                        row.update(self._evaluate_heldout(log_row=False))
+                    self._log(row)
+                    progress.update(task, completed=self.step, info=_brief(row))
+                    if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 \
+                            and self.step < self.cfg.steps:
+                        self.save_checkpoint()
+            if self.heldout and not any(e["eval_step"] == self.step for e in self.evals):
+                self._evaluate_heldout()
+            self.save_checkpoint()
+        finally:
+            self.engine.on_progress = None
         return self._finish()
 
     def train_step(self) -> dict:
