@@ -28,7 +28,7 @@ from treepo.engines import local_server
 from treepo.engines.local_server import LocalServerProcess, free_port, live_servers
 from treepo.engines.memory import kv_cache_bytes
 from treepo.engines.transformers_engine import TransformersEngine
-from treepo.errors import ConfigError, InputError, ServerError
+from treepo.errors import ConfigError, InputError, RewardError, ServerError
 from treepo.progress import progress_bar
 from treepo.rollout.sampler import TreeSampler
 from treepo.train import checkpoint
@@ -60,6 +60,89 @@ def _digest(folder: Path) -> str:
         if p.is_file():
             h.update(p.name.encode() + p.read_bytes())
     return h.hexdigest()
+
+
+# -- a reward that fails everywhere stops the run ----------------------------------------------------
+
+
+def test_train_stops_when_the_reward_fails_on_every_sample_and_keeps_the_last_checkpoint(prompts, tmp_path,
+                                                                                         monkeypatch):
+    out, reward = tmp_path / "run", "toy_rewards:switchable"
+    _train(prompts, out, reward, steps=1)  # a good first step: checkpoint step 1 and model/
+    good, model_before = checkpoint.latest_checkpoint(out), _digest(out / "model")
+    monkeypatch.setattr(toy_rewards, "BROKEN", True)
+    with pytest.raises(RewardError) as failure:
+        _train(prompts, out, reward, steps=3, resume=True)
+    message = str(failure.value)
+    assert "\n" not in message
+    assert "reward 'toy_rewards:switchable' failed on 8 of 8 samples (raised 8) of step 2" in message
+    assert "first failure: raised: RuntimeError: the grader is down" in message
+    assert "fix the error" in message and "checkpoints/step-000001" in message and "--resume" in message
+    assert checkpoint.latest_checkpoint(out) == good  # no checkpoint after the failing step
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000001"]
+    assert _digest(out / "model") == model_before  # model/ is not rewritten with anything
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_fresh_run_whose_reward_always_raises_writes_no_model_and_exits_2(model_dir, prompts, tmp_path, capsys,
+                                                                             monkeypatch):
+    monkeypatch.setattr(toy_rewards, "BROKEN", True)
+    out = tmp_path / "run"
+    code = cli.main(["train", "--model", str(model_dir), "--prompts", str(prompts), "--num_prompts", "12",
+                     "--steps", "2", "--prompts_per_step", "2", "--width", "4", "--depth", "2", "--segment_len", "4",
+                     "--reward", "toy_rewards:switchable", "--no_tensorboard", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    line = next(x for x in err.splitlines() if x.startswith("error:"))
+    assert "reward 'toy_rewards:switchable' failed on" in line and "of step 1" in line
+    assert "RuntimeError: the grader is down" in line and "no checkpoint had been written yet" in line
+    assert not (out / "model").exists() and checkpoint.latest_checkpoint(out) is None
+
+
+def test_partial_reward_failures_reach_the_summary_and_the_final_line(prompts, tmp_path):
+    console = Console(file=stdio.StringIO(), width=300)
+    cfgs = (EngineConfig(threads=1), SamplerConfig(width=4, depth=2, segment_len=8),
+            RewardConfig(reward="toy_rewards:nan_on_odd"),
+            TrainConfig(prompts=str(prompts), num_prompts=12, steps=2, prompts_per_step=2, out=str(tmp_path / "r"),
+                        dynamic_sampling=False, tensorboard=False))
+    summary = run_train(*cfgs, model=tiny.model("llama"), tokenizer=tiny.tokenizer(), console=console)
+    assert summary["reward_failures"] == {"nan": 8}  # half of 2 steps x 8 samples
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["reward_failures"] == {"nan": 8}
+    assert "failed on 8 of 16 samples (nan 8)" in console.file.getvalue()
+
+
+def _eval(model_dir, prompts, out, *extra) -> int:
+    return cli.main(["eval", "--model", str(model_dir), "--prompts", str(prompts), "--num_prompts", "2",
+                     "--width", "4", "--depth", "2", "--segment_len", "4", "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("reward, kind, fix", [
+    ("slow", "timeout", "raise --reward_timeout"),
+    ("all_nan", "nan", "return finite numbers"),
+    ("wrong_count", "bad_output", "one number per completion"),
+    ("raises", "raised", "fix the error"),
+])
+def test_eval_whose_reward_fails_on_every_sample_is_an_error(model_dir, prompts, tmp_path, capsys, reward, kind, fix):
+    out = tmp_path / "eval"
+    assert _eval(model_dir, prompts, out, "--reward", f"toy_rewards:{reward}", "--reward_timeout", "0.01") == 2
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("error:"))
+    assert f"reward 'toy_rewards:{reward}' failed on 8 of 8 samples ({kind} 8) of the evaluation" in line
+    assert f"first failure: {kind}: " in line and fix in line and "every sample failed" in line
+    assert not out.exists()
+
+
+def test_eval_shows_partial_failures_and_stops_past_the_share_allowed(model_dir, prompts, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert _eval(model_dir, prompts, out, "--reward", "toy_rewards:nan_on_odd") == 0
+    summary = json.loads((out / "eval.json").read_text())
+    assert summary["reward_failures"] == {"nan": 4} and summary["reward_samples"] == 8
+    assert "4 of 8 (nan 4)" in capsys.readouterr().err  # a row of the table
+    assert _eval(model_dir, prompts, tmp_path / "strict", "--reward", "toy_rewards:nan_on_odd",
+                 "--max_failure_share", "0.25") == 2
+    assert "more than 25% failed" in capsys.readouterr().err
+    assert not (tmp_path / "strict").exists()
+    with pytest.raises(ConfigError, match="max_failure_share=1.5"):
+        EvalConfig(max_failure_share=1.5)
 
 
 # -- long work shows its size and its progress; a KV cache that cannot fit is refused ------------------

@@ -599,8 +599,16 @@ class EvalConfig(EasyTaskConfig):
         default=DEFAULT_TRAIN_POOL,
         metadata=_help("Size of the training pool (treepo train's num_prompts) that the held-out split excludes."),
     )
+    max_failure_share: float = field(
+        default=1.0,
+        metadata=_help("Share of samples whose reward may fail (raised, timed out, NaN, wrong output) before the "
+                       "evaluation stops with an error and writes nothing; 1 = stop only when every sample failed, "
+                       "0 = stop at any failure. Fewer failures are counted in the table and eval.json."),
+    )
     out: str = field(default="runs/eval", metadata=_help("Output folder for eval.json and samples.jsonl."))
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.k >= 0, f"k={self.k}: must be >= 0 (0 = width).")
+        _require(0 <= self.max_failure_share <= 1,
+                 f"max_failure_share={self.max_failure_share}: must be a share in [0, 1] (1 = only all failed).")

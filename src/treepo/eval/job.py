@@ -68,7 +68,8 @@ def run_eval(
                                      k=eval_cfg.k, batch_size=eval_cfg.prompt_batch_size,
                                      on_batch=lambda n: progress.advance(task, n),
                                      on_plan=lambda plan: console.print(f"eval plan: {plan.describe()}",
-                                                                        highlight=False))
+                                                                        highlight=False),
+                                     max_failure_share=eval_cfg.max_failure_share)
         finally:
             engine.on_progress = None
     summary["model"] = engine_cfg.model
@@ -99,5 +100,10 @@ def eval_table(summary: dict) -> Table:
     table.add_row("decoded tokens / solved", "-" if per_solved is None else f"{per_solved:.0f}")
     table.add_row("wall seconds / solved", "-" if secs is None else f"{secs:.1f}")
     table.add_row("saving vs own leaves", f"{summary['saving_vs_own_leaves']:.1%}")
+    failures = summary.get("reward_failures") or {}
+    if failures:  # those samples scored failure_reward (wrong): the metrics above count them as wrong
+        kinds = ", ".join(f"{kind} {n}" for kind, n in failures.items())
+        table.add_row("[yellow]reward failures (scored wrong)[/yellow]",
+                      f"[yellow]{sum(failures.values())} of {summary.get('reward_samples', '?')} ({kinds})[/yellow]")
     return table
 

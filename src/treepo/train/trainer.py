@@ -39,11 +39,11 @@ from .. import io
 from ..config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig
 from ..engines.memory import format_bytes
 from ..envs import load_env, system_prompt_with
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, RewardError
 from ..eval.evaluate import evaluate
 from ..progress import progress_bar
 from ..prompts import render
-from ..rewards.scorers import build_reward
+from ..rewards.scorers import FAILURE_KINDS, FailureTally, build_reward
 from ..rewards.scoring import overlong_penalty, score_trees
 from ..rollout.accounting import summarize
 from ..rollout.sampler import RolloutResult, TreeSampler
@@ -203,6 +203,9 @@ class Trainer:
             if self.heldout and not any(e["eval_step"] == self.step for e in self.evals):
                 self._evaluate_heldout()
             self.save_checkpoint()
+        except BaseException:
+            self.log.close()  # the rows written so far stay; no model/ and no checkpoint past the last good one
+            raise
         finally:
             self.engine.on_progress = None
         return self._finish()
@@ -215,6 +218,7 @@ class Trainer:
         kept, results, failures, dropped, rounds, rewards_all, correct_all = [], [], Counter(), 0, 0, [], []
         weighted = []  # per tree: (leaf-weighted reward, leaf-weighted accuracy), unbiased for the policy's
         need = cfg.prompts_per_step
+        tally = FailureTally()  # the step's reward failures (all its resample rounds)
         while True:
             # Every rank draws the same prompts from the stream and rolls out its share of them.
             indices = self.stream.take(need)[self.rank :: self.world]
@@ -222,7 +226,7 @@ class Trainer:
             # Each tree's prompt_index is its problem's place in the pool, so messages name a real prompt.
             result = self.sampler.rollout(ids, indices=indices, progress=progress) if ids else RolloutResult([])
             results.append(result)
-            scored, fails = score_trees(result.trees, self.stream.prompts, self.reward_fn, self.engine)
+            scored, fails = score_trees(result.trees, self.stream.prompts, self.reward_fn, self.engine, tally)
             failures.update(fails)
             for j, tree in enumerate(result.trees):
                 if cfg.overlong_buffer:
@@ -244,6 +248,7 @@ class Trainer:
                 break
             rounds += 1
             need = cfg.prompts_per_step - sum(counts)
+        self._stop_if_reward_failed_everywhere(tally)
         # At most prompts_per_step groups in all, taken rank by rank.
         quota = max(0, min(len(kept), cfg.prompts_per_step - sum(counts[: self.rank])))
         kept = kept[:quota]
@@ -294,6 +299,7 @@ class Trainer:
             "finish_reasons": roll["finish_reasons"],
             "env_turns": roll["env_turns"],
             "reward_failures": sum(failures.values()),
+            "reward_failure_kinds": dict(failures),
             "rollout_seconds": rollout_seconds,
             "train_seconds": time.perf_counter() - t1,
             "step_seconds": time.perf_counter() - t0,
@@ -302,6 +308,22 @@ class Trainer:
             log.warning("step %d: every group had equal rewards after %d resample rounds; no update this step",
                         self.step, rounds)
         return row
+
+    def _stop_if_reward_failed_everywhere(self, tally: FailureTally) -> None:
+        """Raise RewardError, before any update, when the reward failed on every sample of the step (all ranks)."""
+        if self.world > 1:  # every rank takes the same decision, from the counts of all of them (one gather)
+            local = torch.tensor([[tally.samples, *(tally.counts.get(k, 0) for k in FAILURE_KINDS)]],
+                                 device=self.accelerator.device)
+            samples, *kinds = self.accelerator.gather(local).sum(0).tolist()
+            tally = FailureTally(samples=int(samples), first=tally.first,
+                                 counts=Counter({k: int(n) for k, n in zip(FAILURE_KINDS, kinds) if n}))
+        if not tally.samples or tally.failed < tally.samples:
+            return
+        latest = checkpoint.latest_checkpoint(self.out)
+        kept = (f"the last checkpoint ({latest.relative_to(self.out)}) is kept: continue with --resume once it is "
+                "fixed" if latest is not None else "no checkpoint had been written yet")
+        raise RewardError(f"{tally.error_text(self.reward_fn.name, f'of step {self.step + 1}')}. The run stopped "
+                          f"before updating the model; {kept}.")
 
     # -- evaluation ---------------------------------------------------------------------------
     def _evaluate_heldout(self, log_row: bool = True) -> dict:
@@ -391,6 +413,7 @@ class Trainer:
             "decoded_tokens": sum(r["decoded_tokens"] for r in train_rows),
             "leaf_tokens": sum(r["leaf_tokens"] for r in train_rows),
             "wall_seconds": sum(r["step_seconds"] for r in train_rows),
+            "reward_failures": dict(sum((Counter(r.get("reward_failure_kinds") or {}) for r in train_rows), Counter())),
             "evals": self.evals,
             "config": self._configs(),
         }
@@ -400,6 +423,12 @@ class Trainer:
             checkpoint.save_model_dir(self.out / "model", self.policy, self.tokenizer)
             io.write_json(self.out / "summary.json", summary)
             pictures = plot_training(self.rows, self.out)
+            if summary["reward_failures"]:
+                samples = sum(r["prompts_rolled"] * r["trajectories_per_prompt"] for r in train_rows)
+                kinds = ", ".join(f"{k} {n}" for k, n in summary["reward_failures"].items())
+                self.console.print(f"[yellow]reward failures[/yellow]: reward {self.reward_fn.name!r} failed on "
+                                   f"{sum(summary['reward_failures'].values())} of {samples:.0f} samples ({kinds}); "
+                                   f"they scored failure_reward {self.reward_cfg.failure_reward:g}")
             self.console.print(f"wrote {self.out}/model, metrics.jsonl, summary.json"
                                + "".join(f", {p.name}" for p in pictures))
         return summary
