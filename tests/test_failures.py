@@ -145,6 +145,41 @@ def test_eval_shows_partial_failures_and_stops_past_the_share_allowed(model_dir,
         EvalConfig(max_failure_share=1.5)
 
 
+# -- --resume with nothing to resume ----------------------------------------------------------------
+
+
+def test_resume_without_a_checkpoint_is_an_error_and_auto_says_it_starts(prompts, tmp_path):
+    with pytest.raises(InputError, match=r"--resume: out='.*typo' does not exist, so there is nothing to resume: "
+                                         r"check --out, or pass --resume auto"):
+        _train(prompts, tmp_path / "typo", resume=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="has no checkpoint"):
+        _train(prompts, tmp_path / "empty", resume=True)
+    console = Console(file=stdio.StringIO(), width=300)
+    cfgs = (EngineConfig(threads=1), SamplerConfig(width=4, depth=2, segment_len=8), RewardConfig(reward="toy_rewards:letter_share"),
+            TrainConfig(prompts=str(prompts), num_prompts=12, steps=1, prompts_per_step=2, out=str(tmp_path / "new"),
+                        resume="auto", tensorboard=False))
+    run_train(*cfgs, model=tiny.model("llama"), tokenizer=tiny.tokenizer(), console=console)
+    assert "--resume auto: no checkpoint in" in console.file.getvalue() and "starting a new run at step 0" in console.file.getvalue()
+    assert checkpoint.latest_checkpoint(tmp_path / "new").name == "step-000001"
+
+
+def test_resume_flag_and_yaml_values(tmp_path):
+    from treepo.cli import parse_configs
+    from treepo.config import TrainSamplerConfig
+
+    types = (EngineConfig, TrainSamplerConfig, RewardConfig, TrainConfig)
+    resume = lambda *argv: parse_configs(types, list(argv), "treepo train")[-1].resume  # noqa: E731
+    assert resume() is False and resume("--resume") is True and resume("--resume", "--steps", "3") is True
+    assert resume("--resume", "auto") == "auto" and resume("--resume=false") is False
+    cfg = tmp_path / "run.yaml"
+    for text, value in (("resume: true", True), ("resume: auto", "auto"), ("resume: false", False)):
+        cfg.write_text(f"train:\n  {text}\n")
+        assert resume("--config", str(cfg)) == value
+    with pytest.raises(ConfigError, match="resume='maybe'.*--resume auto"):
+        resume("--resume", "maybe")
+
+
 # -- long work shows its size and its progress; a KV cache that cannot fit is refused ------------------
 
 

@@ -91,7 +91,9 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(prompts, tmp_pat
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 0.0}\n{"step": 2, "rew')  # killed mid-line
-    _run(prompts, out, steps=1, resume=True)
+    with pytest.raises(InputError, match="stopped before its first checkpoint.*--resume auto"):
+        _run(prompts, out, steps=1, resume=True)  # --resume promises a checkpoint: there is none
+    _run(prompts, out, steps=1, resume="auto")
     rows = _rows(out)
     assert [r["step"] for r in rows] == [1] and "grad_norm" in rows[0]
 

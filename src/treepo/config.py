@@ -540,11 +540,18 @@ class TrainConfig(EasyTaskConfig):
     )
     checkpoint_every: int = field(default=5, metadata=_help("Write a checkpoint every N steps (and at the end); 0 = only at the end."))
     keep_checkpoints: int = field(default=2, metadata=_help("Newest checkpoints kept; older ones are deleted."))
-    resume: bool = field(default=False, metadata=_help("Continue the run in --out from its latest checkpoint."))
+    # A string on the command line (`--resume` alone = 'true'); __post_init__ makes it False, True or 'auto'.
+    resume: str = field(
+        default=False,
+        metadata=_help("Continue the run in --out from its latest checkpoint: `--resume` alone fails when --out has "
+                       "none (a mistyped --out is not a silent fresh start); `--resume auto` resumes when there is "
+                       "one, else starts at step 0 and says so.", nargs="?", const="true", metavar="auto"),
+    )
     tensorboard: bool = field(default=True, metadata=_help("Also log metrics for TensorBoard (out/tb)."))
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.resume = _resume_value(self.resume)
         if isinstance(self.whiten, bool):  # the API's old on/off switch
             self.whiten = "token" if self.whiten else "none"
         _require(self.whiten is None or self.whiten in get_args(Whitening),
@@ -582,6 +589,21 @@ class TrainConfig(EasyTaskConfig):
         if self.whiten is not None:
             return self.whiten
         return "none" if self.advantage == "grpo" else "scale"
+
+
+def _resume_value(value) -> bool | str:
+    """TrainConfig.resume as False, True or 'auto' (from a bool, or the strings of flags and YAML files)."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "y", "t"):
+        return True
+    if text in ("false", "no", "0", "n", "f", "none", ""):
+        return False
+    if text == "auto":
+        return "auto"
+    raise ConfigError(f"resume={value!r}: use --resume (continue; an error if --out has no checkpoint), "
+                      "--resume auto (continue if there is a checkpoint, else start), or leave it out.")
 
 
 @dataclass

@@ -157,7 +157,17 @@ class Trainer:
     def _check_run_folder(self) -> Optional[Path]:
         latest = checkpoint.latest_checkpoint(self.out)
         if latest is None:
-            if (self.out / "metrics.jsonl").is_file():  # a run that stopped before its first checkpoint
+            started = (self.out / "metrics.jsonl").is_file()  # a run that stopped before its first checkpoint
+            if self.cfg.resume is True:
+                where = f"out={str(self.out)!r}"
+                what = (f"{where} does not exist" if not self.out.exists()
+                        else f"{where} holds a run that stopped before its first checkpoint" if started
+                        else f"{where} has no checkpoint")
+                raise InputError(f"--resume: {what}, so there is nothing to resume: check --out, or pass "
+                                 "--resume auto to start a new run when there is no checkpoint.")
+            if self.cfg.resume == "auto":
+                self.console.print(f"--resume auto: no checkpoint in {self.out}: starting a new run at step 0")
+            elif started:
                 log.warning("%s has no complete checkpoint: starting the run again from step 0", self.out)
             return None
         if not self.cfg.resume:
