@@ -238,6 +238,27 @@ def test_progress_is_reported_within_a_round_and_as_lines_off_a_terminal():
     assert lines[1].startswith("rollout: 1/4 prompts")
 
 
+# -- a killed save's leftovers go at the next start ---------------------------------------------------
+
+
+def test_stale_temporary_checkpoint_folders_are_removed_when_the_run_starts_again(prompts, tmp_path):
+    out = tmp_path / "run"
+    _train(prompts, out, steps=1)
+    stale = [out / "checkpoints" / ".step-000002.x1y2.tmp", out / ".model.abc.tmp"]
+    for folder in stale:
+        (folder / "model").mkdir(parents=True)
+        (folder / "model" / "model.safetensors").write_bytes(b"\0" * 1000)  # a save killed half-way
+    _train(prompts, out, steps=1, resume=True)  # nothing left to train: no save runs, the start cleans up
+    assert not any(p.exists() for p in stale)
+
+
+def test_a_kill_between_the_model_renames_puts_the_previous_model_back(tmp_path):
+    (tmp_path / ".model.old").mkdir()
+    (tmp_path / ".model.old" / "config.json").write_text("{}")
+    assert checkpoint.remove_stale(tmp_path) == []
+    assert (tmp_path / "model" / "config.json").is_file() and not (tmp_path / ".model.old").exists()
+
+
 # -- outputs get the modes the umask gives ------------------------------------------------------------
 
 

@@ -183,7 +183,9 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> dict:
-
+        if self.accelerator.is_main_process and (stale := checkpoint.remove_stale(self.out)):
+            self.console.print(f"removed {len(stale)} unfinished checkpoint folder(s) left by an interrupted save: "
+                               + ", ".join(p.name for p in stale))
         if self.resume_from is not None:
             self._restore(self.resume_from)
             self.console.print(f"resumed from {self.resume_from} (step {self.step})")
