@@ -96,7 +96,10 @@ def test_bad_config_is_one_clear_line_and_no_output(model_dir, prompts_file, tmp
     [
         ("", "no prompts"),
         ('{"prompt": "ok"}\n{"prompt": \n', "line 2: not valid JSON"),
-        ('{"prompt": "ok"}\n{"question": "x"}\n', "line 2: missing or empty 'prompt'"),
+        ('{"prompt": "ok"}\n{"question": "x"}\n', "line 2: no 'prompt' field, but a 'question' one: rename"),
+        ('{"prompt": 42}\n', "line 1: 'prompt' is a number (42), not a string"),
+        ('{"prompt": "  "}\n', "line 1: 'prompt' is empty"),
+        ('{"text2": "x"}\n', "line 1: no 'prompt' field (fields: 'text2')"),
         ('["a list"]\n', "line 1: expected a JSON object"),
         ('{"prompt": "ok", "answer": [1]}\n', "line 1: 'answer' must be"),
     ],

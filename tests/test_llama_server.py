@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from treepo.config import EngineConfig, RolloutConfig, SamplerConfig
-from treepo.engines.local_server import LocalLlamaServer, llama_cpp_server_available
+from treepo.engines.local_server import LocalLlamaServer, live_servers, llama_cpp_server_available
 from treepo.errors import ServerError
 from treepo.engines.loading import load_engine, smollm2_gguf
 from treepo.prompts import load_task, render
@@ -35,9 +35,30 @@ SYSTEM = "Reason step by step, then answer in \\boxed{}."
 EOS = 2
 
 
+MODULE_SERVERS: set[int] = set()  # pids of the module-scoped server, which outlives single tests by design
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_server_outlives_the_module():
+    """Set up before (so torn down after) `server`: by then every server this module started is gone."""
+    yield
+    left = live_servers()
+    assert not left, f"llama_cpp.server processes still running after the module: {left}"
+
+
+@pytest.fixture(autouse=True)
+def no_server_outlives_its_test():
+    before = set(live_servers())
+    yield
+    leaked = set(live_servers()) - before - MODULE_SERVERS
+    assert not leaked, f"a test left llama_cpp.server processes running: {sorted(leaked)}"
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    # The with-block stops it (process group) on teardown, whatever the tests did; a failed start kills it.
     with LocalLlamaServer(smollm2_gguf(), log_path=tmp_path_factory.mktemp("llama") / "server.log") as s:
+        MODULE_SERVERS.add(s.process.pid)
         yield s
 
 

@@ -91,7 +91,9 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(prompts, tmp_pat
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 0.0}\n{"step": 2, "rew')  # killed mid-line
-    _run(prompts, out, steps=1, resume=True)
+    with pytest.raises(InputError, match="stopped before its first checkpoint.*--resume auto"):
+        _run(prompts, out, steps=1, resume=True)  # --resume promises a checkpoint: there is none
+    _run(prompts, out, steps=1, resume="auto")
     rows = _rows(out)
     assert [r["step"] for r in rows] == [1] and "grad_norm" in rows[0]
 
@@ -119,10 +121,12 @@ def test_all_equal_rewards_are_dropped_and_nothing_updates(prompts, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_a_raising_reward_is_counted_and_the_run_goes_on(prompts, tmp_path):
-    _run(prompts, tmp_path / "run", reward="toy_rewards:raises", steps=1, dynamic_sampling=False)
+def test_a_reward_failing_on_some_samples_is_counted_and_the_run_goes_on(prompts, tmp_path):
+    _, summary = _run(prompts, tmp_path / "run", reward="toy_rewards:nan_on_odd", steps=1, dynamic_sampling=False)
     row = _rows(tmp_path / "run")[0]
-    assert row["reward_failures"] == 8 and row["reward_mean"] == -1.0
+    assert row["reward_failures"] == 4 and row["reward_failure_kinds"] == {"nan": 4}
+    assert summary["reward_failures"] == {"nan": 4}
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["reward_failures"] == {"nan": 4}
 
 
 def test_minibatches_epochs_kl_and_entropy_paths(prompts, tmp_path):

@@ -1,5 +1,9 @@
 """Reward functions with TRL's signature, for the trainer tests (they vary within a group on random text)."""
 
+import time
+
+BROKEN = False  # `switchable` raises while this is True (tests flip it with monkeypatch)
+
 
 def letter_share(prompts, completions, **columns):
     """+1 when the completion has more letters 'a'-'m' than 'n'-'z', else -1: varies on random text."""
@@ -17,3 +21,27 @@ def constant(prompts, completions, **columns):
 
 def raises(prompts, completions, **columns):
     raise RuntimeError("the grader is down")
+
+
+def switchable(prompts, completions, **columns):
+    if BROKEN:
+        raise RuntimeError("the grader is down")
+    return letter_share(prompts, completions, **columns)
+
+
+def nan_on_odd(prompts, completions, **columns):
+    """NaN for every other completion: a partial failure."""
+    return [float("nan") if i % 2 else r for i, r in enumerate(letter_share(prompts, completions))]
+
+
+def all_nan(prompts, completions, **columns):
+    return [float("nan")] * len(completions)
+
+
+def wrong_count(prompts, completions, **columns):
+    return [1.0]
+
+
+def slow(prompts, completions, **columns):
+    time.sleep(0.5)  # longer than the tests' reward_timeout x completions
+    return [1.0] * len(completions)

@@ -3,7 +3,7 @@
     treepo rollout [--model smollm2] [--task gsm_symbolic | --prompts FILE.jsonl] [--width 8] ... --out DIR
     treepo rollout --env calculator --segment_mode turn --max_turn_tokens 128 ...   # multi-turn, with a tool
     treepo show DIR
-    treepo train [--config FILE.yaml] [--steps 20] [--resume] ... [--out runs/train]
+    treepo train [--config FILE.yaml] [--steps 20] [--resume [auto]] ... [--out runs/train]
     treepo eval [--model runs/train/model] [--mode tree|independent] [--width 8] ... [--out runs/eval]
 
 Options come from the config dataclasses (`treepo.config`), so the command line and the Python

@@ -541,11 +541,18 @@ class TrainConfig(EasyTaskConfig):
     )
     checkpoint_every: int = field(default=5, metadata=_help("Write a checkpoint every N steps (and at the end); 0 = only at the end."))
     keep_checkpoints: int = field(default=2, metadata=_help("Newest checkpoints kept; older ones are deleted."))
-    resume: bool = field(default=False, metadata=_help("Continue the run in --out from its latest checkpoint."))
+    # A string on the command line (`--resume` alone = 'true'); __post_init__ makes it False, True or 'auto'.
+    resume: str = field(
+        default=False,
+        metadata=_help("Continue the run in --out from its latest checkpoint: `--resume` alone fails when --out has "
+                       "none (a mistyped --out is not a silent fresh start); `--resume auto` resumes when there is "
+                       "one, else starts at step 0 and says so.", nargs="?", const="true", metavar="auto"),
+    )
     tensorboard: bool = field(default=True, metadata=_help("Also log metrics for TensorBoard (out/tb)."))
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.resume = _resume_value(self.resume)
         if isinstance(self.whiten, bool) or str(self.whiten).lower() in ("true", "false", "1", "0"):
             # the old on/off switch (API, YAML `whiten: true`, `--whiten false`): on meant token whitening
             self.whiten = "token" if str(self.whiten).lower() in ("true", "1") else "none"
@@ -586,6 +593,21 @@ class TrainConfig(EasyTaskConfig):
         return "none" if self.advantage == "grpo" else "scale"
 
 
+def _resume_value(value) -> bool | str:
+    """TrainConfig.resume as False, True or 'auto' (from a bool, or the strings of flags and YAML files)."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "y", "t"):
+        return True
+    if text in ("false", "no", "0", "n", "f", "none", ""):
+        return False
+    if text == "auto":
+        return "auto"
+    raise ConfigError(f"resume={value!r}: use --resume (continue; an error if --out has no checkpoint), "
+                      "--resume auto (continue if there is a checkpoint, else start), or leave it out.")
+
+
 @dataclass
 class EvalConfig(EasyTaskConfig):
     """The `treepo eval` job: k samples per held-out problem, mean@k / pass@k / maj@k."""
@@ -607,8 +629,16 @@ class EvalConfig(EasyTaskConfig):
                        "side: accuracy, decoded tokens, wall time, trajectories/s, and the measured saving of "
                        "tree over independent sampling (eval.json 'compare')."),
     )
+    max_failure_share: float = field(
+        default=1.0,
+        metadata=_help("Share of samples whose reward may fail (raised, timed out, NaN, wrong output) before the "
+                       "evaluation stops with an error and writes nothing; 1 = stop only when every sample failed, "
+                       "0 = stop at any failure. Fewer failures are counted in the table and eval.json."),
+    )
     out: str = field(default="runs/eval", metadata=_help("Output folder for eval.json and samples.jsonl."))
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.k >= 0, f"k={self.k}: must be >= 0 (0 = width).")
+        _require(0 <= self.max_failure_share <= 1,
+                 f"max_failure_share={self.max_failure_share}: must be a share in [0, 1] (1 = only all failed).")

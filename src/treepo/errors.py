@@ -18,3 +18,7 @@ class InputError(TreepoError):
 
 class ServerError(TreepoError):
     """A generation server that cannot be reached, is too slow, or answers with something unusable."""
+
+
+class RewardError(TreepoError):
+    """A reward function that failed on every sample of a training step, or on too many samples of an evaluation."""

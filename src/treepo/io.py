@@ -10,8 +10,9 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator, Optional
 
 from .errors import InputError
 
@@ -57,6 +58,7 @@ def staged_dir(path: str | Path) -> Iterator[Path]:
     stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield stage
+        apply_umask(stage)  # what moves out of the 0700 stage keeps the modes a plain write gives
         path.mkdir(exist_ok=True)
         for item in stage.iterdir():
             os.replace(item, path / item.name)
@@ -64,10 +66,34 @@ def staged_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+_UMASK_LOCK = threading.Lock()
+_UMASK: Optional[int] = None
+
+
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process umask, read once: os.umask can only be read by setting it, so a lock keeps other
+    threads from creating files while it is briefly 0."""
+    global _UMASK
+    with _UMASK_LOCK:
+        if _UMASK is None:
+            _UMASK = os.umask(0o077)  # if another thread does create a file meanwhile, it is private, not open
+            os.umask(_UMASK)
+        return _UMASK
+
+
+def apply_umask(root: str | Path) -> None:
+    """Give `root` and everything under it the modes a plain mkdir / open would (0777 / 0666 minus the umask).
+
+    tempfile.mkdtemp / mkstemp (and some writers, e.g. safetensors) create private 0700 / 0600 entries;
+    outputs moved into place from them would stay unreadable to anyone else on shared storage.
+    """
+    root = Path(root)
+    mask = _umask()
+    dir_mode, file_mode = 0o777 & ~mask, 0o666 & ~mask
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, dir_mode if path.is_dir() else file_mode)
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -73,8 +73,9 @@ def load_jsonl(path: str | Path, count: Optional[int] = None) -> list[Prompt]:
             if not line.strip():
                 continue
             row = json_object(line, f"{path} line {number}", '{"prompt": "What is 2+2?", "answer": "4"}')
-            if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                raise InputError(f"{path} line {number}: missing or empty 'prompt' string field.")
+            problem = _prompt_problem(row)
+            if problem:
+                raise InputError(f"{path} line {number}: {problem}")
             answer = row.get("answer")
             if answer is not None and not isinstance(answer, (str, int, float)):
                 raise InputError(f"{path} line {number}: 'answer' must be a string or a number.")
@@ -84,6 +85,32 @@ def load_jsonl(path: str | Path, count: Optional[int] = None) -> list[Prompt]:
     if not prompts:
         raise InputError(f"{path}: no prompts. Write one JSON object per line, e.g. {{\"prompt\": \"What is 2+2?\"}}.")
     return prompts
+
+
+# Columns other datasets hold the prompt in; a file with one of them instead of 'prompt' gets a hint.
+PROMPT_ALIASES = ("question", "problem", "input", "instruction", "query", "text", "content")
+
+
+def _prompt_problem(row: dict[str, Any]) -> Optional[str]:
+    """What is wrong with a row's 'prompt' field and how to fix it, or None when it is a usable string."""
+    if "prompt" not in row:
+        alias = next((k for k in PROMPT_ALIASES if isinstance(row.get(k), str)), None)
+        if alias:
+            return (f"no 'prompt' field, but a {alias!r} one: rename that column to 'prompt' "
+                    f"(e.g. {{\"prompt\": ..., \"answer\": ...}}).")
+        fields = ", ".join(repr(k) for k in list(row)[:6]) or "none"
+        return f"no 'prompt' field (fields: {fields}); give each line a 'prompt' string."
+    value = row["prompt"]
+    if value is None:
+        return "'prompt' is null: give the prompt text as a string."
+    if not isinstance(value, str):
+        kind = "a number" if isinstance(value, (int, float)) and not isinstance(value, bool) else f"a JSON {type(value).__name__}"
+        shown = json.dumps(value)[:40]
+        return (f"'prompt' is {kind} ({shown}), not a string: write the prompt text in quotes, "
+                f"e.g. {{\"prompt\": {json.dumps(shown)}}}.")
+    if not value.strip():
+        return "'prompt' is empty: give the prompt text."
+    return None
 
 
 def render(prompt: Prompt, tokenizer, system_prompt: str) -> list[int]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .. import io
 from ..config import EngineConfig
 from ..errors import ConfigError, InputError
 
@@ -66,6 +67,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        io.apply_umask(tmp)  # mkdtemp's 0700: a shared cache must stay readable
         os.replace(tmp, out)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -92,6 +94,10 @@ def resolve_model_dir(spec: str) -> Path:
     if path.is_dir() and (path / "config.json").is_file():
         return path
     if path.is_dir():
+        inside = path / "model"
+        if (inside / "config.json").is_file():  # a training run's folder, or one of its checkpoints
+            raise InputError(f"model={spec!r}: the folder has no config.json, but {inside} is a model: "
+                             f"pass --model {inside}.")
         raise InputError(f"model={spec!r}: the folder has no config.json. Point --model at a Hugging Face model folder.")
     if path.suffix == ".gguf":
         raise InputError(f"model={spec!r}: GGUF file not found. Check the path.")

@@ -46,7 +46,7 @@ import math
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from ..config import EngineConfig
 from ..errors import ConfigError, InputError, ServerError
@@ -80,6 +80,7 @@ class ServerEngine:
         self.pool = ServerPool(cfg.server_url, timeout=cfg.server_timeout, retries=cfg.server_retries,
                                routing=cfg.server_routing, concurrency=cfg.server_concurrency, backoff=backoff)
         self.reseed(seed)
+        self.on_progress: Optional[Callable[[str], None]] = None  # told of each answered request of a round
         self.retokenized_contexts = 0
         self.unmappable_tokens = 0  # text dialect: sampled tokens whose id the answer did not name for certain
         self._lock = threading.Lock()  # engine stats, and the tokenizer (not safe across threads)
@@ -108,6 +109,8 @@ class ServerEngine:
         for future in futures:
             try:
                 outputs.append(future.result())
+                if self.on_progress is not None:
+                    self.on_progress(f"request {len(outputs)}/{len(futures)}")
             except BaseException:
                 for f in futures:
                     f.cancel()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -27,6 +27,7 @@ from ..errors import ConfigError, InputError
 from .backends import HFDecoder, LeanDecoder, lean_unsupported_reason
 from .base import EngineStats, SegmentOutput, SegmentRequest
 from .kvcache import RowCache, cache_argument
+from .memory import available_memory, kv_cache_bytes
 from .sampling import sample_tokens
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,18 @@ class TransformersEngine:
         self._front: Optional[_Rows] = None
         self._roots: dict[int, tuple[tuple[int, ...], _Rows]] = {}
         self._check_every = 1 if self.device.type == "cpu" else 4  # host syncs for stop checks
+        # Called during a generate call with a short progress text ("token 12/64, 256 paths"), for progress bars.
+        self.on_progress: Optional[Callable[[str], None]] = None
+
+    # -- memory -----------------------------------------------------------------------------
+    def kv_cache_bytes(self, rows: int, tokens: int) -> int:
+        """Bytes of the KV cache of `rows` paths of `tokens` positions each, in the model's dtype."""
+        layers, heads, dim = self.shape
+        return kv_cache_bytes(rows, tokens, layers, heads, dim, torch.tensor([], dtype=self.model.dtype).element_size())
+
+    def available_memory(self) -> Optional[int]:
+        """Bytes the engine's device can still allocate (None: unknown)."""
+        return available_memory(self.device)
 
     # -- protocol ---------------------------------------------------------------------------
     def reseed(self, seed: int) -> None:
@@ -323,6 +336,8 @@ class TransformersEngine:
             if (step + 1) % self._check_every and step + 1 < steps:
                 continue
             n_stopped = int(stopped[alive].sum())
+            if self.on_progress is not None:
+                self.on_progress(f"token {step + 1}/{steps}, {len(alive) - n_stopped} paths")
             if n_stopped == len(alive):
                 break
             if n_stopped * 4 >= len(alive) and steps - step > 2:  # compact: stop computing stopped rows

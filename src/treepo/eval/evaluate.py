@@ -12,12 +12,12 @@ from typing import Callable, Optional, Sequence
 from ..config import SamplerConfig
 from ..engines.base import Engine
 from ..envs import system_prompt_with
-from ..errors import InputError
+from ..errors import InputError, RewardError
 from ..prompts import Prompt, render
-from ..rewards.scorers import RewardFunction
+from ..rewards.scorers import FailureTally, RewardFunction
 from ..rewards.scoring import score_trees
 from ..rollout.accounting import summarize
-from ..rollout.sampler import TreeSampler
+from ..rollout.sampler import RolloutPlan, TreeSampler
 from ..rollout.stopping import answer_predicate
 from .metrics import summarize_eval
 
@@ -32,19 +32,29 @@ def evaluate(
     k: int = 0,
     batch_size: int = 8,
     on_batch: Optional[Callable[[int], None]] = None,
+    on_plan: Optional[Callable[[RolloutPlan], None]] = None,
+    max_failure_share: float = 1.0,
 ) -> tuple[dict, list[dict]]:
-    """(summary, per-sample rows) for `prompts`, `sampler_cfg.width` samples each."""
+    """(summary, per-sample rows) for `prompts`, `sampler_cfg.width` samples each.
+
+    Raises RewardError when the reward failed on more than `max_failure_share` of the samples (with the
+    default 1, only when it failed on all of them): such a table would measure the failures, not the model.
+    """
     sampler = TreeSampler(sampler_cfg, engine, predicate=answer_predicate(sampler_cfg))
     system_prompt = system_prompt_with(system_prompt, sampler.env)
     ids = [render(p, engine.tokenizer, system_prompt) for p in prompts]
     for i, p in enumerate(ids):
         sampler.check_fits(p, i)
     k = check_k(k, sampler_cfg.width)
+    plan = sampler.plan([len(p) for p in ids], batch_size)  # a KV cache that cannot fit is refused here
+    if on_plan:
+        on_plan(plan)
     problems, rows, results, failures = [], [], [], Counter()
+    tally = FailureTally()
     for start in range(0, len(ids), batch_size):
         t0 = time.perf_counter()
         result = sampler.rollout(ids[start : start + batch_size], first_index=start)
-        scored, fails = score_trees(result.trees, prompts, reward_fn, engine)
+        scored, fails = score_trees(result.trees, prompts, reward_fn, engine, tally)
         seconds = time.perf_counter() - t0
         failures.update(fails)
         results.append(result)
@@ -59,6 +69,7 @@ def evaluate(
                              "reward": tree.rewards[leaf], "finish_reason": tree.nodes[leaf].finish_reason})
         if on_batch:
             on_batch(len(result.trees))
+    check_failures(tally, reward_fn.name, max_failure_share)
     summary = summarize_eval(problems, k)
     rollout = summarize(results, sampler_cfg)
     summary.update({
@@ -67,9 +78,20 @@ def evaluate(
         "leaf_tokens": rollout["leaf_tokens"],
         "saving_vs_own_leaves": rollout["saving_vs_own_leaves"],
         "reward_failures": dict(failures),
+        "reward_samples": tally.samples,
         "wall_seconds": sum(p["wall_seconds"] for p in problems),
     })
     return summary, rows
+
+
+def check_failures(tally: FailureTally, name: str, max_share: float) -> None:
+    """RewardError when more than `max_share` of the samples failed to score (1: only when all of them did)."""
+    if not tally.samples or not tally.failed:
+        return
+    if tally.failed == tally.samples or tally.failed > max_share * tally.samples:
+        why = "every sample failed" if tally.failed == tally.samples else f"more than {max_share:.0%} failed"
+        raise RewardError(f"{tally.error_text(name, 'of the evaluation')}. It stopped without writing results: "
+                          f"{why} (--max_failure_share sets the share allowed).")
 
 
 def check_k(k: int, width: int) -> int:

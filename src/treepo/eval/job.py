@@ -55,17 +55,25 @@ def run_eval(
     load_env(sampler_cfg.env, sampler_cfg.env_args)  # a bad environment fails before the model loads
     engine = job_engine(engine_cfg, sampler_cfg, console, engine)
     with progress_bar(console) as progress:
-        task = progress.add_task("eval", total=len(prompts), info="")
-        summary, rows = evaluate(engine, sampler_cfg, prompts, reward_fn, system_prompt=eval_cfg.system_prompt,
-                                 k=eval_cfg.k, batch_size=eval_cfg.prompt_batch_size,
-                                 on_batch=lambda n: progress.advance(task, n))
-        if eval_cfg.compare_modes:  # the same problems and seed, sampled the other way
-            other_cfg = replace(sampler_cfg, mode="independent" if sampler_cfg.mode == "tree" else "tree")
-            task = progress.add_task(f"eval ({other_cfg.mode})", total=len(prompts), info="")
-            other, _ = evaluate(engine, other_cfg, prompts, reward_fn, system_prompt=eval_cfg.system_prompt,
-                                k=eval_cfg.k, batch_size=eval_cfg.prompt_batch_size,
-                                on_batch=lambda n: progress.advance(task, n))
-            summary["compare"] = mode_comparison(summary, other)
+        task = progress.add_task("eval", total=len(prompts), info="starting")
+        engine.on_progress = lambda text: progress.update(task, info=f"batch: {text}")
+        try:
+            summary, rows = evaluate(engine, sampler_cfg, prompts, reward_fn, system_prompt=eval_cfg.system_prompt,
+                                     k=eval_cfg.k, batch_size=eval_cfg.prompt_batch_size,
+                                     on_batch=lambda n: progress.advance(task, n),
+                                     on_plan=lambda plan: console.print(f"eval plan: {plan.describe()}",
+                                                                        highlight=False),
+                                     max_failure_share=eval_cfg.max_failure_share)
+            if eval_cfg.compare_modes:  # the same problems and seed, sampled the other way
+                other_cfg = replace(sampler_cfg, mode="independent" if sampler_cfg.mode == "tree" else "tree")
+                task = progress.add_task(f"eval ({other_cfg.mode})", total=len(prompts), info="starting")
+                other, _ = evaluate(engine, other_cfg, prompts, reward_fn, system_prompt=eval_cfg.system_prompt,
+                                    k=eval_cfg.k, batch_size=eval_cfg.prompt_batch_size,
+                                    on_batch=lambda n: progress.advance(task, n),
+                                    max_failure_share=eval_cfg.max_failure_share)
+                summary["compare"] = mode_comparison(summary, other)
+        finally:
+            engine.on_progress = None
     summary["model"] = engine_cfg.model
     if hasattr(engine, "server_report"):
         summary["servers"] = engine.server_report()
@@ -96,6 +104,11 @@ def eval_table(summary: dict) -> Table:
     table.add_row("decoded tokens / solved", "-" if per_solved is None else f"{per_solved:.0f}")
     table.add_row("wall seconds / solved", "-" if secs is None else f"{secs:.1f}")
     table.add_row("saving vs own leaves", f"{summary['saving_vs_own_leaves']:.1%}")
+    failures = summary.get("reward_failures") or {}
+    if failures:  # those samples scored failure_reward (wrong): the metrics above count them as wrong
+        kinds = ", ".join(f"{kind} {n}" for kind, n in failures.items())
+        table.add_row("[yellow]reward failures (scored wrong)[/yellow]",
+                      f"[yellow]{sum(failures.values())} of {summary.get('reward_samples', '?')} ({kinds})[/yellow]")
     return table
 
 

@@ -53,6 +53,46 @@ class RewardOutcome:
     correct: list[bool]  # builtins: judged fully correct; custom functions: reward > 0
     answers: list[Optional[str]]  # extracted final answers (for majority vote), None if none
     failures: Counter = field(default_factory=Counter)  # kind -> number of completions
+    first_failure: Optional[str] = None  # "kind: detail" of the call's first failure event
+
+
+# What to do about each kind of failure, for the error that stops a run.
+FAILURE_FIXES = {
+    "raised": "fix the error in the function",
+    "timeout": "make it faster or raise --reward_timeout",
+    "nan": "return finite numbers",
+    "bad_output": "return a list of one number per completion",
+}
+
+
+@dataclass
+class FailureTally:
+    """Reward failures over several calls (a training step, an evaluation): counts by kind, the first one."""
+
+    samples: int = 0
+    counts: Counter = field(default_factory=Counter)
+    first: Optional[str] = None
+
+    def add(self, outcome: RewardOutcome) -> None:
+        self.samples += len(outcome.rewards)
+        self.counts.update(outcome.failures)
+        if self.first is None and outcome.first_failure is not None:
+            self.first = outcome.first_failure
+
+    @property
+    def failed(self) -> int:
+        return sum(self.counts.values())
+
+    def describe(self) -> str:
+        """'3 of 32 samples (raised 2, timeout 1)'."""
+        kinds = ", ".join(f"{k} {self.counts[k]}" for k in FAILURE_KINDS if self.counts.get(k))
+        return f"{self.failed} of {self.samples} samples" + (f" ({kinds})" if kinds else "")
+
+    def error_text(self, name: str, where: str) -> str:
+        """The start of the one-line error: the function, how many failed `where`, the first failure and the fix."""
+        kind = self.first.split(":", 1)[0] if self.first else max(self.counts, key=self.counts.__getitem__, default="")
+        return (f"reward {name!r} failed on {self.describe()} {where}; first failure: {self.first or kind}; "
+                f"{FAILURE_FIXES.get(kind, 'fix the function')}")
 
 
 def _describe(error: Optional[BaseException]) -> str:
@@ -73,13 +113,17 @@ class RewardFunction:
         self.failure_reward = failure_reward
         self._failure_events = 0
         self._abandoned_logged = False
+        self._call_first: Optional[str] = None  # the current call's first failure, for RewardOutcome.first_failure
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, timeout={self.timeout}, failure_reward={self.failure_reward})"
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], columns: dict[str, list]) -> RewardOutcome:
         self._check_shapes(prompts, completions, columns)
-        return self._score_batch(list(prompts), list(completions), columns)
+        self._call_first: Optional[str] = None
+        outcome = self._score_batch(list(prompts), list(completions), columns)
+        outcome.first_failure = self._call_first
+        return outcome
 
     def _score_batch(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> RewardOutcome:
         raise NotImplementedError
@@ -103,6 +147,8 @@ class RewardFunction:
 
     def _log_failure(self, kind: str, count: int, detail: str) -> None:
         """One warning per failure event (which may cover several completions), rate-limited."""
+        if self._call_first is None:
+            self._call_first = f"{kind}: {detail}"
         self._failure_events += 1
         event = self._failure_events
         if event > LOG_FIRST and event % LOG_EVERY:

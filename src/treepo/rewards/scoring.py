@@ -7,23 +7,24 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ..engines.base import Engine
 from ..prompts import Prompt
 from ..tree import PromptTree
-from .scorers import RewardFunction
+from .scorers import FailureTally, RewardFunction
 
 
 def score_trees(
-    trees: Sequence[PromptTree], prompts: Sequence[Prompt], reward_fn: RewardFunction, engine: Engine
+    trees: Sequence[PromptTree], prompts: Sequence[Prompt], reward_fn: RewardFunction, engine: Engine,
+    tally: Optional[FailureTally] = None,
 ) -> tuple[list[dict], Counter]:
     """Score every leaf of every tree in one reward call; fills `tree.rewards`.
 
     `prompts[tree.prompt_index]` is each tree's problem. Returns, in the order of `trees`, each one's leaves'
     {"correct", "answers", "texts"} lists, and the failure counts of the call. A completion is the
     model's own text: with environment turns, its assistant turns joined by newlines (a tool's
-    output is not the model's answer).
+    output is not the model's answer). `tally`, if given, also counts the call's samples and failures.
     """
     flat = [(t, leaf) for t in trees for leaf in t.leaves]
     texts = ["\n".join(engine.decode(ids) for ids in t.model_turn_ids(leaf)) for t, leaf in flat]
@@ -33,6 +34,8 @@ def score_trees(
         "entry": [prompts[t.prompt_index].metadata for t, _ in flat],
     }
     outcome = reward_fn(questions, texts, columns)
+    if tally is not None:
+        tally.add(outcome)
     per_tree = [{"correct": [], "answers": [], "texts": []} for _ in trees]
     position = {id(t): k for k, t in enumerate(trees)}
     for i, ((tree, leaf), text) in enumerate(zip(flat, texts)):

@@ -27,7 +27,7 @@ from ..config import EngineConfig, RolloutConfig, SamplerConfig
 from ..engines.base import Engine
 from ..engines.loading import job_engine
 from ..envs import load_env, system_prompt_with
-from ..progress import progress_bar
+from ..progress import Throughput, progress_bar
 from ..prompts import choose_prompts, render
 from .accounting import summarize
 from .sampler import RolloutResult, RoundInfo, TreeSampler
@@ -56,24 +56,38 @@ def run_rollout(
     ids = [render(p, engine.tokenizer, system_prompt) for p in prompts]
     for i, p in enumerate(ids):
         sampler.check_fits(p, i)
+    size = rollout_cfg.prompt_batch_size
+    plan = sampler.plan([len(p) for p in ids], size)  # refuses a KV cache that cannot fit, before any work
+    console.print(f"rollout plan: {plan.describe()}", highlight=False)
 
     results: list[RolloutResult] = []
-    size = rollout_cfg.prompt_batch_size
     with progress_bar(console) as progress:
-        task = progress.add_task("rollout", total=len(ids), info="")
-        done_before = 0
+        task = progress.add_task("rollout", total=len(ids), info="starting")
+        done_before, rounds = 0, [0]
+        speed = Throughput(plan.most_tokens)
 
-        def on_round(info: RoundInfo) -> None:
-            progress.update(
-                task,
-                completed=done_before + info.trees_done,
-                info=f"round {info.round}, {info.requests} paths, {info.new_tokens} new tokens",
-            )
+        def info(text: str) -> str:
+            rate = speed.describe()
+            return f"{text}; {rate}" if rate else text
+
+        def on_round(round_info: RoundInfo) -> None:
+            rounds[0] = round_info.round
+            speed.add(round_info.new_tokens)
+            progress.update(task, completed=done_before + round_info.trees_done,
+                            info=info(f"round {round_info.round} done, {round_info.requests} paths"))
+
+        def on_progress(text: str) -> None:  # within a round: a wide round can take minutes
+            progress.update(task, info=info(f"round {rounds[0] + 1}: {text}"))
 
         sampler.on_round = on_round
-        for start in range(0, len(ids), size):
-            results.append(sampler.rollout(ids[start : start + size], first_index=start))
-            done_before += len(results[-1].trees)
+        engine.on_progress = on_progress
+        try:
+            for start in range(0, len(ids), size):
+                rounds[0] = 0
+                results.append(sampler.rollout(ids[start : start + size], first_index=start))
+                done_before += len(results[-1].trees)
+        finally:
+            engine.on_progress = None
 
     for result in results:
         for tree in result.trees:

@@ -27,7 +27,8 @@ from typing import Callable, Optional, Sequence
 from ..config import SamplerConfig
 from ..engines.base import Engine, SegmentOutput, SegmentRequest
 from ..envs.base import EnvError, Environment, PathView, check_env, load_env, path_view, turn_token_ids
-from ..errors import InputError
+from ..engines.memory import format_bytes
+from ..errors import ConfigError, InputError
 from ..tree import Node, NodeId, PromptTree
 from .branching import children_total, divergence_temperature, path_score, plan_fallback, root_fanout, split_children
 from .stopping import AnswerPredicate, answer_predicate, classify
@@ -57,6 +58,33 @@ class RolloutResult:
     rounds: int = 0  # batched engine calls (engine steps)
     wall_seconds: float = 0.0
     engine_stats: dict = field(default_factory=dict)  # the engine's counters for this rollout
+
+
+@dataclass
+class RolloutPlan:
+    """The size of a rollout, told before it starts: prompts x width x response budget, and its KV cache."""
+
+    prompts: int
+    width: int
+    budget: int  # most response tokens per trajectory
+    batch: int  # prompts grown together (one KV cache)
+    longest_prompt: int
+    kv_bytes: Optional[int] = None  # the batch's KV cache at its largest; None for an engine without one
+    available: Optional[int] = None  # memory the engine's device can still give
+
+    @property
+    def most_tokens(self) -> int:
+        """An upper bound on the response tokens of all trajectories (shared prefixes and early stops make it less)."""
+        return self.prompts * self.width * self.budget
+
+    def describe(self) -> str:
+        text = (f"{self.prompts} prompts x width {self.width} x budget {self.budget} tokens = at most "
+                f"{self.most_tokens:,} response tokens, {self.batch} prompts at a time")
+        if self.kv_bytes is not None:
+            text += f"; KV cache up to {format_bytes(self.kv_bytes)}"
+            if self.available is not None:
+                text += f" of {format_bytes(self.available)} available"
+        return text
 
 
 class TreeSampler:
@@ -92,6 +120,36 @@ class TreeSampler:
                 f"{self.cfg.response_budget} (depth x segment_len) it needs {need} > the model context "
                 f"{self.engine.max_context}: shorten the prompt or lower depth / segment_len / max_response_tokens."
             )
+
+    def plan(self, prompt_lengths: Sequence[int], batch_size: int, *, batch_flag: str = "--prompt_batch_size",
+             available: Optional[int] = None) -> RolloutPlan:
+        """The rollout's size, refused (ConfigError) when its KV cache cannot fit in the device's memory.
+
+        `batch_size` prompts grow together; `batch_flag` is the setting that sets it (named in the fix).
+        `available` overrides the engine's free-memory figure (tests).
+        """
+        cfg = self.cfg
+        batch = max(1, min(batch_size, len(prompt_lengths)))
+        longest = max(prompt_lengths, default=0)
+        plan = RolloutPlan(len(prompt_lengths), cfg.width, cfg.response_budget, batch, longest)
+        need = getattr(self.engine, "kv_cache_bytes", None)
+        if need is None:  # e.g. a server engine: the server holds the cache
+            return plan
+        tokens = longest + cfg.response_budget + 1
+        plan.kv_bytes = need(batch * cfg.width, tokens)
+        if available is None:
+            free = getattr(self.engine, "available_memory", None)
+            available = free() if free is not None else None
+        plan.available = available
+        if available is not None and plan.kv_bytes > available:
+            device = getattr(self.engine, "device", "the device")
+            raise ConfigError(
+                f"the KV cache of {batch} prompts x width {cfg.width} x {tokens} tokens (longest prompt {longest} + "
+                f"budget {cfg.response_budget}) needs {format_bytes(plan.kv_bytes)}, more than the "
+                f"{format_bytes(available)} free on {device}: lower {batch_flag} (now {batch_size}), --width, or "
+                "the budget (--depth x --segment_len, --max_response_tokens)."
+            )
+        return plan
 
     def rollout(
         self,

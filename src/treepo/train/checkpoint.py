@@ -8,8 +8,10 @@ target, which is renamed into place only when complete; `latest` then names it.
         trainer.json      step, data position, metric rows written so far (written last)
     out/checkpoints/latest   the newest complete step folder's name
 
-A kill during a save leaves only a `.step-*.tmp` folder, which `latest_checkpoint` ignores and
-`prune` removes.
+A kill during a save leaves only a `.step-*.tmp` folder (or a `.model.*.tmp` one beside `model/`),
+which `latest_checkpoint` ignores and `remove_stale` deletes when the run starts again (`prune` too).
+Folders and files get the modes the umask gives (`io.apply_umask`), not mkdtemp's private 0700 / 0600,
+so a colleague can read a model trained on shared storage.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def save(
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(rng_state, tmp / "rng.pt")
         io.write_json(tmp / "trainer.json", trainer_state)  # last: its presence marks a complete folder
+        io.apply_umask(tmp)
         _fsync_tree(tmp)
         if target.exists():
             shutil.rmtree(target)
@@ -69,6 +72,7 @@ def save_model_dir(target: Path, model, tokenizer) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        io.apply_umask(tmp)
         _fsync_tree(tmp)
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -99,6 +103,21 @@ def latest_checkpoint(out: Path) -> Optional[Path]:
             return candidate
     complete = sorted(p for p in root.glob("step-*") if (p / "trainer.json").is_file()) if root.is_dir() else []
     return complete[-1] if complete else None
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Delete the temporary folders a killed save left in run folder `out`; return what was removed.
+
+    Call it when a run (re)starts, before it writes: then no save of this run is under way.
+    """
+    out = Path(out)
+    old = out / ".model.old"  # a kill between save_model_dir's two renames: the previous model, put back
+    if old.is_dir() and not (out / "model").exists():
+        os.replace(old, out / "model")
+    stale = [*(out / CHECKPOINTS).glob(".step-*.tmp"), *out.glob(".model.*.tmp"), *out.glob(".model.old")]
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
 
 
 def prune(out: Path, keep: int) -> None:

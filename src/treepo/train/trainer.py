@@ -37,12 +37,13 @@ from rich.console import Console
 
 from .. import io
 from ..config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig
+from ..engines.memory import format_bytes
 from ..envs import load_env, system_prompt_with
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, RewardError
 from ..eval.evaluate import evaluate
 from ..progress import progress_bar
 from ..prompts import render
-from ..rewards.scorers import build_reward
+from ..rewards.scorers import FAILURE_KINDS, FailureTally, build_reward
 from ..rewards.scoring import overlong_penalty, score_trees
 from ..rollout.accounting import summarize
 from ..rollout.sampler import RolloutResult, TreeSampler
@@ -134,6 +135,9 @@ class Trainer:
         self.pool_ids = [render(p, tokenizer, system_prompt) for p in pool]
         for i, ids in enumerate(self.pool_ids):  # a prompt too long for the context fails now, not at step N
             self.sampler.check_fits(ids, i)
+        # A step rolls out its prompts (this rank's share) together: a KV cache that cannot fit fails now.
+        per_rank = -(-train_cfg.prompts_per_step // self.world)
+        self.plan = self.sampler.plan([len(ids) for ids in self.pool_ids], per_rank, batch_flag="--prompts_per_step")
         self.step = 0
         self.rows: list[dict] = []
         self.evals: list[dict] = []
@@ -153,7 +157,17 @@ class Trainer:
     def _check_run_folder(self) -> Optional[Path]:
         latest = checkpoint.latest_checkpoint(self.out)
         if latest is None:
-            if (self.out / "metrics.jsonl").is_file():  # a run that stopped before its first checkpoint
+            started = (self.out / "metrics.jsonl").is_file()  # a run that stopped before its first checkpoint
+            if self.cfg.resume is True:
+                where = f"out={str(self.out)!r}"
+                what = (f"{where} does not exist" if not self.out.exists()
+                        else f"{where} holds a run that stopped before its first checkpoint" if started
+                        else f"{where} has no checkpoint")
+                raise InputError(f"--resume: {what}, so there is nothing to resume: check --out, or pass "
+                                 "--resume auto to start a new run when there is no checkpoint.")
+            if self.cfg.resume == "auto":
+                self.console.print(f"--resume auto: no checkpoint in {self.out}: starting a new run at step 0")
+            elif started:
                 log.warning("%s has no complete checkpoint: starting the run again from step 0", self.out)
             return None
         if not self.cfg.resume:
@@ -170,28 +184,43 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> dict:
-
+        if self.accelerator.is_main_process and (stale := checkpoint.remove_stale(self.out)):
+            self.console.print(f"removed {len(stale)} unfinished checkpoint folder(s) left by an interrupted save: "
+                               + ", ".join(p.name for p in stale))
         if self.resume_from is not None:
             self._restore(self.resume_from)
             self.console.print(f"resumed from {self.resume_from} (step {self.step})")
         self._open_logs()
-        if self.heldout and self.step == 0:
-            self._evaluate_heldout()
-        with progress_bar(self.console, unit="steps") as progress:
-            task = progress.add_task("train", total=self.cfg.steps, completed=self.step, info="")
-            while self.step < self.cfg.steps:
-                row = self.train_step()
-                if self.heldout and self.cfg.eval_every and self.step % self.cfg.eval_every == 0 \
-                        and self.step < self.cfg.steps:
-                    row.update(self._evaluate_heldout(log_row=False))
-                self._log(row)
-                progress.update(task, completed=self.step, info=_brief(row))
-                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 \
-                        and self.step < self.cfg.steps:
-                    self.save_checkpoint()
-        if self.heldout and not any(e["eval_step"] == self.step for e in self.evals):
-            self._evaluate_heldout()
-        self.save_checkpoint()
+        p = self.plan
+        self.console.print(f"train plan: {self.cfg.steps - self.step} steps x {p.batch} prompts x width {p.width} x "
+                           f"budget {p.budget} tokens per step"
+                           + (f"; KV cache up to {format_bytes(p.kv_bytes)}" if p.kv_bytes is not None else "")
+                           + (f" of {format_bytes(p.available)} available" if p.available is not None else ""),
+                           highlight=False)
+        try:
+            if self.heldout and self.step == 0:
+                self._evaluate_heldout()
+            with progress_bar(self.console, unit="steps") as progress:
+                task = progress.add_task("train", total=self.cfg.steps, completed=self.step, info="first step")
+                self.engine.on_progress = lambda text: progress.update(task, info=f"step {self.step + 1}: {text}")
+                while self.step < self.cfg.steps:
+                    row = self.train_step()
+                    if self.heldout and self.cfg.eval_every and self.step % self.cfg.eval_every == 0 \
+                            and self.step < self.cfg.steps:
+                        row.update(self._evaluate_heldout(log_row=False))
+                    self._log(row)
+                    progress.update(task, completed=self.step, info=_brief(row))
+                    if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 \
+                            and self.step < self.cfg.steps:
+                        self.save_checkpoint()
+            if self.heldout and not any(e["eval_step"] == self.step for e in self.evals):
+                self._evaluate_heldout()
+            self.save_checkpoint()
+        except BaseException:
+            self.log.close()  # the rows written so far stay; no model/ and no checkpoint past the last good one
+            raise
+        finally:
+            self.engine.on_progress = None
         return self._finish()
 
     def train_step(self) -> dict:
@@ -202,6 +231,7 @@ class Trainer:
         kept, results, failures, dropped, rounds, rewards_all, correct_all = [], [], Counter(), 0, 0, [], []
         weighted = []  # per tree: (leaf-weighted reward, leaf-weighted accuracy), unbiased for the policy's
         need = cfg.prompts_per_step
+        tally = FailureTally()  # the step's reward failures (all its resample rounds)
         while True:
             # Every rank draws the same prompts from the stream and rolls out its share of them.
             indices = self.stream.take(need)[self.rank :: self.world]
@@ -209,7 +239,7 @@ class Trainer:
             # Each tree's prompt_index is its problem's place in the pool, so messages name a real prompt.
             result = self.sampler.rollout(ids, indices=indices, progress=progress) if ids else RolloutResult([])
             results.append(result)
-            scored, fails = score_trees(result.trees, self.stream.prompts, self.reward_fn, self.engine)
+            scored, fails = score_trees(result.trees, self.stream.prompts, self.reward_fn, self.engine, tally)
             failures.update(fails)
             for j, tree in enumerate(result.trees):
                 if cfg.overlong_buffer:
@@ -231,6 +261,7 @@ class Trainer:
                 break
             rounds += 1
             need = cfg.prompts_per_step - sum(counts)
+        self._stop_if_reward_failed_everywhere(tally)
         # At most prompts_per_step groups in all, taken rank by rank.
         quota = max(0, min(len(kept), cfg.prompts_per_step - sum(counts[: self.rank])))
         kept = kept[:quota]
@@ -281,6 +312,7 @@ class Trainer:
             "finish_reasons": roll["finish_reasons"],
             "env_turns": roll["env_turns"],
             "reward_failures": sum(failures.values()),
+            "reward_failure_kinds": dict(failures),
             "rollout_seconds": rollout_seconds,
             "train_seconds": time.perf_counter() - t1,
             "step_seconds": time.perf_counter() - t0,
@@ -289,6 +321,22 @@ class Trainer:
             log.warning("step %d: every group had equal rewards after %d resample rounds; no update this step",
                         self.step, rounds)
         return row
+
+    def _stop_if_reward_failed_everywhere(self, tally: FailureTally) -> None:
+        """Raise RewardError, before any update, when the reward failed on every sample of the step (all ranks)."""
+        if self.world > 1:  # every rank takes the same decision, from the counts of all of them (one gather)
+            local = torch.tensor([[tally.samples, *(tally.counts.get(k, 0) for k in FAILURE_KINDS)]],
+                                 device=self.accelerator.device)
+            samples, *kinds = self.accelerator.gather(local).sum(0).tolist()
+            tally = FailureTally(samples=int(samples), first=tally.first,
+                                 counts=Counter({k: int(n) for k, n in zip(FAILURE_KINDS, kinds) if n}))
+        if not tally.samples or tally.failed < tally.samples:
+            return
+        latest = checkpoint.latest_checkpoint(self.out)
+        kept = (f"the last checkpoint ({latest.relative_to(self.out)}) is kept: continue with --resume once it is "
+                "fixed" if latest is not None else "no checkpoint had been written yet")
+        raise RewardError(f"{tally.error_text(self.reward_fn.name, f'of step {self.step + 1}')}. The run stopped "
+                          f"before updating the model; {kept}.")
 
     # -- evaluation ---------------------------------------------------------------------------
     def _evaluate_heldout(self, log_row: bool = True) -> dict:
@@ -378,6 +426,7 @@ class Trainer:
             "decoded_tokens": sum(r["decoded_tokens"] for r in train_rows),
             "leaf_tokens": sum(r["leaf_tokens"] for r in train_rows),
             "wall_seconds": sum(r["step_seconds"] for r in train_rows),
+            "reward_failures": dict(sum((Counter(r.get("reward_failure_kinds") or {}) for r in train_rows), Counter())),
             "evals": self.evals,
             "config": self._configs(),
         }
@@ -387,6 +436,12 @@ class Trainer:
             checkpoint.save_model_dir(self.out / "model", self.policy, self.tokenizer)
             io.write_json(self.out / "summary.json", summary)
             pictures = plot_training(self.rows, self.out)
+            if summary["reward_failures"]:
+                samples = sum(r["prompts_rolled"] * r["trajectories_per_prompt"] for r in train_rows)
+                kinds = ", ".join(f"{k} {n}" for k, n in summary["reward_failures"].items())
+                self.console.print(f"[yellow]reward failures[/yellow]: reward {self.reward_fn.name!r} failed on "
+                                   f"{sum(summary['reward_failures'].values())} of {samples:.0f} samples ({kinds}); "
+                                   f"they scored failure_reward {self.reward_cfg.failure_reward:g}")
             self.console.print(f"wrote {self.out}/model, metrics.jsonl, summary.json"
                                + "".join(f", {p.name}" for p in pictures))
         return summary
