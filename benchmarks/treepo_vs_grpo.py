@@ -63,8 +63,8 @@ VARIANTS = {
 DEFAULT_VARIANT = "treepo_unbiased"  # what `treepo train` runs by default (TrainConfig, TrainSamplerConfig)
 # (variant, seed): GRPO and the default get 3 seeds, the others 1; the most telling runs first, the tasks
 # interleaved, so a partial benchmark still compares GRPO and the default on both tasks.
-PLAN = [("grpo", 0), ("treepo_unbiased", 0), ("grpo", 1), ("treepo_unbiased", 1), ("grpo", 2),
-        ("treepo_unbiased", 2), ("treepo", 0), ("grpo_tree", 0)]
+PLAN = [("grpo", 0), ("treepo_unbiased", 0), ("treepo", 0), ("grpo_tree", 0), ("grpo", 1), ("treepo_unbiased", 1),
+        ("grpo", 2), ("treepo_unbiased", 2)]
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}  # two-sided 95% t quantiles by number of seeds
 
 
