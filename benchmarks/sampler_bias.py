@@ -53,6 +53,10 @@ SETTINGS = {  # name -> sampler overrides (width 8, response budget 128 tokens)
     "branch, fan-out 2..8, seg 16": dict(budget="branch", segment_len=16, init_divergence=2, init_divergence_max=8),
     "transfer, fan-out 2, seg 8": dict(budget="transfer", segment_len=8),
     "branch, fan-out 2, seg 8": dict(budget="branch", segment_len=8),
+    "transfer, fan-out 1, seg 16": dict(budget="transfer", segment_len=16, init_divergence=1),
+    "transfer, fan-out 1, seg 8": dict(budget="transfer", segment_len=8, init_divergence=1),
+    "transfer, fan-out 1, seg 4": dict(budget="transfer", segment_len=4, init_divergence=1),
+    "transfer, fan-out 2, seg 8, b=4": dict(budget="transfer", segment_len=8, branching=4),
 }
 ESTIMATORS = ("grpo", "average", "unbiased")
 WHITENINGS = ("token", "scale", "group", "none")
