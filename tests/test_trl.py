@@ -238,3 +238,18 @@ def test_every_treepo_field_has_help():
     assert len(ours) >= 12
     for f in ours:
         assert len(f.metadata.get("help", "")) > 10, f"TreePOConfig.{f.name} has no help string"
+
+
+def test_the_example_script_trains_a_step_on_the_tiny_model(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "trl_treepo.py"
+    text = path.read_text()
+    assert text.count("  # TreePO\n") == 2 and "# from trl import GRPOConfig, GRPOTrainer" in text
+    spec = importlib.util.spec_from_file_location("trl_treepo_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    trainer = example.main(["--tiny", "--max-steps", "1", "--output-dir", str(tmp_path / "ex")])
+    assert trainer.state.global_step == 1 and isinstance(trainer, TreePOTrainer)
+    assert example.correctness(None, [[{"content": "so \\boxed{7}"}], "\\boxed{8}"], ["7", "7"]) == [1.0, 0.0]
