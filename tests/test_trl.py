@@ -146,6 +146,7 @@ def test_reward_function_gets_the_extra_columns_as_trl_passes_them(run):
     (dict(treepo_branching=0), ["branching", "treepo_"]),
     (dict(treepo_on_unsupported="maybe"), ["treepo_on_unsupported", "'trl'"]),
     (dict(generation_kwargs={"num_beams": 2}), ["generation_kwargs", "drop"]),
+    (dict(use_vllm=True, vllm_mode="server", treepo_divergence_policy="entropy"), ["entropy", "fixed_avg"]),
 ])
 def test_bad_configs_fail_in_post_init_with_the_fix(tmp_path, overrides, words):
     with pytest.raises(ValueError) as e:
@@ -253,3 +254,68 @@ def test_the_example_script_trains_a_step_on_the_tiny_model(tmp_path):
     trainer = example.main(["--tiny", "--max-steps", "1", "--output-dir", str(tmp_path / "ex")])
     assert trainer.state.global_step == 1 and isinstance(trainer, TreePOTrainer)
     assert example.correctness(None, [[{"content": "so \\boxed{7}"}], "\\boxed{8}"], ["7", "7"]) == [1.0, 0.0]
+
+
+# -- vLLM server mode, against a fake of TRL's vLLM server routes ---------------------------------
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """The fake server, with TRL's vLLM client allowed without vllm installed and its NCCL setup skipped."""
+    import trl.generation.vllm_client as client_mod
+    import trl.generation.vllm_generation as gen_mod
+
+    from fake_trl_vllm import FakeTRLVLLM
+
+    monkeypatch.setattr(client_mod, "is_vllm_available", lambda: True)
+    monkeypatch.setattr(gen_mod, "is_vllm_available", lambda: True)
+    monkeypatch.setattr(client_mod.VLLMClient, "init_communicator", lambda self, device=0: None)
+    syncs = []
+    monkeypatch.setattr(gen_mod.VLLMGeneration, "sync_weights", lambda self: syncs.append(1))
+    fake = FakeTRLVLLM(vocab=len(tiny.tokenizer()))
+    fake.syncs = syncs
+    yield fake
+    fake.stop()
+
+
+def test_vllm_engine_grows_trees_through_trls_client(fake_vllm):
+    from trl.generation.vllm_client import VLLMClient
+
+    from treepo.config import SamplerConfig
+    from treepo.integrations.trl.vllm import VLLMServerEngine
+    from treepo.rollout.sampler import TreeSampler
+
+    engine = VLLMServerEngine(VLLMClient(base_url=fake_vllm.url), tiny.tokenizer(), temperature=1.0, top_p=1.0,
+                              top_k=0, eos_ids=[1], max_context=512)
+    sampler = TreeSampler(SamplerConfig(width=4, depth=3, segment_len=4, init_divergence=2, answer_policy="none"),
+                          engine)
+    (tree,) = sampler.rollout([[5, 6, 7]]).trees
+    assert len(tree.leaves) == 4
+    sent = [p for body in fake_vllm.requests for p in body["prompt"]]
+    for node_id, node in tree.nodes.items():  # each segment was asked for with its full context as the prompt
+        context = [t for chunk in tree.context(node_id[:-1]) for t in chunk]
+        assert context in sent
+    answered = {tuple(c["prompt_token_ids"]) + tuple(c["token_ids"]): c["logprobs"]["token_logprobs"]
+                for a in fake_vllm.answers for c in a["choices"]}
+    leaf = tree.leaves[0]
+    last = tree.nodes[leaf]
+    key = tuple(t for chunk in tree.context(leaf[:-1]) for t in chunk) + tuple(last.token_ids)
+    assert answered[key] == pytest.approx(last.logprobs)
+
+
+def test_trainer_in_vllm_server_mode_trains_with_tree_completions(fake_vllm, tmp_path):
+    model = tiny.model("llama")
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    args = small_args(tmp_path, use_vllm=True, vllm_mode="server", vllm_server_base_url=fake_vllm.url,
+                      treepo_answer_policy="none")
+    trainer = Recorder(model=model, reward_funcs=reward_fn, args=args, train_dataset=dataset(),
+                       processing_class=tiny.tokenizer())
+    trainer.train()
+    assert trainer.state.global_step == 2 and len(fake_vllm.syncs) == 2  # TRL's weight sync, once per step
+    assert max(float((before[k] - v.detach()).abs().max()) for k, v in model.named_parameters()) > 0
+    for last, out in trainer.batches:
+        (tree,) = last["trees"]
+        assert out["completion_ids"].shape[0] == WIDTH and "importance_sampling_ratio" in out
+        for row, leaf in enumerate(tree.leaves):
+            n = len(tree.response_ids(leaf))
+            assert torch.allclose(out["sampling_per_token_logps"][row, :n],
+                                  torch.tensor(tree.trajectory(leaf).logprobs), atol=1e-6)
+    assert fake_vllm.requests and all(body["n"] == 1 for body in fake_vllm.requests)

@@ -127,6 +127,9 @@ class TreePOConfig(GRPOConfig):
         need(not (self.use_vllm and self.vllm_mode != "server"),
              f"use_vllm=True with vllm_mode={self.vllm_mode!r}: TreePO sends segment requests to TRL's vLLM server; "
              "use vllm_mode='server' (trl vllm-serve), or use_vllm=False for the embedded engine.")
+        need(not (self.use_vllm and self.treepo_divergence_policy == "entropy"),
+             "treepo_divergence_policy='entropy' needs sampling entropies, which the vLLM server does not return; "
+             "use fixed_avg, low_prob or high_prob with use_vllm=True.")
         need(not self.use_transformers_continuous_batching,
              "use_transformers_continuous_batching=True: TreePO grows the trees with its own engine; set it False.")
         need(self.min_p is None, f"min_p={self.min_p}: TreePO's sampler has temperature, top_p and top_k only; "

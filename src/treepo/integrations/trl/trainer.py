@@ -116,11 +116,16 @@ class TreePOTrainer(GRPOTrainer):
         client of TRL's vLLM server."""
         from ...errors import ConfigError
 
-        if self.use_vllm:
+        if self.use_vllm:  # vllm_mode='server' (TreePOConfig refuses colocate)
             from .vllm import VLLMServerEngine
 
-            return VLLMServerEngine(self.vllm_generation.vllm_client, self._tokenizer, self.args,
-                                    eos_ids=self.eos_token_ids, max_context=self._treepo_context())
+            if self.accelerator.num_processes > 1:
+                raise ConfigError("vLLM server mode with TreePO runs on one training process for now (the trees' "
+                                  "segment requests go through the main process's client); launch one process, "
+                                  "or use the embedded engine (use_vllm=False)")
+            return VLLMServerEngine(self.vllm_generation.vllm_client, self._tokenizer, temperature=self.temperature,
+                                    top_p=self.top_p, top_k=self.top_k, eos_ids=self.eos_token_ids,
+                                    max_context=self.args.vllm_max_model_length or self._treepo_context())
         if getattr(self, "_is_vlm", False):
             raise ConfigError("vision-language models are not supported by the tree sampler")
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
@@ -169,6 +174,9 @@ class TreePOTrainer(GRPOTrainer):
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()  # no dropout while sampling; TRL's step puts train mode back
+        if self.use_vllm and self.state.global_step != self._last_loaded_step:  # as TRL's own vLLM path
+            self.vllm_generation.sync_weights()
+            self._last_loaded_step = self.state.global_step
         try:
             self.treepo_engine.sync_weights()  # this step's weights; drops any KV cache of older ones
             result = sampler.rollout(prompts, progress=min(self.state.global_step / max_steps, 1.0))
