@@ -157,6 +157,23 @@ def main(argv=None) -> None:
     import trl
 
     results = {}
+
+    def record(complete: bool) -> dict:
+        return {
+            "setup": {"model": "SmolLM2-135M-Instruct (float32, CPU)" if a.model == "smollm2" else a.model,
+                      "prompts_per_step": PROMPTS, "width": WIDTH, "max_new_tokens": a.max_new_tokens,
+                      "steps": a.steps, "seed": a.seed, "treepo_backend": a.treepo_backend, "trl": trl.__version__,
+                      "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.platform(),
+                      "complete": complete},
+            **results,
+        }
+
+    def write(complete: bool) -> None:  # after every arm, so a run stopped part-way keeps what it measured
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(a.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(record(complete), indent=2) + "\n")
+        tmp.replace(a.out)
+
     for arm in a.arms:
         with tempfile.TemporaryDirectory(prefix=f"trl-adapter-{arm}-") as scratch:
             out = Path(scratch) / "result.json"
@@ -167,19 +184,12 @@ def main(argv=None) -> None:
             env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"}
             code = subprocess.call(cmd, env=env)
             if code != 0:
-                raise SystemExit(f"arm {arm} failed (exit {code}); nothing written")
+                raise SystemExit(f"arm {arm} failed (exit {code}); the arms before it are in {a.out}")
             results[arm] = json.loads(out.read_text())
             print(f"[{arm}] {json.dumps({k: v for k, v in results[arm].items() if not isinstance(v, list)})}",
                   flush=True)
-    record = {
-        "setup": {"model": "SmolLM2-135M-Instruct (float32, CPU)" if a.model == "smollm2" else a.model, "prompts_per_step": PROMPTS, "width": WIDTH,
-                  "max_new_tokens": a.max_new_tokens, "steps": a.steps, "seed": a.seed,
-                  "treepo_backend": a.treepo_backend, "trl": trl.__version__, "torch": torch.__version__,
-                  "threads": torch.get_num_threads(), "machine": platform.platform()},
-        **results,
-    }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(record, indent=2) + "\n")
+            write(complete=arm == a.arms[-1])
+    write(complete=True)
     print(f"wrote {a.out}")
 
 

@@ -98,8 +98,10 @@ class TreePOTrainer(GRPOTrainer):
         self._treepo_samplers: dict[int, TreeSampler] = {}
         try:
             self.treepo_engine = self._treepo_build_engine()
-        except TreepoError as e:
+        except TreepoError as e:  # a setup treepo knows it cannot serve
             self._treepo_unsupported(str(e))
+        except (RuntimeError, TypeError, AttributeError, NotImplementedError) as e:  # a model whose forward the
+            self._treepo_unsupported(f"{type(e).__name__}: {e}")  # engine's cache probe cannot drive
 
     # -- the engine --------------------------------------------------------------------------
     def _treepo_unsupported(self, reason: str) -> None:
@@ -133,8 +135,12 @@ class TreePOTrainer(GRPOTrainer):
                               "device, or use use_vllm=True, vllm_mode='server'")
         model = self.accelerator.unwrap_model(self.model)
         backend = self.args.treepo_backend
-        if getattr(model, "peft_config", None) is not None and backend != "hf":
-            log.info("PEFT model: the embedded engine uses the model's own forward (backend 'hf'), adapters included")
+        if getattr(model, "peft_config", None) is not None and hasattr(model, "get_base_model"):
+            # PEFT injects its adapter layers into the base model's modules, so the base model's own forward
+            # runs them (the 'hf' backend); the lean decoder would read the frozen base weights only.
+            model = model.get_base_model()
+            if backend != "hf":
+                log.info("PEFT model: the embedded engine uses the model's own forward (backend 'hf'), adapters included")
             backend = "hf"
         engine_cfg = EngineConfig(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0,
                                   backend=backend)
