@@ -319,3 +319,14 @@ def test_trainer_in_vllm_server_mode_trains_with_tree_completions(fake_vllm, tmp
             assert torch.allclose(out["sampling_per_token_logps"][row, :n],
                                   torch.tensor(tree.trajectory(leaf).logprobs), atol=1e-6)
     assert fake_vllm.requests and all(body["n"] == 1 for body in fake_vllm.requests)
+
+
+def test_a_trl_whose_hooks_changed_is_refused_at_import():
+    from treepo.integrations.trl.trainer import check_hooks
+
+    class Changed:
+        def _generate_single_turn(self, prompts, sampling_params):
+            pass
+
+    with pytest.raises(ImportError, match=r"_generate_single_turn.*TRL 1\.16"):
+        check_hooks(Changed)
