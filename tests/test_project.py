@@ -33,7 +33,8 @@ def test_every_config_field_has_help(cls):
 
 # The pipeline's stages, in order: a module may import from its own stage and from earlier ones only.
 STAGES = {"": 0, "engines": 1, "envs": 1, "viz": 1, "rollout": 2, "rewards": 3, "eval": 4, "train": 5,
-          "gpu_check": 6}  # the GPU check exercises the whole pipeline
+          "gpu_check": 6,  # the GPU check exercises the whole pipeline
+          "integrations": 6}  # adapters to other trainers (TRL) drive the pipeline as the CLI does
 TOP = {"cli": 6, "__init__": 7}  # the command and the public names sit above everything
 
 
@@ -79,3 +80,24 @@ def test_imports_run_down_the_pipeline_never_back_up():
             if t_package != package and t_stage >= stage:
                 bad.append(f"{module} imports {target}")
     assert not bad, "imports that run back up the pipeline:\n" + "\n".join(bad)
+
+
+def test_the_core_package_never_imports_trl():
+    """Every module but treepo.integrations.* imports with TRL made unimportable (TRL is an optional extra)."""
+    import subprocess
+    import sys
+
+    modules = sorted(
+        ".".join(p.relative_to(ROOT / "src").with_suffix("").parts).removesuffix(".__init__")
+        for p in (ROOT / "src" / "treepo").rglob("*.py")
+        if not p.relative_to(ROOT / "src" / "treepo").as_posix().startswith("integrations/")
+        or p.name == "__init__.py" and p.parent.name == "integrations"
+    )
+    modules = [m for m in modules if not m.endswith("__main__")]
+    code = ("import importlib, sys\nsys.modules['trl'] = None\n"
+            f"for m in {modules!r}:\n    importlib.import_module(m)\n"
+            "assert sys.modules['trl'] is None\nprint('ok', len(sys.argv))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")}, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    assert "treepo.integrations" in modules and "treepo.cli" in modules

@@ -45,3 +45,12 @@ def wrong_count(prompts, completions, **columns):
 def slow(prompts, completions, **columns):
     time.sleep(0.5)  # longer than the tests' reward_timeout x completions
     return [1.0] * len(completions)
+
+
+SEEN_COLUMNS: list[dict] = []  # what `record_columns` was called with, for the dataset tests
+
+
+def record_columns(prompts, completions, **columns):
+    """TRL's signature: keeps the keyword columns it was given; rewards the letter share."""
+    SEEN_COLUMNS.append({k: list(v) if isinstance(v, list) else v for k, v in columns.items()})
+    return letter_share(prompts, completions)

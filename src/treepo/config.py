@@ -381,7 +381,20 @@ class RolloutConfig:
         metadata=_help('JSON object of reasoning-gym task settings, e.g. \'{"min_terms": 2, "max_terms": 2}\'.'),
     )
     prompts: Optional[str] = field(
-        default=None, metadata=_help("JSONL file, one object per line with a 'prompt' string (optional 'answer').")
+        default=None,
+        metadata=_help("The problems: a JSONL file (one object per line with a 'prompt' string, optional 'answer'), "
+                       "or as TRL users keep them, a Hugging Face dataset folder (save_to_disk) or a .parquet, "
+                       ".json, .jsonl or .csv file, read with datasets (see --prompt-column, --answer-column)."),
+    )
+    prompt_column: str = field(
+        default="prompt",
+        metadata=_help("Column of --prompts holding the prompt: a string, or a conversation (a list of "
+                       "{role, content} messages, rendered with the chat template)."),
+    )
+    answer_column: str = field(
+        default="answer",
+        metadata=_help("Column of --prompts holding the reference answer (optional unless changed); the other "
+                       "columns reach a 'module:function' reward as keyword lists, as TRL passes them."),
     )
     num_prompts: int = field(default=4, metadata=_help("Prompts to roll out (the first N of the source)."))
     prompt_batch_size: int = field(
@@ -398,6 +411,13 @@ class RolloutConfig:
             "both task and prompts are set: use --task NAME or --prompts FILE.jsonl, not both.",
         )
         _require(self.num_prompts >= 1, f"num_prompts={self.num_prompts}: must be >= 1.")
+        for name in ("prompt_column", "answer_column"):
+            _require(isinstance(getattr(self, name), str) and bool(getattr(self, name).strip()),
+                     f"{name}={getattr(self, name)!r}: give a column name, e.g. --{name.replace('_', '-')} question.")
+        _require(self.prompt_column != self.answer_column,
+                 f"prompt_column and answer_column are both {self.prompt_column!r}: name two different columns.")
+        _require(bool(self.prompts) or (self.prompt_column, self.answer_column) == ("prompt", "answer"),
+                 "prompt_column / answer_column are set but there is no --prompts dataset: add --prompts PATH.")
         _require(self.prompt_batch_size >= 1, f"prompt_batch_size={self.prompt_batch_size}: must be >= 1.")
         if not self.prompts and not self.task:
             self.task = self.DEFAULT_TASK

@@ -1,4 +1,5 @@
-"""Where prompts come from: reasoning-gym tasks by name, or a JSONL file; and how they are rendered.
+"""Where prompts come from: reasoning-gym tasks by name, a JSONL file, or a dataset as TRL users keep
+it (a `save_to_disk` folder, parquet / JSON / CSV, read with `datasets`); and how they are rendered.
 
 `choose_prompts` is the one way a job (rollout, eval, train) picks its problems from its config, and
 `load_heldout` draws held-out problems disjoint from a training pool.
@@ -25,6 +26,11 @@ class Prompt:
     question: str
     answer: Optional[str] = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # A conversational prompt (TRL's format): the messages, rendered as they are with the chat template;
+    # `question` is then its last user message's text.
+    messages: Optional[list[dict[str, Any]]] = None
+    # A dataset row's other columns, handed to a user reward function as keyword lists (as TRL does).
+    columns: dict[str, Any] = field(default_factory=dict)
 
 
 def json_object(text: str, where: str, example: str) -> dict[str, Any]:
@@ -114,7 +120,22 @@ def _prompt_problem(row: dict[str, Any]) -> Optional[str]:
 
 
 def render(prompt: Prompt, tokenizer, system_prompt: str) -> list[int]:
-    """Token ids of the prompt in the model's chat format (a plain layout for tokenizers without a template)."""
+    """Token ids of the prompt in the model's chat format (a plain layout for tokenizers without a template).
+
+    A conversational prompt is rendered as its messages, with `system_prompt` put first only when
+    the conversation has no system message of its own.
+    """
+    if prompt.messages is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InputError("a conversational prompt (a list of messages) needs a tokenizer with a chat template; "
+                             "this model's has none: give plain-text prompts, or a model with a chat template.")
+        messages = list(prompt.messages)
+        if system_prompt and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": system_prompt}] + messages
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": prompt.question})
@@ -146,10 +167,92 @@ def load_heldout(task: str, count: int, seed: int, task_args: Optional[dict[str,
     )
 
 
+DATASET_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+
+
+def load_dataset_prompts(path: str | Path, count: Optional[int] = None, prompt_column: str = "prompt",
+                         answer_column: str = "answer") -> list[Prompt]:
+    """Prompts from a dataset as TRL users keep it: a `save_to_disk` folder, or a parquet / JSON / CSV file.
+
+    `prompt_column` holds a string or a conversation (a list of {role, content} messages); the
+    optional `answer_column` the reference; every other column goes to `Prompt.columns`. A missing
+    column, or a row whose prompt is empty or malformed, is named with its row number.
+    """
+    try:
+        import datasets
+    except ImportError as e:
+        raise InputError(f"prompts={str(path)!r}: reading datasets needs the datasets package: pip install datasets "
+                         "(or pip install 'treepo[trl]').") from e
+    path = Path(path)
+    if path.is_dir():
+        try:
+            data = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as e:
+            raise InputError(f"prompts={str(path)!r}: not a dataset saved with save_to_disk ({e}).") from e
+        if isinstance(data, datasets.DatasetDict):
+            split = "train" if "train" in data else next(iter(data))
+            data = data[split]
+    elif path.is_file():
+        kind = DATASET_SUFFIXES.get(path.suffix.lower())
+        if kind is None:
+            raise InputError(f"prompts={str(path)!r}: use a .jsonl, .json, .parquet or .csv file, or a folder "
+                             "written by Dataset.save_to_disk.")
+        try:
+            data = datasets.load_dataset(kind, data_files=str(path), split="train")
+        except Exception as e:  # datasets raises many kinds for an unreadable file
+            raise InputError(f"prompts={str(path)!r}: cannot read it as {kind} ({type(e).__name__}: {e}).") from e
+    else:
+        raise InputError(f"prompts={str(path)!r}: no such file or folder.")
+    columns = list(data.column_names)
+    if prompt_column not in columns:
+        alias = next((c for c in (prompt_column, "prompt", *PROMPT_ALIASES) if c in columns), None)
+        hint = f" (pass --prompt-column {alias})" if alias else ""
+        raise InputError(f"{path}: no {prompt_column!r} column; its columns are {', '.join(columns)}{hint}.")
+    if answer_column not in columns and answer_column != "answer":
+        raise InputError(f"{path}: no {answer_column!r} column (--answer-column); its columns are {', '.join(columns)}.")
+    prompts: list[Prompt] = []
+    for number, row in enumerate(data):
+        if count is not None and len(prompts) == count:
+            break
+        value = row[prompt_column]
+        where = f"{path} row {number}"
+        question, messages = _dataset_prompt(value, prompt_column, where)
+        answer = row.get(answer_column)
+        if answer is not None and not isinstance(answer, (str, int, float)):
+            raise InputError(f"{where}: {answer_column!r} must be a string or a number, not {type(answer).__name__}.")
+        extra = {k: v for k, v in row.items() if k not in (prompt_column, answer_column)}
+        prompts.append(Prompt(question=question, answer=None if answer is None else str(answer), metadata=dict(row),
+                              messages=messages, columns=extra))
+    if not prompts:
+        raise InputError(f"{path}: the dataset has no rows.")
+    return prompts
+
+
+def _dataset_prompt(value: Any, column: str, where: str) -> tuple[str, Optional[list[dict[str, Any]]]]:
+    """(question text, messages or None) of a dataset row's prompt cell."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise InputError(f"{where}: {column!r} is empty: give the prompt text.")
+        return value, None
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        users = [m["content"] for m in value if m["role"] == "user" and isinstance(m["content"], str)]
+        if not users:
+            raise InputError(f"{where}: {column!r} is a conversation without a user message with text content.")
+        return users[-1], [{"role": m["role"], "content": m["content"]} for m in value]
+    shown = json.dumps(value, default=str)[:60]
+    raise InputError(f"{where}: {column!r} is {shown}: give a string, or a list of {{\"role\", \"content\"}} "
+                     "messages (TRL's conversational format).")
+
+
 def choose_prompts(source: Any, seed: int, count: Optional[int] = None) -> list[Prompt]:
     """The problems of a job's source (`source.prompts`, `.task`, `.task_args`, `.num_prompts`): the first
-    `count` (default `num_prompts`) rows of a JSONL file, or that many problems of a reasoning-gym task."""
+    `count` (default `num_prompts`) rows of a JSONL file or a dataset (`load_dataset_prompts`), or that
+    many problems of a reasoning-gym task."""
     count = source.num_prompts if count is None else count
     if source.prompts:
-        return load_jsonl(source.prompts, count)
+        columns = (getattr(source, "prompt_column", "prompt"), getattr(source, "answer_column", "answer"))
+        path = Path(source.prompts)
+        if path.suffix.lower() == ".jsonl" and path.is_file() and columns == ("prompt", "answer"):
+            return load_jsonl(path, count)  # treepo's own format (its messages name the line at fault)
+        return load_dataset_prompts(path, count, *columns)
     return load_task(source.task, count, seed, parse_task_args(source.task_args))

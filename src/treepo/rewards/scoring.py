@@ -33,6 +33,10 @@ def score_trees(
         "answer": [prompts[t.prompt_index].answer for t, _ in flat],
         "entry": [prompts[t.prompt_index].metadata for t, _ in flat],
     }
+    # A dataset's other columns, as TRL passes them (only those every prompt of the call has).
+    shared = set.intersection(*(set(prompts[t.prompt_index].columns) for t, _ in flat)) if flat else set()
+    for key in sorted(shared - set(columns) - {"prompts", "completions"}):
+        columns[key] = [prompts[t.prompt_index].columns[key] for t, _ in flat]
     outcome = reward_fn(questions, texts, columns)
     if tally is not None:
         tally.add(outcome)
