@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import shutil
 import tempfile
 import threading
@@ -93,7 +94,10 @@ def apply_umask(root: str | Path) -> None:
     for path in [root, *root.rglob("*")]:
         if path.is_symlink():
             continue
-        os.chmod(path, dir_mode if path.is_dir() else file_mode)
+        if path.is_dir():  # keep setgid (inherited from a shared group folder), as mkdir would
+            os.chmod(path, dir_mode | (path.stat().st_mode & stat.S_ISGID))
+        else:
+            os.chmod(path, file_mode)
 
 
 def write_text(path: str | Path, text: str) -> None:

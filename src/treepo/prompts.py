@@ -220,7 +220,9 @@ def load_dataset_prompts(path: str | Path, count: Optional[int] = None, prompt_c
         answer = row.get(answer_column)
         if answer is not None and not isinstance(answer, (str, int, float)):
             raise InputError(f"{where}: {answer_column!r} must be a string or a number, not {type(answer).__name__}.")
-        extra = {k: v for k, v in row.items() if k not in (prompt_column, answer_column)}
+        # Every other column, and a renamed answer column under its own name too (a TRL reward such as
+        # accuracy_reward(completions, solution) reads it so); the reference also goes out as `answer`.
+        extra = {k: v for k, v in row.items() if k != prompt_column and (k != answer_column or k != "answer")}
         prompts.append(Prompt(question=question, answer=None if answer is None else str(answer), metadata=dict(row),
                               messages=messages, columns=extra))
     if not prompts:

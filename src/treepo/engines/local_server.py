@@ -114,6 +114,8 @@ class LocalServerProcess:
 
     def alive(self) -> bool:
         """Whether the server or anything else in its process group still runs (zombies do not count)."""
+        if getattr(self, "_gone", False):  # reaped and its group dead: the pid may belong to someone else now
+            return False
         if self.process.poll() is None:
             return True
         try:
@@ -123,9 +125,11 @@ class LocalServerProcess:
         return _group_running(self.process.pid)
 
     def _signal_group(self, sig: int) -> None:
+        if getattr(self, "_gone", False):
+            return  # never signal a group id that may have been reused
         try:
             os.killpg(self.process.pid, sig)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             pass
 
     def kill(self) -> None:
@@ -135,6 +139,7 @@ class LocalServerProcess:
         deadline = time.monotonic() + 5  # the rest of the group dies (and is reaped by init) shortly
         while self.alive() and time.monotonic() < deadline:
             time.sleep(0.05)
+        self._gone = not self.alive()
         self._forget()
 
     def stop(self) -> None:

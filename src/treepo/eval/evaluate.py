@@ -34,11 +34,14 @@ def evaluate(
     on_batch: Optional[Callable[[int], None]] = None,
     on_plan: Optional[Callable[[RolloutPlan], None]] = None,
     max_failure_share: float = 1.0,
+    strict: bool = True,
 ) -> tuple[dict, list[dict]]:
     """(summary, per-sample rows) for `prompts`, `sampler_cfg.width` samples each.
 
     Raises RewardError when the reward failed on more than `max_failure_share` of the samples (with the
     default 1, only when it failed on all of them): such a table would measure the failures, not the model.
+    `strict=False` (the trainer's held-out evaluation, run by rank 0 alone, where a raise would leave the other
+    ranks waiting) skips the memory refusal and the failure stop; failures are still counted in the summary.
     """
     sampler = TreeSampler(sampler_cfg, engine, predicate=answer_predicate(sampler_cfg))
     system_prompt = system_prompt_with(system_prompt, sampler.env)
@@ -46,8 +49,8 @@ def evaluate(
     for i, p in enumerate(ids):
         sampler.check_fits(p, i)
     k = check_k(k, sampler_cfg.width)
-    plan = sampler.plan([len(p) for p in ids], batch_size)  # a KV cache that cannot fit is refused here
-    if on_plan:
+    plan = sampler.plan([len(p) for p in ids], batch_size) if strict else None  # a KV cache that cannot fit is refused
+    if on_plan and plan is not None:
         on_plan(plan)
     problems, rows, results, failures = [], [], [], Counter()
     tally = FailureTally()
@@ -69,7 +72,8 @@ def evaluate(
                              "reward": tree.rewards[leaf], "finish_reason": tree.nodes[leaf].finish_reason})
         if on_batch:
             on_batch(len(result.trees))
-    check_failures(tally, reward_fn.name, max_failure_share)
+    if strict:
+        check_failures(tally, reward_fn.name, max_failure_share)
     summary = summarize_eval(problems, k)
     rollout = summarize(results, sampler_cfg)
     summary.update({

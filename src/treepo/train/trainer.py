@@ -346,7 +346,7 @@ class Trainer:
         # Independent sampling by default, so the curve means the same thing whatever the training sampler.
         eval_cfg = replace(self.sampler_cfg, seed=EVAL_SEED, mode=self.cfg.eval_mode)
         summary, _ = evaluate(self.engine, eval_cfg, self.heldout, self.reward_fn,
-                              system_prompt=self.cfg.system_prompt, batch_size=self.cfg.prompt_batch_size)
+                              system_prompt=self.cfg.system_prompt, batch_size=self.cfg.prompt_batch_size, strict=False)
         self.engine.generator.set_state(state)
         k = summary["k"]
         row = {"eval_step": self.step, "eval_accuracy": summary[f"mean@{k}"]["value"],
