@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from treepo import io
+from treepo import io, tiny
 from treepo.viz.plots import save_png
 from treepo.config import EngineConfig, SamplerConfig
 from treepo.train.loss import ppo_loss
@@ -46,16 +46,7 @@ from treepo.tree import PromptTree
 SYSTEM = "You are a helpful assistant. Reason step by step, then give the final answer in the form \\boxed{ANSWER}."
 
 
-def tree_samples(tree: PromptTree, seed: int) -> list[Sample]:
-    """The trajectories of a tree with random advantages and the engine's log-probs as old ones."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for leaf in tree.leaves:
-        traj = tree.trajectory(leaf)
-        if traj.token_ids:
-            adv = torch.randn(len(traj.token_ids), generator=g).tolist()
-            out.append(Sample(tree.prompt_ids, traj.token_ids, adv, traj.logprobs, group=0))
-    return out
+tree_samples = tiny.tree_samples  # one home: treepo.tiny
 
 
 def train_pass(model, samples: list[Sample], mode: str, pad_id: int) -> tuple[float, torch.Tensor]:

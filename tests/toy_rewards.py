@@ -2,17 +2,9 @@
 
 import time
 
+from treepo.tiny import letter_share  # noqa: F401 - one home for the toy reward
+
 BROKEN = False  # `switchable` raises while this is True (tests flip it with monkeypatch)
-
-
-def letter_share(prompts, completions, **columns):
-    """+1 when the completion has more letters 'a'-'m' than 'n'-'z', else -1: varies on random text."""
-    out = []
-    for c in completions:
-        low = sum("a" <= ch <= "m" for ch in c.lower())
-        high = sum("n" <= ch <= "z" for ch in c.lower())
-        out.append(1.0 if low > high else -1.0)
-    return out
 
 
 def constant(prompts, completions, **columns):

@@ -8,8 +8,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import stat
 import shutil
+import stat
 import tempfile
 import threading
 from pathlib import Path

@@ -87,3 +87,28 @@ def write_prompts(path, n: int):
                             for i in range(n)))
     return path
 
+
+def tree_samples(tree, seed: int):
+    """A tree's trajectories as training samples with random advantages and the engine's log-probs as the
+    old ones (for packed-vs-flat checks and benchmarks)."""
+    from .train.logprobs import Sample
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for leaf in tree.leaves:
+        traj = tree.trajectory(leaf)
+        if traj.token_ids:
+            adv = torch.randn(len(traj.token_ids), generator=g).tolist()
+            out.append(Sample(tree.prompt_ids, traj.token_ids, adv, traj.logprobs, group=0))
+    return out
+
+
+def letter_share(prompts, completions, **columns):
+    """A reward with TRL's signature for tiny models: +1 when a completion has more letters 'a'-'m' than
+    'n'-'z', else -1, so it varies within a group on random text and an update has a signal."""
+    out = []
+    for c in completions:
+        low = sum("a" <= ch <= "m" for ch in c.lower())
+        high = sum("n" <= ch <= "z" for ch in c.lower())
+        out.append(1.0 if low > high else -1.0)
+    return out

@@ -291,15 +291,6 @@ def packed_equals_flat(device, dtype, report: dict, check_every: Optional[int] =
                               f"(at least {tol.grad_cosine} expected)")
 
 
-def letter_share(prompts, completions, **columns):
-    """Reward with TRL's signature: +1 when a completion has more letters 'a'-'m' than 'n'-'z', else -1
-    (it varies within a group on random text, so the update has a signal; as tests/toy_rewards.py)."""
-    out = []
-    for c in completions:
-        low = sum("a" <= ch <= "m" for ch in c.lower())
-        high = sum("n" <= ch <= "z" for ch in c.lower())
-        out.append(1.0 if low > high else -1.0)
-    return out
 
 
 def two_training_steps(device, dtype, report: dict, check_every: Optional[int] = None) -> None:
@@ -314,7 +305,7 @@ def two_training_steps(device, dtype, report: dict, check_every: Optional[int] =
         metrics = Path(tmp) / "run" / "metrics.jsonl"
         trainer = Trainer(
             EngineConfig(device=str(device)), SamplerConfig(width=4, depth=2, segment_len=8),
-            RewardConfig(reward=f"{__name__}:letter_share"),
+            RewardConfig(reward="treepo.tiny:letter_share"),
             TrainConfig(prompts=str(prompts), num_prompts=12, steps=2, prompts_per_step=2, micro_batch_size=3,
                         learning_rate=1e-3, out=str(Path(tmp) / "run"), checkpoint_every=0, tensorboard=False),
             model=model, tokenizer=tiny.tokenizer())

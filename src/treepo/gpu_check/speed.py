@@ -26,6 +26,7 @@ from ..engines.base import SegmentRequest
 from ..engines.transformers_engine import TransformersEngine
 from ..rollout.accounting import compare_modes, summarize
 from ..rollout.sampler import TreeSampler
+from ..tiny import tree_samples
 from ..train.logprobs import Sample, collate, response_logprobs
 from ..train.loss import ppo_loss
 from ..train.packing import pack_samples, packed_logprobs
@@ -219,7 +220,7 @@ class SpeedBench:
         pad = self.tokenizer.pad_token_id
         model.train()
         try:
-            per_tree = [_tree_samples(t, k) for k, t in enumerate(trees)]
+            per_tree = [tree_samples(t, k) for k, t in enumerate(trees)]
             self._pass(per_tree[0], "packed", pad)  # warm-up
             times = {"flat": [], "packed": []}
             ratios, max_diff = [], 0.0
@@ -268,16 +269,6 @@ class SpeedBench:
         return time.perf_counter() - start, logp.detach().float().cpu()
 
 
-def _tree_samples(tree, seed: int) -> list[Sample]:
-    """A tree's trajectories with random advantages and the engine's log-probs as the old ones."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for leaf in tree.leaves:
-        traj = tree.trajectory(leaf)
-        if traj.token_ids:
-            adv = torch.randn(len(traj.token_ids), generator=g).tolist()
-            out.append(Sample(tree.prompt_ids, traj.token_ids, adv, traj.logprobs, group=0))
-    return out
 
 
 def sizes_dict(sizes: SpeedSizes) -> dict:

@@ -26,8 +26,8 @@ from typing import Callable, Optional, Sequence
 
 from ..config import SamplerConfig
 from ..engines.base import Engine, SegmentOutput, SegmentRequest
-from ..envs.base import EnvError, Environment, PathView, check_env, load_env, path_view, turn_token_ids
 from ..engines.memory import format_bytes
+from ..envs.base import EnvError, Environment, PathView, check_env, load_env, path_view, turn_token_ids
 from ..errors import ConfigError, InputError
 from ..tree import Node, NodeId, PromptTree
 from .branching import children_total, divergence_temperature, path_score, plan_fallback, root_fanout, split_children

@@ -21,8 +21,8 @@ import torch
 from ...config import SamplerConfig
 from ...rollout.accounting import summarize
 from ...rollout.sampler import RolloutResult
-from ...tree import PromptTree
 from ...train.update import build_samples
+from ...tree import PromptTree
 
 
 def prompt_groups(prompt_ids: Sequence[Sequence[int]], width: int) -> list[list[int]]:
