@@ -100,3 +100,17 @@ def test_eval_and_train_take_a_dataset_and_pass_extra_columns_to_the_reward(tmp_
                      "--prompts_per_step", "2", "--learning_rate", "0.001", "--tensorboard", "false",
                      "--out", str(tmp_path / "t"), *common]) == 0
     assert toy_rewards.SEEN_COLUMNS and set(toy_rewards.SEEN_COLUMNS[0]["level"]) <= {1, 2}
+
+
+def test_a_plain_prompts_jsonl_hands_its_extra_fields_to_the_reward_too(tmp_path):
+    from treepo.prompts import load_jsonl
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "2+2?", "answer": "4", "level": 1}\n{"prompt": "3+3?", "answer": "6", "level": 2}\n')
+    prompts = load_jsonl(path)
+    assert [p.columns for p in prompts] == [{"level": 1}, {"level": 2}]
+
+
+def test_a_renamed_answer_column_also_reaches_the_reward_under_its_own_name(tmp_path):
+    prompts = load_dataset_prompts(write(tmp_path, "json"), None, "question", "solution")
+    assert [p.columns["solution"] for p in prompts] == [p.answer for p in prompts]  # as TRL's accuracy_reward reads it

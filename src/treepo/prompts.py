@@ -85,7 +85,9 @@ def load_jsonl(path: str | Path, count: Optional[int] = None) -> list[Prompt]:
             answer = row.get("answer")
             if answer is not None and not isinstance(answer, (str, int, float)):
                 raise InputError(f"{path} line {number}: 'answer' must be a string or a number.")
-            prompts.append(Prompt(question=row["prompt"], answer=None if answer is None else str(answer), metadata=row))
+            extra = {k: v for k, v in row.items() if k not in ("prompt", "answer")}  # reach the reward, as in TRL
+            prompts.append(Prompt(question=row["prompt"], answer=None if answer is None else str(answer), metadata=row,
+                                  columns=extra))
             if count is not None and len(prompts) == count:
                 break
     if not prompts:
