@@ -11,7 +11,7 @@ import tiny
 from treepo.config import EngineConfig, SamplerConfig
 from treepo.engines.transformers_engine import TransformersEngine
 from treepo.errors import InputError
-from treepo.gpu_check.correctness import loss_and_grads
+from treepo.gpu_check.correctness import flat_and_packed, random_samples
 from treepo.train.packing import (PackingError, pack_samples, pack_sequences, packed_logprobs, sliding_window,
                                   tree_attention, unsupported_reason)
 from treepo.train.update import build_samples
@@ -80,16 +80,7 @@ def test_pack_trees_counts_each_segment_once():
     assert len(row2) == len(row) + len(pack_trees([other])) - 2
 
 
-def _samples(trees, seed=0) -> list[Sample]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for k, t in enumerate(trees):
-        for leaf in t.leaves:
-            r = t.response_ids(leaf)
-            adv = (torch.randn(len(r), generator=g)).tolist()
-            old = (-torch.rand(len(r), generator=g) * 3).tolist()
-            out.append(Sample(t.prompt_ids, r, adv, old, group=k, meta={"prompt": t.prompt_index}))
-    return out
+_samples = random_samples  # one home: treepo.gpu_check.correctness
 
 
 def _rollout_trees(model, n=3):
@@ -105,23 +96,10 @@ def test_packed_equals_flat_logprobs_and_gradients(kind, attn):
     model = tiny.model(kind, attn_implementation=attn)
     trees = _rollout_trees(model) + [hand_tree(7)]
     assert any(len(leaf) < 4 for t in trees for leaf in t.leaves)  # paths of different depths
-    samples = _samples(trees)
-    normaliser = float(sum(len(s.response_ids) for s in samples))
-    flat = collate(samples, 0)
-    packed = pack_samples(samples, 0, max_tokens=150)  # several rows, one or more groups each
+    # several packed rows (max_tokens=150), one or more groups each
+    flat, packed, (lp_f, ent_f, loss_f, g_f), (lp_p, ent_p, loss_p, g_p) = flat_and_packed(model, _samples(trees))
     assert packed.input_ids.shape[0] > 1
     assert packed.packed_tokens < packed.flat_tokens
-
-    def run_flat():
-        lp, ent = response_logprobs(model, flat, with_entropy=True)
-        return lp, ent, flat
-
-    def run_packed():
-        lp, ent = packed_logprobs(model, packed, with_entropy=True)
-        return lp, ent, packed.flat
-
-    lp_f, ent_f, loss_f, g_f = loss_and_grads(model, run_flat, normaliser)
-    lp_p, ent_p, loss_p, g_p = loss_and_grads(model, run_packed, normaliser)
     m = flat.response_mask
     assert (lp_f - lp_p).abs()[m].max() < 1e-4
     assert (ent_f - ent_p).abs()[m].max() < 1e-4

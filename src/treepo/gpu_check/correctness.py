@@ -223,11 +223,29 @@ def engine_logprobs_match_forward(device, dtype, report: dict, check_every: Opti
         report["by_model"][name] = round(worst, 7)
 
 
+def flat_and_packed(model, samples: list[Sample], *, device="cpu", dtype=torch.float32, max_tokens: int = 150):
+    """(flat batch, packed batch, flat pass, packed pass): each pass is (log-probs, entropies, PPO loss,
+    gradients) of the same samples, one padded row each vs tree-packed rows of at most `max_tokens`."""
+    normaliser = float(sum(len(s.response_ids) for s in samples))
+    flat = collate(samples, 0).to(device)
+    packed = pack_samples(samples, 0, dtype=dtype, max_tokens=max_tokens).to(device)
+
+    def run_flat():
+        lp, ent = response_logprobs(model, flat, with_entropy=True)
+        return lp, ent, flat
+
+    def run_packed():
+        lp, ent = packed_logprobs(model, packed, with_entropy=True)
+        return lp, ent, packed.flat
+
+    return flat, packed, loss_and_grads(model, run_flat, normaliser), loss_and_grads(model, run_packed, normaliser)
+
+
 PACKING_MODELS = (("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"))
 
 
-def _tree_samples(trees, seed: int = 0) -> list[Sample]:
-    """Every trajectory as a sample with random advantages and old log-probs (as tests/test_packing.py)."""
+def random_samples(trees, seed: int = 0) -> list[Sample]:
+    """Every trajectory as a sample with random advantages and old log-probs (one group per tree)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for k, t in enumerate(trees):
@@ -251,21 +269,8 @@ def packed_equals_flat(device, dtype, report: dict, check_every: Optional[int] =
         engine = make_engine(model, check_every, seed=1, temperature=1.0)
         trees = TreeSampler(SamplerConfig(width=6, depth=4, segment_len=5, seed=2), engine).rollout(
             tiny.prompts()).trees
-        samples = _tree_samples(trees)
-        normaliser = float(sum(len(s.response_ids) for s in samples))
-        flat = collate(samples, 0).to(device)
-        packed = pack_samples(samples, 0, dtype=dtype, max_tokens=150).to(device)
-
-        def run_flat():
-            lp, ent = response_logprobs(model, flat, with_entropy=True)
-            return lp, ent, flat
-
-        def run_packed():
-            lp, ent = packed_logprobs(model, packed, with_entropy=True)
-            return lp, ent, packed.flat
-
-        lp_f, ent_f, loss_f, g_f = loss_and_grads(model, run_flat, normaliser)
-        lp_p, ent_p, loss_p, g_p = loss_and_grads(model, run_packed, normaliser)
+        flat, packed, (lp_f, ent_f, loss_f, g_f), (lp_p, ent_p, loss_p, g_p) = flat_and_packed(
+            model, random_samples(trees), device=device, dtype=dtype)
         m = flat.response_mask
         if g_f.keys() != g_p.keys() or not g_f:
             raise CheckFailed(f"{name}: packed and flat passes reached different parameters")
