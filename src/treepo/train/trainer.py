@@ -448,8 +448,10 @@ class Trainer:
 
 
 def _brief(row: dict) -> str:
-    return (f"reward {row['reward_mean']:+.2f}, acc {row['accuracy']:.0%}, "
-            f"saving {row['saving_vs_own_leaves']:.0%}, {row['step_seconds']:.0f} s/step")
+    weighted = row.get("accuracy_weighted")  # the raw leaf accuracy leans toward long answers
+    acc = f"acc {row['accuracy']:.0%}" + ("" if weighted is None else f" (weighted {weighted:.0%})")
+    return (f"reward {row['reward_mean']:+.2f}, {acc}, "
+            f"{row['saving_vs_own_leaves']:.0%} fewer tokens than its leaves, {row['step_seconds']:.0f} s/step")
 
 
 def run_train(engine_cfg: EngineConfig, sampler_cfg: SamplerConfig, reward_cfg: RewardConfig, train_cfg: TrainConfig,
