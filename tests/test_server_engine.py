@@ -236,7 +236,12 @@ def test_rollout_and_eval_commands_run_on_servers(server, tokenizer_dir, prompts
     (["rollout", "--server-url", "http://127.0.0.1:9"], "add --engine server"),
     (["rollout", "--engine", "server", "--server-url", "http://127.0.0.1:9", "--divergence-policy", "entropy"],
      "servers do not report"),
-    (["train", "--engine", "server", "--server-url", "http://127.0.0.1:9"], "engine='server' cannot train"),
+    (["train", "--engine", "server", "--server-url", "http://127.0.0.1:9"], "cannot reach server http://127.0.0.1:9"),
+    (["train", "--engine", "server", "--server-url", "http://127.0.0.1:9", "--old_logprobs", "engine"],
+     "--old_logprobs recompute"),
+    (["train", "--engine", "server", "--server-url", "http://127.0.0.1:9", "--launch_server"], "not both"),
+    (["rollout", "--launch_server"], "launch_server is set but engine='transformers'"),
+    (["train", "--weight_sync", "nccl", "--server_kind", "llama.cpp"], "use --weight_sync disk"),
 ])
 def test_bad_server_flags_are_one_line(args, message, tmp_path, capsys):
     assert cli.main([*args, "--out", str(tmp_path / "o")]) == 2

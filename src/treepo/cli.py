@@ -32,6 +32,7 @@ from .config import (
     SamplerConfig,
     TrainConfig,
     TrainSamplerConfig,
+    WeightSyncConfig,
 )
 from .errors import ConfigError, TreepoError
 
@@ -156,8 +157,9 @@ def _rollout(argv: Sequence[str], console: Console) -> int:
 def _train(argv: Sequence[str], console: Console) -> int:
     from .train.trainer import run_train
 
-    configs = parse_configs((EngineConfig, TrainSamplerConfig, RewardConfig, TrainConfig), argv, "treepo train")
-    run_train(*configs, console=console)
+    *configs, sync_cfg = parse_configs((EngineConfig, TrainSamplerConfig, RewardConfig, TrainConfig, WeightSyncConfig),
+                                       argv, "treepo train")
+    run_train(*configs, sync_cfg=sync_cfg, console=console)
     return 0
 
 

@@ -91,3 +91,14 @@ class Engine(Protocol):
     def reseed(self, seed: int) -> None:
         """Restart the engine's token sampling random stream."""
         ...
+
+    def rng_state(self) -> object:
+        """The sampling random stream's state (checkpoints, and evaluations that must not shift it)."""
+        ...
+
+    def set_rng_state(self, state: object) -> None:
+        ...
+
+    def sync_weights(self) -> None:
+        """The policy's weights changed: drop whatever was computed with the old ones."""
+        ...

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -162,13 +163,62 @@ def load_tokenizer(cfg: EngineConfig):
         raise InputError(f"model={cfg.model!r}: cannot load the tokenizer from {folder}: {e}") from e
 
 
+LAUNCH_CONTEXT = 4096  # --launch_server: most tokens per slot (prompt + response)
+
+
+def served_gguf(cfg: EngineConfig) -> Path:
+    """The GGUF a launched llama-server runs for --model: the file itself, the default model's shipped GGUF,
+    or a model folder converted once (float32) into the cache."""
+    if cfg.model == DEFAULT_MODEL:
+        return smollm2_gguf()
+    path = Path(cfg.model).expanduser()
+    if path.suffix == ".gguf":
+        resolve_model_dir(cfg.model)  # the same checks and messages as every other --model
+        return path
+    folder = resolve_model_dir(cfg.model)
+    stat = (folder / "config.json").stat()
+    key = hashlib.sha256(f"{folder.resolve()}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_root() / "gguf" / f"{folder.name}-{key}.f32.gguf"
+    if not out.is_file():
+        from .weight_sync.gguf import write_gguf
+
+        model, tokenizer = load_model(EngineConfig(model=cfg.model, device="cpu", dtype="float32"))
+        write_gguf(model, tokenizer, out, "f32")
+    return out
+
+
+def launch_server(cfg: EngineConfig, gguf: Path, context: int, log_path: Optional[Path] = None):
+    """A llama-server on loopback running `gguf`, with cfg's slots and threads (--launch_server)."""
+    from .local_server import LlamaCppServer
+
+    return LlamaCppServer(gguf, n_ctx=min(context, LAUNCH_CONTEXT), parallel=cfg.server_parallel,
+                          threads=cfg.server_threads or (os.cpu_count() or 1), log_path=log_path)
+
+
+def server_engine(cfg: EngineConfig, tokenizer, context: int, *, seed: int = 0, server=None):
+    """A `ServerEngine` on cfg's servers, or on `server` (a launched one, which the engine then owns and stops)."""
+    from dataclasses import replace
+
+    from .server import ServerEngine
+
+    if server is None:
+        return ServerEngine(cfg, tokenizer, seed=seed, max_context=context)
+    try:
+        engine = ServerEngine(replace(cfg, server_url=[server.url], launch_server=False), tokenizer, seed=seed,
+                              max_context=context)
+    except BaseException:
+        server.stop()
+        raise
+    engine.owned.append(server)
+    return engine
+
+
 def load_engine(cfg: EngineConfig, seed: int = 0):
     """The engine for a config: the embedded `TransformersEngine`, or a `ServerEngine` (engine='server')."""
     if cfg.engine == "server":
-        from .server import ServerEngine
-
         tokenizer, context = load_tokenizer(cfg)
-        return ServerEngine(cfg, tokenizer, seed=seed, max_context=context)
+        server = launch_server(cfg, served_gguf(cfg), context) if cfg.launch_server else None
+        return server_engine(cfg, tokenizer, context, seed=seed, server=server)
     from .transformers_engine import TransformersEngine
 
     model, tokenizer = load_model(cfg)

@@ -1,11 +1,16 @@
-"""Start and stop a llama-cpp-python completions server on loopback (tests, benchmarks, trying it out).
+"""Start and stop completions servers on loopback (tests, benchmarks, `--launch_server`, weight sync).
 
-    with LocalLlamaServer(smollm2_gguf()) as server:     # python -m llama_cpp.server --model ... --port ...
+    with LlamaCppServer(gguf, parallel=4) as server:       # llama.cpp's C++ llama-server
         engine = load_engine(EngineConfig(engine="server", server_url=[server.url]))
+    with LocalLlamaServer(smollm2_gguf()) as server:       # python -m llama_cpp.server (text prompts only)
 
-Needs `llama-cpp-python[server]` (`bash scripts/setup.sh --server` builds it). One decode thread by
-default: on a machine whose cores are shared, llama.cpp's thread barrier makes two threads slower
-than one whenever another process holds a core.
+`LlamaCppServer` runs the `llama-server` binary that `bash scripts/build_llama_server.sh` builds
+into the cache (`$TREEPO_LLAMA_SERVER` names another binary): token-id prompts, each sampled
+token's id and log-prob, `parallel` slots with continuous batching and a prompt cache per slot.
+`restart(gguf)` brings it back on the same port with other weights (weight sync).
+`LocalLlamaServer` needs `llama-cpp-python[server]` (`bash scripts/setup.sh --server` builds it).
+One decode thread by default: on a machine whose cores are shared, llama.cpp's thread barrier
+makes two threads slower than one whenever another process holds a core.
 """
 
 from __future__ import annotations
@@ -25,6 +30,21 @@ from typing import Optional
 import requests
 
 from ..errors import InputError, ServerError
+
+
+LLAMA_SERVER_VERSION = "0.3.36"  # the llama-cpp-python sdist whose vendored llama.cpp the binary is built from
+
+
+def llama_server_dir() -> Path:
+    """Where scripts/build_llama_server.sh puts llama-server and the HF-to-GGUF converter."""
+    root = Path(os.environ.get("TREEPO_CACHE", Path.home() / ".cache" / "treepo"))
+    return Path(os.environ.get("TREEPO_LLAMA_SERVER_DIR", root / f"llama-server-{LLAMA_SERVER_VERSION}"))
+
+
+def llama_server_binary() -> Optional[Path]:
+    """The llama-server executable ($TREEPO_LLAMA_SERVER, else the built one), or None."""
+    path = Path(os.environ.get("TREEPO_LLAMA_SERVER", llama_server_dir() / "llama-server"))
+    return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
 def llama_cpp_server_available() -> bool:
@@ -83,7 +103,8 @@ class LocalServerProcess:
     def __init__(self, command: list[str], url: str, *, name: str = "server", probe: str = "/v1/models",
                  startup_timeout: float = 120.0, log_path: Optional[Path] = None):
         self.url, self.name, self.probe, self.log_path = url, name, probe, log_path
-        log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+        self._gone = False
+        log = open(log_path, "ab") if log_path else subprocess.DEVNULL
         try:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         finally:
@@ -177,3 +198,39 @@ class LocalLlamaServer(LocalServerProcess):
                    "--n_threads_batch", str(threads), "--verbose", "false"]
         super().__init__(command, f"http://127.0.0.1:{self.port}", name="llama_cpp.server",
                          startup_timeout=startup_timeout, log_path=log_path)
+
+
+class LlamaCppServer(LocalServerProcess):
+    """llama.cpp's C++ `llama-server` as a child process; `url` once GET /v1/models answers.
+
+    `parallel` slots share a context of `n_ctx` tokens per slot; `model_name` is the name the
+    server answers to (`--alias`).
+    """
+
+    def __init__(self, gguf: Path, *, port: Optional[int] = None, n_ctx: int = 2048, parallel: int = 4,
+                 threads: int = 1, model_name: str = "treepo", startup_timeout: float = 120.0,
+                 log_path: Optional[Path] = None):
+        binary = llama_server_binary()
+        if binary is None:
+            raise InputError("llama.cpp's llama-server is not built: run `bash scripts/build_llama_server.sh` (about "
+                             "5 minutes on 2 cores, once), or point TREEPO_LLAMA_SERVER at a llama-server binary.")
+        if not Path(gguf).is_file():
+            raise InputError(f"llama-server: no GGUF file at {gguf}.")
+        self.binary, self.gguf, self.n_ctx, self.parallel, self.threads = binary, Path(gguf), n_ctx, parallel, threads
+        self.model_name, self.startup_timeout = model_name, startup_timeout
+        self.port = port or free_port()
+        super().__init__(self._command(), f"http://127.0.0.1:{self.port}", name="llama-server",
+                         startup_timeout=startup_timeout, log_path=log_path)
+
+    def _command(self) -> list[str]:
+        return [str(self.binary), "--model", str(self.gguf), "--host", "127.0.0.1", "--port", str(self.port),
+                "--ctx-size", str(self.n_ctx * self.parallel), "--parallel", str(self.parallel),
+                "--threads", str(self.threads), "--threads-batch", str(self.threads), "--alias", self.model_name,
+                "--no-webui", "--cont-batching", "--no-warmup"]
+
+    def restart(self, gguf: Path) -> None:
+        """Stop the server and start it again on the same port with the weights in `gguf` (empty caches)."""
+        self.stop()
+        self.gguf = Path(gguf)
+        LocalServerProcess.__init__(self, self._command(), self.url, name=self.name,
+                                    startup_timeout=self.startup_timeout, log_path=self.log_path)

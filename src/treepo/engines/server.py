@@ -12,11 +12,13 @@ server accepts ids.
 
 Two dialects, found at start-up:
 
-- `token_ids` (vLLM, SGLang): the prompt is the context's token ids; the sampled ids come back in
-  `choices[0].token_ids` (`return_token_ids`), or as `token_id:N` strings in the log-probs
-  (vLLM's `return_tokens_as_token_ids`); log-probs in `logprobs.token_logprobs`; cached prompt
-  tokens in `usage.prompt_tokens_details.cached_tokens` (vLLM `--enable-prompt-tokens-details`,
-  SGLang `--enable-cache-report`).
+- `token_ids` (vLLM, SGLang, llama.cpp's C++ `llama-server`): the prompt is the context's token
+  ids; the sampled ids come back in `choices[0].token_ids` (`return_token_ids`), as `token_id:N`
+  strings in the log-probs (vLLM's `return_tokens_as_token_ids`), or as `logprobs.content[i].id`
+  (llama-server, which also returns EOS as the last id, like the embedded engine); log-probs in
+  `logprobs.token_logprobs` or `logprobs.content[i].logprob`; cached prompt tokens in
+  `usage.prompt_tokens_details.cached_tokens` (vLLM `--enable-prompt-tokens-details`, SGLang
+  `--enable-cache-report`, llama-server always).
 - `text` (llama-cpp-python's `llama_cpp.server`, which takes only text prompts and returns no ids):
   the context is sent as its text, and every request checks locally that this text tokenises back
   to exactly the context's ids (a mismatch, possible after an unusual sampled token split, is
@@ -58,6 +60,9 @@ log = logging.getLogger(__name__)
 PROBE_TEXT = "Tokenizer check: 12 + 7 = 19, naïve café ☃ \\boxed{x}\n  indented\tline"
 LOGPROB_SLACK = 1e-3  # a log-prob above this is garbage, not rounding
 MAX_REDRAWS = 8  # text dialect: re-draws of a segment's rest after a token whose id is uncertain
+FORCE_BIAS = 100.0  # forced_logprobs: a logit bias no other token can beat
+# GET /v1/models `owned_by` -> the server's kind (weight sync picks its back-end by it)
+KINDS = {"llamacpp": "llama.cpp", "vllm": "vllm", "sglang": "sglang", "me": "llama-cpp-python"}
 
 
 def check_sampler_config(sampler_cfg) -> None:
@@ -85,6 +90,7 @@ class ServerEngine:
         self.unmappable_tokens = 0  # text dialect: sampled tokens whose id the answer did not name for certain
         self._lock = threading.Lock()  # engine stats, and the tokenizer (not safe across threads)
         self._strings: Optional[dict[str, int]] = None  # text dialect: token string -> id (-1 = ambiguous)
+        self.owned: list = []  # servers this engine started (--launch_server): stopped by close()
         self.model_name, self.dialect, served_context = self._check_servers()
         self.max_context = min(max_context, served_context or max_context)
         self._executor = ThreadPoolExecutor(cfg.server_concurrency, thread_name_prefix="treepo-server")
@@ -92,6 +98,15 @@ class ServerEngine:
     # -- protocol ---------------------------------------------------------------------------
     def reseed(self, seed: int) -> None:
         self.seed = seed
+
+    def rng_state(self) -> int:
+        return self.seed  # every draw is a function of (seed, group, node): the seed is the whole state
+
+    def set_rng_state(self, state) -> None:
+        self.seed = int(state)
+
+    def sync_weights(self) -> None:
+        pass  # the weights live on the servers: treepo.engines.weight_sync pushes them
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
@@ -123,6 +138,7 @@ class ServerEngine:
         """Per-server accounting and what the numbers mean, for the rollout summary."""
         return {
             "dialect": self.dialect,
+            "kind": self.server_kind,
             "model": self.model_name,
             "routing": self.cfg.server_routing,
             "concurrency": self.cfg.server_concurrency,
@@ -131,9 +147,38 @@ class ServerEngine:
             "unmappable_tokens": self.unmappable_tokens,
         }
 
+    def forced_logprobs(self, url: str, ids: Sequence[int], start: int) -> list[float]:
+        """log p(ids[t] | ids[:t]) for t >= start as the server at `url` computes it (teacher-forced).
+
+        One single-token greedy completion per position, the wanted token forced by a logit bias;
+        the server must report log-probs from the raw logits (llama-server, vLLM's default), so
+        the bias does not show in them. Token-id servers only (the weight-sync fingerprint).
+        """
+        if self.dialect != "token_ids":
+            raise InputError("checking a server's weights needs a server that takes token ids (llama-server, vLLM, "
+                             "SGLang); llama-cpp-python's server takes text only.")
+        server = next((s for s in self.pool.servers if s.url == url), None)
+        if server is None:
+            raise ValueError(f"forced_logprobs: {url} is not one of this engine's servers")
+        ids = [int(t) for t in ids]
+
+        def one(t: int) -> float:
+            body = {"model": self.model_name, "prompt": ids[:t], "max_tokens": 1, "temperature": 0.0, "top_p": 1.0,
+                    "min_p": 0.0, "seed": 0, "stream": False, "logprobs": 1, "logit_bias": {str(ids[t]): FORCE_BIAS}}
+            probe = SegmentRequest(0, (0,), (tuple(ids[:t]),), 1)
+            out, _ = self.pool.post("/v1/completions", body, lambda a: self._parse(a, probe), server=server)
+            if out.token_ids != [ids[t]]:
+                raise ServerError(f"server {url} did not honour a logit bias (asked for token {ids[t]}, got "
+                                  f"{out.token_ids}): its log-probs cannot be checked token by token.")
+            return out.logprobs[0]
+
+        return list(self._executor.map(one, range(start, len(ids))))
+
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.pool.close()
+        for server in self.owned:
+            server.stop()
 
     # -- one request ------------------------------------------------------------------------
     def _seed(self, r: SegmentRequest, redraw: int = 0) -> int:
@@ -201,7 +246,7 @@ class ServerEngine:
             choice = answer["choices"][0]
             finish = choice["finish_reason"]
             lp = choice.get("logprobs") or {}
-            logprobs = [float(x) for x in lp["token_logprobs"]]
+            logprobs = [float(x) for x in lp["token_logprobs"]] if "token_logprobs" in lp else []
             complete = True
             if self.dialect == "text":
                 strings = lp["tokens"]
@@ -212,6 +257,9 @@ class ServerEngine:
                 logprobs = logprobs[: len(ids)]
             elif choice.get("token_ids") is not None:
                 ids = [int(t) for t in choice["token_ids"]]
+            elif isinstance(lp.get("content"), list):  # llama-server: one entry per sampled token
+                ids = [int(c["id"]) for c in lp["content"]]
+                logprobs = [float(c["logprob"]) for c in lp["content"]]
             else:
                 ids = [int(str(t).removeprefix("token_id:")) for t in lp["tokens"]]
             usage = answer.get("usage") or {}
@@ -251,7 +299,7 @@ class ServerEngine:
     # -- start-up checks --------------------------------------------------------------------
     def _check_servers(self) -> tuple[str, str, Optional[int]]:
         """(model name, dialect, context the servers allow) after checking every server; errors before any rollout."""
-        names, dialects, contexts = set(), set(), []
+        names, dialects, contexts, kinds = set(), set(), [], set()
         for server in self.pool.servers:
             try:
                 listing = self.pool.get(server, "/v1/models")
@@ -260,7 +308,10 @@ class ServerEngine:
                 raise InputError(f"server_url={server.url!r} is not an OpenAI-compatible server: GET /v1/models "
                                  f"gave {e}. Pass the server's base URL, e.g. http://127.0.0.1:8000.") from None
             name = self._choose_model(server.url, served)
-            contexts += [m["max_model_len"] for m in listing["data"] if m["id"] == name and m.get("max_model_len")]
+            mine = [m for m in listing["data"] if m["id"] == name]
+            contexts += [m["max_model_len"] for m in mine if m.get("max_model_len")]
+            contexts += [m["meta"]["n_ctx"] for m in mine if isinstance(m.get("meta"), dict) and m["meta"].get("n_ctx")]
+            kinds.add(next((KINDS.get(str(m.get("owned_by")), "unknown") for m in mine), "unknown"))
             names.add(name)
             dialect, server_ids = self._tokenize_probe(server, name)
             self._check_tokenizer(server.url, name, server_ids)
@@ -269,6 +320,7 @@ class ServerEngine:
             raise InputError(f"the servers differ (models {sorted(names)}, kinds {sorted(dialects)}): "
                              "give servers that run the same model.")
         self.model_name, self.dialect = names.pop(), dialects.pop()
+        self.server_kind = kinds.pop() if len(kinds) == 1 else "mixed"
         if self.dialect == "text":
             self._strings = self._string_table()
             if self.cfg.temperature not in (0.0, 1.0):
@@ -316,11 +368,15 @@ class ServerEngine:
         text = self._probe_text()
         for path, body, dialect in (("/extras/tokenize", {"input": text}, "text"),  # llama-cpp-python
                                     ("/tokenize", {"model": name, "prompt": text, "add_special_tokens": False},
-                                     "token_ids")):  # vLLM, SGLang
+                                     "token_ids"),  # vLLM, SGLang
+                                    ("/tokenize", {"content": text, "add_special": False, "parse_special": True},
+                                     "token_ids")):  # llama-server
             try:
-                return dialect, self.pool.post(path, body, _token_list, server=server)
+                ids = self.pool.post(path, body, _token_list, server=server)
             except (HTTPRefused, ServerError):
                 continue
+            if ids:  # llama-server answers another dialect's body with no tokens: try the next
+                return dialect, ids
         log.warning("server %s has no tokenize endpoint: its tokenizer cannot be compared with the local one",
                     server.url)
         return "token_ids", None

@@ -154,6 +154,12 @@ class TransformersEngine:
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
 
+    def rng_state(self):
+        return self.generator.get_state()
+
+    def set_rng_state(self, state) -> None:
+        self.generator.set_state(state)
+
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 

@@ -2,6 +2,8 @@
 
 - `check_configs`, `check_sharding`: setting combinations no single config sees, and launches
   whose weight sharding the rollout engine cannot serve; a ConfigError names the fix;
+- `start_serving`: with --engine server, the server engine (and the llama-server treepo starts,
+  --launch_server) and the weight sync that pushes each update's weights to the servers;
 - `load_training_prompts`: the training pool (a JSONL file or a reasoning-gym task) and the
   held-out problems; `PromptStream`: the pool cycled in a seeded order with a resumable position;
 """
@@ -11,8 +13,9 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from ..config import TREE_ESTIMATORS, EngineConfig, RewardConfig, SamplerConfig, TrainConfig
+from ..config import TREE_ESTIMATORS, EngineConfig, RewardConfig, SamplerConfig, TrainConfig, WeightSyncConfig
 from ..errors import ConfigError, InputError
 from ..prompts import Prompt, choose_prompts, load_heldout, parse_task_args
 
@@ -21,9 +24,14 @@ log = logging.getLogger(__name__)
 
 def check_configs(engine: EngineConfig, sampler: SamplerConfig, reward: RewardConfig, train: TrainConfig) -> None:
     """Combinations no single config can see; a ConfigError names the fields and the fix."""
-    if engine.engine != "transformers":
-        raise ConfigError("engine='server' cannot train: treepo train samples from the live policy weights with the "
-                          "embedded engine; drop --engine server (use it with treepo rollout and treepo eval).")
+    if engine.engine == "server":
+        from ..engines.server import check_sampler_config
+
+        check_sampler_config(sampler)
+        if train.old_logprobs != "recompute":
+            raise ConfigError("old_logprobs='engine' with --engine server: a server's log-probs come from another "
+                              "forward (quantised, other kernels), so the PPO ratio must use the policy's: use "
+                              "--old_logprobs recompute.")
     if sampler.mode == "independent" and train.advantage in TREE_ESTIMATORS:
         raise ConfigError(f"advantage={train.advantage!r} reads subtrees, which --mode independent does not grow: use "
                           "--advantage grpo or unbiased (RLOO on independent samples), or --mode tree.")
@@ -99,3 +107,41 @@ def load_training_prompts(train: TrainConfig, reward: RewardConfig, seed: int) -
         return pool, []
     heldout = load_heldout(train.task, train.eval_prompts, seed, parse_task_args(train.task_args), {p.question for p in pool})
     return pool, heldout
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation servers: the engine and the weight sync of `treepo train --engine server`
+# ---------------------------------------------------------------------------------------------
+
+
+def start_serving(engine_cfg: EngineConfig, sync_cfg: WeightSyncConfig, policy, tokenizer, out: Path, *, seed: int,
+                  context: int):
+    """(server engine, weight sync) for a training run.
+
+    With --launch_server the policy is written as a float GGUF and llama-server starts on it, so the
+    first rollout already samples the policy's weights; the engine owns the server and stops it.
+    """
+    from ..engines.loading import launch_server, server_engine
+    from ..engines.weight_sync import WeightSyncError, build_weight_sync
+
+    sync_dir = Path(sync_cfg.sync_dir).expanduser() if sync_cfg.sync_dir else Path(out) / "weight_sync"
+    launched = None
+    if engine_cfg.launch_server:
+        from ..engines.weight_sync.gguf import write_gguf
+
+        gguf = sync_dir / "step-000000.gguf"
+        write_gguf(policy, tokenizer, gguf, sync_cfg.gguf_type)
+        launched = launch_server(engine_cfg, gguf, context, log_path=sync_dir / "llama-server.log")
+    engine = server_engine(engine_cfg, tokenizer, context, seed=seed, server=launched)
+    try:
+        sync = build_weight_sync(sync_cfg, engine, policy, tokenizer, sync_dir=sync_dir, launched=launched)
+        if launched is None:  # a server started elsewhere may run other weights: push unless it serves the policy's
+            try:
+                sync.verify(policy, 0)
+            except WeightSyncError:
+                sync.push(policy, 0)
+    except BaseException:
+        engine.close()
+        raise
+    log.info("weight sync: %s to %s (%s)", sync.name, ", ".join(sync.urls()), sync_dir)
+    return engine, sync

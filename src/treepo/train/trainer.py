@@ -36,7 +36,7 @@ import torch
 from rich.console import Console
 
 from .. import io
-from ..config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig
+from ..config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig, WeightSyncConfig
 from ..engines.memory import format_bytes
 from ..envs import load_env, system_prompt_with
 from ..errors import ConfigError, InputError, RewardError
@@ -51,7 +51,7 @@ from ..rollout.stopping import answer_predicate
 from ..tree import leaf_weights
 from . import checkpoint
 from .metrics_log import MetricsLog
-from .setup import PromptStream, check_configs, check_sharding, load_training_prompts
+from .setup import PromptStream, check_configs, check_sharding, load_training_prompts, start_serving
 from .update import PolicyUpdate
 
 log = logging.getLogger(__name__)
@@ -77,15 +77,17 @@ class Trainer:
         reward_cfg: RewardConfig,
         train_cfg: TrainConfig,
         *,
+        sync_cfg: Optional[WeightSyncConfig] = None,
         model=None,
         tokenizer=None,
         console: Optional[Console] = None,
     ):
         from accelerate import Accelerator, DistributedDataParallelKwargs
 
-        from ..engines.transformers_engine import TransformersEngine
+        from ..engines.transformers_engine import TransformersEngine, context_length
 
         self.engine_cfg, self.sampler_cfg, self.reward_cfg, self.cfg = engine_cfg, sampler_cfg, reward_cfg, train_cfg
+        self.sync_cfg = sync_cfg or WeightSyncConfig()
         self.console = console or Console(stderr=True)
         check_configs(engine_cfg, sampler_cfg, reward_cfg, train_cfg)
         self.out = io.check_output_dir(train_cfg.out)
@@ -102,7 +104,9 @@ class Trainer:
             from ..engines.loading import load_model
 
             with self.console.status(f"loading model {engine_cfg.model} ..."):
-                model, tokenizer = load_model(engine_cfg)
+                # The policy trains locally whichever engine samples (a server gets its weights pushed).
+                model, tokenizer = load_model(replace(engine_cfg, engine="transformers", server_url=[],
+                                                      launch_server=False))
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         torch.manual_seed(sampler_cfg.seed)
@@ -129,15 +133,30 @@ class Trainer:
                                    temperature=engine_cfg.temperature)
         # Each rank samples its own share of prompts with its own random stream.
         rank_cfg = replace(sampler_cfg, seed=self.rank_seed(0))
-        self.engine = TransformersEngine(self.policy, tokenizer, engine_cfg, seed=rank_cfg.seed)
-        self.sampler = TreeSampler(rank_cfg, self.engine, predicate=self.predicate, env=self.env)
         system_prompt = system_prompt_with(train_cfg.system_prompt, self.env)
         self.pool_ids = [render(p, tokenizer, system_prompt) for p in pool]
-        for i, ids in enumerate(self.pool_ids):  # a prompt too long for the context fails now, not at step N
-            self.sampler.check_fits(ids, i)
-        # A step rolls out its prompts (this rank's share) together: a KV cache that cannot fit fails now.
-        per_rank = -(-train_cfg.prompts_per_step // self.world)
-        self.plan = self.sampler.plan([len(ids) for ids in self.pool_ids], per_rank, batch_flag="--prompts_per_step")
+        self.weight_sync = None
+        if engine_cfg.engine == "server":
+            if self.world > 1:
+                raise ConfigError("--engine server trains in one process (every rank would push weights to the same "
+                                  "servers): launch without accelerate's multi-process, or use the embedded engine.")
+            need = max(len(ids) for ids in self.pool_ids) + self.sampler_cfg.response_budget + 1
+            self.engine, self.weight_sync = start_serving(
+                engine_cfg, self.sync_cfg, self.policy, tokenizer, self.out, seed=rank_cfg.seed,
+                context=min(need, context_length(self.policy.config)))
+        else:
+            self.engine = TransformersEngine(self.policy, tokenizer, engine_cfg, seed=rank_cfg.seed)
+        try:
+            self.sampler = TreeSampler(rank_cfg, self.engine, predicate=self.predicate, env=self.env)
+            for i, ids in enumerate(self.pool_ids):  # a prompt too long for the context fails now, not at step N
+                self.sampler.check_fits(ids, i)
+            # A step rolls out its prompts (this rank's share) together: a KV cache that cannot fit fails now.
+            per_rank = -(-train_cfg.prompts_per_step // self.world)
+            self.plan = self.sampler.plan([len(ids) for ids in self.pool_ids], per_rank,
+                                          batch_flag="--prompts_per_step")
+        except BaseException:
+            self.close()
+            raise
         self.step = 0
         self.rows: list[dict] = []
         self.evals: list[dict] = []
@@ -184,6 +203,18 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> dict:
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop what the run started (a launched llama-server); the embedded engine holds nothing to stop."""
+        if self.weight_sync is not None:
+            self.weight_sync.close()
+            self.engine.close()
+
+    def _train(self) -> dict:
         if self.accelerator.is_main_process and (stale := checkpoint.remove_stale(self.out)):
             self.console.print(f"removed {len(stale)} unfinished checkpoint folder(s) left by an interrupted save: "
                                + ", ".join(p.name for p in stale))
@@ -231,6 +262,8 @@ class Trainer:
         kept, results, failures, dropped, rounds, rewards_all, correct_all = [], [], Counter(), 0, 0, [], []
         weighted = []  # per tree: (leaf-weighted reward, leaf-weighted accuracy), unbiased for the policy's
         need = cfg.prompts_per_step
+        if self.weight_sync is not None:  # a server draws from (seed, group, node): each step gets its own seed
+            self.engine.reseed(self.rank_seed(0) * 1_000_003 + self.step)
         tally = FailureTally()  # the step's reward failures (all its resample rounds)
         while True:
             # Every rank draws the same prompts from the stream and rolls out its share of them.
@@ -270,10 +303,12 @@ class Trainer:
 
         t1 = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's updates use
+        if trained and self.weight_sync is not None:
+            self.weight_sync.remember(self.policy)  # the probe's scores before the update (sync_gap_old)
         update = self.update(kept, self.step) if trained else {}  # a rank with no group still joins the update
-        if trained:
-            self.engine.sync_weights()
         self.step += 1
+        if trained:
+            update.update(self._sync_weights())
         if self.world > 1:  # the step's rollouts and counts from every rank, for the metrics row
             from accelerate.utils import gather_object
 
@@ -342,12 +377,12 @@ class Trainer:
     def _evaluate_heldout(self, log_row: bool = True) -> dict:
         if not self.accelerator.is_main_process:  # rank 0 evaluates; the others wait at the next step
             return {}
-        state = self.engine.generator.get_state()  # evaluation must not shift training's random stream
+        state = self.engine.rng_state()  # evaluation must not shift training's random stream
         # Independent sampling by default, so the curve means the same thing whatever the training sampler.
         eval_cfg = replace(self.sampler_cfg, seed=EVAL_SEED, mode=self.cfg.eval_mode)
         summary, _ = evaluate(self.engine, eval_cfg, self.heldout, self.reward_fn,
                               system_prompt=self.cfg.system_prompt, batch_size=self.cfg.prompt_batch_size, strict=False)
-        self.engine.generator.set_state(state)
+        self.engine.set_rng_state(state)
         k = summary["k"]
         row = {"eval_step": self.step, "eval_accuracy": summary[f"mean@{k}"]["value"],
                "eval_pass": summary[f"pass@{k}"]["value"], "eval_maj": summary[f"maj@{k}"]["value"]}
@@ -381,7 +416,7 @@ class Trainer:
             "python": random.getstate(),
             "numpy": np.random.get_state(),
             "sampler": self.sampler.rng.getstate(),
-            "engine": self.engine.generator.get_state(),
+            "engine": self.engine.rng_state(),
         }
         state = {"step": self.step, "data_position": self.stream.position, "rows": len(self.rows),
                  "config": self._configs()}
@@ -401,16 +436,23 @@ class Trainer:
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         self.sampler.rng.setstate(rng["sampler"])
-        self.engine.generator.set_state(rng["engine"])
+        self.engine.set_rng_state(rng["engine"])
         if self.world > 1:  # the checkpoint holds rank 0's streams: every rank starts fresh ones
             self.sampler.rng.seed(self.rank_seed(ck["trainer"]["step"]))
             self.engine.reseed(self.rank_seed(ck["trainer"]["step"]))
-        self.engine.sync_weights()
         self.step = ck["trainer"]["step"]
+        self._sync_weights()
         self.stream.position = ck["trainer"]["data_position"]
 
+    def _sync_weights(self) -> dict:
+        """The policy's weights changed: the embedded engine re-reads them; servers get them pushed (metrics)."""
+        self.engine.sync_weights()
+        if self.weight_sync is None:
+            return {}
+        return self.weight_sync.push(self.policy, self.step).metrics()
+
     def _configs(self) -> dict:
-        return {"engine": asdict(self.engine_cfg), "sampler": asdict(self.sampler_cfg),
+        return {"engine": asdict(self.engine_cfg), "sampler": asdict(self.sampler_cfg), "sync": asdict(self.sync_cfg),
                 "reward": asdict(self.reward_cfg), "train": asdict(self.cfg)}
 
     def _finish(self) -> dict:
@@ -455,7 +497,8 @@ def _brief(row: dict) -> str:
 
 
 def run_train(engine_cfg: EngineConfig, sampler_cfg: SamplerConfig, reward_cfg: RewardConfig, train_cfg: TrainConfig,
-              *, model=None, tokenizer=None, console: Optional[Console] = None) -> dict:
+              *, sync_cfg: Optional[WeightSyncConfig] = None, model=None, tokenizer=None,
+              console: Optional[Console] = None) -> dict:
     """The `treepo train` job; returns the run summary."""
-    return Trainer(engine_cfg, sampler_cfg, reward_cfg, train_cfg, model=model, tokenizer=tokenizer,
+    return Trainer(engine_cfg, sampler_cfg, reward_cfg, train_cfg, sync_cfg=sync_cfg, model=model, tokenizer=tokenizer,
                    console=console).train()

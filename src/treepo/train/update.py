@@ -103,6 +103,7 @@ class PolicyUpdate:
         acc = self.accelerator
         reduce_sum = (lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu()) if acc.num_processes > 1 else None
         samples = build_samples(trees, cfg.advantage, cfg.whitening, reduce_sum)
+        self._gap, self._gap_max = Counter(), 0.0  # |engine - policy| log-prob over the step's tokens (engine_gap)
         groups = sorted({s.group for s in samples})
         share = {g: i % cfg.mini_batches for i, g in enumerate(groups)}  # whole groups, dealt round-robin
         minis = [[s for s in samples if share[s.group] == m] for m in range(cfg.mini_batches)]
@@ -144,6 +145,16 @@ class PolicyUpdate:
         }
         if self.reference is not None:
             out["kl_ref"] = totals["kl"] / n
+        gap, top = self._gap, self._gap_max
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            parts = gather_object([(gap, top)])
+            gap, top = sum((p[0] for p in parts), Counter()), max(p[1] for p in parts)
+        # How far the sampler's log-probs sit from the policy's before the update: ~0 for the embedded
+        # engine; a server's quantised or otherwise different forward shows here (the PPO ratio uses the policy's).
+        out["engine_logprob_gap"] = gap["sum"] / gap["tokens"] if gap["tokens"] else None
+        out["engine_logprob_gap_max"] = top if gap["tokens"] else None
         return out
 
     # -- micro-batches ------------------------------------------------------------------------
@@ -197,9 +208,16 @@ class PolicyUpdate:
     @torch.no_grad()
     def _recompute_old(self, samples: list[Sample]) -> None:
         for chunk in self._chunks(samples):
-            logp, _ = self._logprobs(self.policy, *self._prepare(chunk)[:2])  # not through DDP: no collectives
+            packed, mb, _ = self._prepare(chunk)
+            logp, _ = self._logprobs(self.policy, packed, mb)  # not through DDP: no collectives
+            self._note_gap(logp, mb)
             for row, s in enumerate(chunk):
                 s.old_logprobs = logp[row, : len(s.response_ids)].tolist()
+
+    def _note_gap(self, logp: torch.Tensor, mb: Batch) -> None:
+        total, tokens, top = engine_gap(logp, mb)
+        self._gap.update(sum=total, tokens=tokens)
+        self._gap_max = max(self._gap_max, top)
 
     def _join_with_zero_gradient(self) -> None:
         """A forward/backward through the DDP wrapper whose loss is 0: this rank adds zeros to the
@@ -230,6 +248,8 @@ class PolicyUpdate:
                 if self.reference is not None:
                     with torch.no_grad():
                         ref, _ = self._logprobs(self.reference, packed, mb)
+                if detach_old:  # the engine's log-probs are still in the batch: how far they sit from the policy's
+                    self._note_gap(logp.detach(), mb)
                 old = logp.detach() if detach_old else mb.old_logprobs
                 parts = ppo_loss(logp, old, mb.advantages, mb.response_mask, normaliser,
                                  clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
@@ -252,3 +272,17 @@ class PolicyUpdate:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return stats, norm
+
+
+
+
+def engine_gap(logp: torch.Tensor, mb: Batch) -> tuple[float, int, float]:
+    """(sum, count, max) of |engine - policy| log-prob over a micro-batch's response tokens.
+
+    logp [S, R]: the policy's log-probs; mb.old_logprobs [S, R]: still the engine's (the sampler's).
+    """
+    mask = mb.response_mask.bool() & torch.isfinite(mb.old_logprobs)  # [S, R]; env tokens carry no engine log-prob
+    diff = (logp.float() - mb.old_logprobs.float()).abs()[mask]  # [tokens]
+    if diff.numel() == 0:
+        return 0.0, 0, 0.0
+    return float(diff.sum()), int(diff.numel()), float(diff.max())
