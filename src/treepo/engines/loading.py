@@ -8,6 +8,7 @@ temporary folder and renamed into place so an interrupted conversion leaves noth
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -225,14 +226,23 @@ def load_engine(cfg: EngineConfig, seed: int = 0):
     return TransformersEngine(model, tokenizer, cfg, seed=seed)
 
 
+@contextlib.contextmanager
 def job_engine(cfg: EngineConfig, sampler_cfg, console, engine=None):
-    """The engine of a rollout or eval job: sampler settings a server cannot serve are refused first; then
-    `engine` if given (a loaded one to reuse), else the model (or the server's tokenizer) loads under a status line."""
+    """`with job_engine(...) as engine:` the engine of a rollout or eval job. Sampler settings a server cannot
+    serve are refused first; then `engine` if given (a loaded one to reuse, left open), else the model (or the
+    server's tokenizer) loads under a status line and is closed when the block ends."""
     if cfg.engine == "server":
         from .server import check_sampler_config
 
         check_sampler_config(sampler_cfg)
     if engine is not None:
-        return engine
+        yield engine  # the caller's: it stays open
+        return
     with console.status(f"loading model {cfg.model} ..."):
-        return load_engine(cfg, seed=sampler_cfg.seed)
+        made = load_engine(cfg, seed=sampler_cfg.seed)
+    try:
+        yield made
+    finally:
+        close = getattr(made, "close", None)
+        if close is not None:  # a server engine: its connections, and a server it launched
+            close()

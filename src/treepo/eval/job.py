@@ -53,40 +53,40 @@ def run_eval(
     prompts = eval_prompts(eval_cfg, sampler_cfg.seed)
     answer_predicate(sampler_cfg)
     load_env(sampler_cfg.env, sampler_cfg.env_args)  # a bad environment fails before the model loads
-    engine = job_engine(engine_cfg, sampler_cfg, console, engine)
-    with progress_bar(console) as progress:
-        task = progress.add_task("eval", total=len(prompts), info="starting")
-        engine.on_progress = lambda text: progress.update(task, info=f"batch: {text}")
-        try:
-            summary, rows = evaluate(engine, sampler_cfg, prompts, reward_fn, system_prompt=eval_cfg.system_prompt,
-                                     k=eval_cfg.k, batch_size=eval_cfg.prompt_batch_size,
-                                     on_batch=lambda n: progress.advance(task, n),
-                                     on_plan=lambda plan: console.print(f"eval plan: {plan.describe()}",
-                                                                        highlight=False),
-                                     max_failure_share=eval_cfg.max_failure_share)
-            if eval_cfg.compare_modes:  # the same problems and seed, sampled the other way
-                other_cfg = replace(sampler_cfg, mode="independent" if sampler_cfg.mode == "tree" else "tree")
-                task = progress.add_task(f"eval ({other_cfg.mode})", total=len(prompts), info="starting")
-                other, _ = evaluate(engine, other_cfg, prompts, reward_fn, system_prompt=eval_cfg.system_prompt,
-                                    k=eval_cfg.k, batch_size=eval_cfg.prompt_batch_size,
-                                    on_batch=lambda n: progress.advance(task, n),
-                                    max_failure_share=eval_cfg.max_failure_share)
-                summary["compare"] = mode_comparison(summary, other)
-        finally:
-            engine.on_progress = None
-    summary["model"] = engine_cfg.model
-    if hasattr(engine, "server_report"):
-        summary["servers"] = engine.server_report()
-    summary["config"] = {"engine": asdict(engine_cfg), "sampler": asdict(sampler_cfg),
-                         "reward": asdict(reward_cfg), "eval": asdict(eval_cfg)}
-    with io.staged_dir(out) as stage:
-        io.write_json(stage / "eval.json", summary)
-        io.write_jsonl(stage / "samples.jsonl", rows)
-    console.print(eval_table(summary))
-    if "compare" in summary:
-        console.print(compare_table(summary["compare"]))
-    console.print(f"wrote {eval_cfg.out}/eval.json, samples.jsonl")
-    return summary
+    with job_engine(engine_cfg, sampler_cfg, console, engine) as engine:
+        with progress_bar(console) as progress:
+            task = progress.add_task("eval", total=len(prompts), info="starting")
+            engine.on_progress = lambda text: progress.update(task, info=f"batch: {text}")
+            try:
+                summary, rows = evaluate(engine, sampler_cfg, prompts, reward_fn, system_prompt=eval_cfg.system_prompt,
+                                         k=eval_cfg.k, batch_size=eval_cfg.prompt_batch_size,
+                                         on_batch=lambda n: progress.advance(task, n),
+                                         on_plan=lambda plan: console.print(f"eval plan: {plan.describe()}",
+                                                                            highlight=False),
+                                         max_failure_share=eval_cfg.max_failure_share)
+                if eval_cfg.compare_modes:  # the same problems and seed, sampled the other way
+                    other_cfg = replace(sampler_cfg, mode="independent" if sampler_cfg.mode == "tree" else "tree")
+                    task = progress.add_task(f"eval ({other_cfg.mode})", total=len(prompts), info="starting")
+                    other, _ = evaluate(engine, other_cfg, prompts, reward_fn, system_prompt=eval_cfg.system_prompt,
+                                        k=eval_cfg.k, batch_size=eval_cfg.prompt_batch_size,
+                                        on_batch=lambda n: progress.advance(task, n),
+                                        max_failure_share=eval_cfg.max_failure_share)
+                    summary["compare"] = mode_comparison(summary, other)
+            finally:
+                engine.on_progress = None
+        summary["model"] = engine_cfg.model
+        if hasattr(engine, "server_report"):
+            summary["servers"] = engine.server_report()
+        summary["config"] = {"engine": asdict(engine_cfg), "sampler": asdict(sampler_cfg),
+                             "reward": asdict(reward_cfg), "eval": asdict(eval_cfg)}
+        with io.staged_dir(out) as stage:
+            io.write_json(stage / "eval.json", summary)
+            io.write_jsonl(stage / "samples.jsonl", rows)
+        console.print(eval_table(summary))
+        if "compare" in summary:
+            console.print(compare_table(summary["compare"]))
+        console.print(f"wrote {eval_cfg.out}/eval.json, samples.jsonl")
+        return summary
 
 
 def eval_table(summary: dict) -> Table:

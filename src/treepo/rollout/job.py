@@ -50,62 +50,62 @@ def run_rollout(
     predicate = answer_predicate(sampler_cfg)  # imports a custom predicate now, before model work
     env = load_env(sampler_cfg.env, sampler_cfg.env_args)  # and the environment
     prompts = choose_prompts(rollout_cfg, sampler_cfg.seed)
-    engine = job_engine(engine_cfg, sampler_cfg, console, engine)
-    sampler = TreeSampler(sampler_cfg, engine, predicate=predicate, env=env)
-    system_prompt = system_prompt_with(rollout_cfg.system_prompt, env)
-    ids = [render(p, engine.tokenizer, system_prompt) for p in prompts]
-    for i, p in enumerate(ids):
-        sampler.check_fits(p, i)
-    size = rollout_cfg.prompt_batch_size
-    plan = sampler.plan([len(p) for p in ids], size)  # refuses a KV cache that cannot fit, before any work
-    console.print(f"rollout plan: {plan.describe()}", highlight=False)
+    with job_engine(engine_cfg, sampler_cfg, console, engine) as engine:
+        sampler = TreeSampler(sampler_cfg, engine, predicate=predicate, env=env)
+        system_prompt = system_prompt_with(rollout_cfg.system_prompt, env)
+        ids = [render(p, engine.tokenizer, system_prompt) for p in prompts]
+        for i, p in enumerate(ids):
+            sampler.check_fits(p, i)
+        size = rollout_cfg.prompt_batch_size
+        plan = sampler.plan([len(p) for p in ids], size)  # refuses a KV cache that cannot fit, before any work
+        console.print(f"rollout plan: {plan.describe()}", highlight=False)
 
-    results: list[RolloutResult] = []
-    with progress_bar(console) as progress:
-        task = progress.add_task("rollout", total=len(ids), info="starting")
-        done_before, rounds = 0, [0]
-        speed = Throughput(plan.most_tokens)
+        results: list[RolloutResult] = []
+        with progress_bar(console) as progress:
+            task = progress.add_task("rollout", total=len(ids), info="starting")
+            done_before, rounds = 0, [0]
+            speed = Throughput(plan.most_tokens)
 
-        def info(text: str) -> str:
-            rate = speed.describe()
-            return f"{text}; {rate}" if rate else text
+            def info(text: str) -> str:
+                rate = speed.describe()
+                return f"{text}; {rate}" if rate else text
 
-        def on_round(round_info: RoundInfo) -> None:
-            rounds[0] = round_info.round
-            speed.add(round_info.new_tokens)
-            progress.update(task, completed=done_before + round_info.trees_done,
-                            info=info(f"round {round_info.round} done, {round_info.requests} paths"))
+            def on_round(round_info: RoundInfo) -> None:
+                rounds[0] = round_info.round
+                speed.add(round_info.new_tokens)
+                progress.update(task, completed=done_before + round_info.trees_done,
+                                info=info(f"round {round_info.round} done, {round_info.requests} paths"))
 
-        def on_progress(text: str) -> None:  # within a round: a wide round can take minutes
-            progress.update(task, info=info(f"round {rounds[0] + 1}: {text}"))
+            def on_progress(text: str) -> None:  # within a round: a wide round can take minutes
+                progress.update(task, info=info(f"round {rounds[0] + 1}: {text}"))
 
-        sampler.on_round = on_round
-        engine.on_progress = on_progress
-        try:
-            for start in range(0, len(ids), size):
-                rounds[0] = 0
-                results.append(sampler.rollout(ids[start : start + size], first_index=start))
-                done_before += len(results[-1].trees)
-        finally:
-            engine.on_progress = None
+            sampler.on_round = on_round
+            engine.on_progress = on_progress
+            try:
+                for start in range(0, len(ids), size):
+                    rounds[0] = 0
+                    results.append(sampler.rollout(ids[start : start + size], first_index=start))
+                    done_before += len(results[-1].trees)
+            finally:
+                engine.on_progress = None
 
-    for result in results:
-        for tree in result.trees:
-            p = prompts[tree.prompt_index]
-            tree.prompt_text, tree.answer = p.question, p.answer
-            tree.metadata = {k: v for k, v in p.metadata.items() if k in ("task", "index")}
-    summary = summarize(results, sampler_cfg)
-    summary["model"] = engine_cfg.model
-    server_report = getattr(engine, "server_report", None)
-    if server_report is not None:  # the server engine: per-server requests, tokens, cache hits, retries
-        summary["servers"] = server_report()
-    summary["config"] = {"engine": asdict(engine_cfg), "sampler": asdict(sampler_cfg), "rollout": asdict(rollout_cfg)}
-    write_outputs(out, results, summary, engine)
-    console.print(summary_table(summary))
-    if "servers" in summary:
-        console.print(servers_table(summary["servers"]))
-    console.print(f"wrote {rollout_cfg.out}/rollouts.jsonl, trees.jsonl, summary.json")
-    return summary
+        for result in results:
+            for tree in result.trees:
+                p = prompts[tree.prompt_index]
+                tree.prompt_text, tree.answer = p.question, p.answer
+                tree.metadata = {k: v for k, v in p.metadata.items() if k in ("task", "index")}
+        summary = summarize(results, sampler_cfg)
+        summary["model"] = engine_cfg.model
+        server_report = getattr(engine, "server_report", None)
+        if server_report is not None:  # the server engine: per-server requests, tokens, cache hits, retries
+            summary["servers"] = server_report()
+        summary["config"] = {"engine": asdict(engine_cfg), "sampler": asdict(sampler_cfg), "rollout": asdict(rollout_cfg)}
+        write_outputs(out, results, summary, engine)
+        console.print(summary_table(summary))
+        if "servers" in summary:
+            console.print(servers_table(summary["servers"]))
+        console.print(f"wrote {rollout_cfg.out}/rollouts.jsonl, trees.jsonl, summary.json")
+        return summary
 
 
 def write_outputs(out: Path, results: list[RolloutResult], summary: dict, engine: Engine) -> None:
