@@ -346,3 +346,24 @@ def test_the_start_up_probe_is_greedy_whatever_the_sampling_temperature(server):
     TreeSampler(SamplerConfig(**SHAPE), eng).rollout(tiny.prompts()[:1])
     assert {b["temperature"] for b in server.completions} == {1.0}  # the rollout samples as configured
     eng.close()
+
+
+def test_llama_server_log_probs_are_aligned_to_its_ids_and_a_skip_in_a_run_is_not_trusted():
+    """llama-server lists no log-prob for a token after which the text ends mid-character (_align_native)."""
+    import math
+
+    from treepo.engines.server import _align_native
+    from treepo.engines.server_pool import Unusable
+
+    def show(out):
+        return [None if math.isnan(x) else x for x in out[0]], out[1]
+
+    assert show(_align_native([5, 6, 7], [(5, -1.0), (6, -2.0), (7, -3.0)])) == ([-1.0, -2.0, -3.0], 3)
+    # token 6 ended mid-character: its entry is missing, the rest line up
+    assert show(_align_native([5, 6, 7], [(5, -1.0), (7, -3.0)])) == ([-1.0, None, -3.0], 3)
+    assert show(_align_native([5, 6, 7], [(5, -1.0), (6, -2.0)])) == ([-1.0, -2.0, None], 3)  # the last one
+    # a skip inside a run of one id could be either of them: nothing from the run's start is trusted
+    assert show(_align_native([5, 9, 9, 7], [(5, -1.0), (9, -2.0), (7, -3.0)]))[1] == 1
+    assert show(_align_native([9, 9, 7], [(9, -2.0), (7, -3.0)]))[1] == 0
+    with pytest.raises(Unusable):
+        _align_native([5, 6], [(5, -1.0), (8, -2.0)])  # an entry for an id that was not sampled

@@ -19,6 +19,12 @@ Two dialects, found at start-up:
   `logprobs.token_logprobs` or `logprobs.content[i].logprob`; cached prompt tokens in
   `usage.prompt_tokens_details.cached_tokens` (vLLM `--enable-prompt-tokens-details`, SGLang
   `--enable-cache-report`, llama-server always).
+  llama-server is asked on its own `POST /completion` route (`return_tokens`, `n_probs: 1`): its
+  OpenAI route lists log-probs only for tokens after which the text is whole UTF-8, so a token that
+  ends mid-character (a byte piece of an emoji, say) would be missing from the ids. The native
+  route returns every sampled id; each id without a log-prob gets it from one more request (the
+  same context, the top `RECOVER_TOP` log-probs of that position), and where that cannot name it
+  for certain the segment stops before it and the rest is drawn again, as below.
 - `text` (llama-cpp-python's `llama_cpp.server`, which takes only text prompts and returns no ids):
   the context is sent as its text, and every request checks locally that this text tokenises back
   to exactly the context's ids (a mismatch, possible after an unusual sampled token split, is
@@ -61,6 +67,7 @@ PROBE_TEXT = "Tokenizer check: 12 + 7 = 19, naïve café ☃ \\boxed{x}\n  inden
 LOGPROB_SLACK = 1e-3  # a log-prob above this is garbage, not rounding
 MAX_REDRAWS = 8  # text dialect: re-draws of a segment's rest after a token whose id is uncertain
 FORCE_BIAS = 100.0  # forced_logprobs: a logit bias no other token can beat
+RECOVER_TOP = 2048  # llama-server: top log-probs asked for to find a sampled token it gave no log-prob
 # GET /v1/models `owned_by` -> the server's kind (weight sync picks its back-end by it)
 KINDS = {"llamacpp": "llama.cpp", "vllm": "vllm", "sglang": "sglang", "me": "llama-cpp-python"}
 
@@ -75,6 +82,8 @@ def check_sampler_config(sampler_cfg) -> None:
 class ServerEngine:
     """`Engine` on one or more completions servers. See `treepo.engines.loading.load_engine`."""
 
+    _native, _path = False, "/v1/completions"  # llama-server: its own /completion route (set at start-up)
+
     def __init__(self, cfg: EngineConfig, tokenizer, *, seed: int = 0, max_context: int = 2048,
                  backoff: float = 0.5):
         self.cfg = cfg
@@ -88,6 +97,7 @@ class ServerEngine:
         self.on_progress: Optional[Callable[[str], None]] = None  # told of each answered request of a round
         self.retokenized_contexts = 0
         self.unmappable_tokens = 0  # text dialect: sampled tokens whose id the answer did not name for certain
+        self.recovered_logprobs = 0  # llama-server: log-probs of tokens ending mid-character, asked for again
         self._lock = threading.Lock()  # engine stats, and the tokenizer (not safe across threads)
         self._strings: Optional[dict[str, int]] = None  # text dialect: token string -> id (-1 = ambiguous)
         self.owned: list = []  # servers this engine started (--launch_server): stopped by close()
@@ -145,6 +155,7 @@ class ServerEngine:
             "servers": self.pool.report(),
             "retokenized_contexts": self.retokenized_contexts,
             "unmappable_tokens": self.unmappable_tokens,
+            "recovered_logprobs": self.recovered_logprobs,
         }
 
     def forced_logprobs(self, url: str, ids: Sequence[int], start: int) -> list[float]:
@@ -163,13 +174,16 @@ class ServerEngine:
         ids = [int(t) for t in ids]
 
         def one(t: int) -> float:
-            body = {"model": self.model_name, "prompt": ids[:t], "max_tokens": 1, "temperature": 0.0, "top_p": 1.0,
-                    "min_p": 0.0, "seed": 0, "stream": False, "logprobs": 1, "logit_bias": {str(ids[t]): FORCE_BIAS}}
             probe = SegmentRequest(0, (0,), (tuple(ids[:t]),), 1)
-            out, _ = self.pool.post("/v1/completions", body, lambda a: self._parse(a, probe), server=server)
-            if out.token_ids != [ids[t]]:
+            bias = [[ids[t], FORCE_BIAS]] if self._native else {str(ids[t]): FORCE_BIAS}
+            body = {**self._body(probe, greedy=True), "logit_bias": bias, "ignore_eos": False}
+            out, _ = self.pool.post(self._path, body, lambda a: self._parse(a, probe), server=server)
+            if out.token_ids[:1] != [ids[t]] and not (self._native and not out.token_ids):
                 raise ServerError(f"server {url} did not honour a logit bias (asked for token {ids[t]}, got "
                                   f"{out.token_ids}): its log-probs cannot be checked token by token.")
+            if not out.token_ids or math.isnan(out.logprobs[0]):  # llama-server: a token ending mid-character
+                found = self._top_logprob(probe, [], ids[t]) if self._native else None
+                return math.nan if found is None else found
             return out.logprobs[0]
 
         return list(self._executor.map(one, range(start, len(ids))))
@@ -192,7 +206,11 @@ class ServerEngine:
         ids = r.context_ids()
         body = {"model": self.model_name, "max_tokens": m, "temperature": 0.0 if greedy else cfg.temperature,
                 "top_p": cfg.top_p, "min_p": 0.0, "seed": self._seed(r, redraw), "stream": False}
-        if self.dialect == "text":
+        if self._native:  # llama-server's own /completion: the full list of sampled ids (see _align_native)
+            body = {"prompt": ids, "n_predict": m, "temperature": body["temperature"], "top_p": cfg.top_p,
+                    "min_p": 0.0, "top_k": cfg.top_k, "seed": body["seed"], "n_probs": 1, "return_tokens": True,
+                    "cache_prompt": True, "ignore_eos": cfg.ignore_eos, "repeat_penalty": 1.0, "stream": False}
+        elif self.dialect == "text":
             text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
             if self.tokenizer(text, add_special_tokens=False)["input_ids"] != ids:
                 self.retokenized_contexts += 1
@@ -215,10 +233,12 @@ class ServerEngine:
         request = r
         for redraw in range(MAX_REDRAWS + 1):
             try:
-                out, complete = self.pool.post("/v1/completions", body, lambda answer: self._parse(answer, request))
+                out, complete = self.pool.post(self._path, body, lambda answer: self._parse(answer, request))
             except HTTPRefused as e:
                 raise ServerError(f"{e}. The server refused a completion request; check --server-model and that "
                                   f"prompt + response fit its context.") from None
+            if self._native and any(math.isnan(x) for x in out.logprobs):
+                out, complete = self._recover_logprobs(request, out, complete)
             tokens += out.token_ids
             logprobs += out.logprobs
             if complete:
@@ -242,6 +262,8 @@ class ServerEngine:
 
     def _parse(self, answer: dict, r: SegmentRequest) -> tuple[tuple[SegmentOutput, bool], Usage]:
         """((the segment, whether it is whole), usage); a text-dialect segment may stop short of an uncertain id."""
+        if self._native:
+            return self._parse_native(answer, r)
         try:
             choice = answer["choices"][0]
             finish = choice["finish_reason"]
@@ -283,6 +305,66 @@ class ServerEngine:
             self.stats.prefill_tokens += prompt_tokens - int(cached or 0)
         return (out, complete), Usage(prompt_tokens, len(ids), None if cached is None else int(cached))
 
+    def _parse_native(self, answer: dict, r: SegmentRequest) -> tuple[tuple[SegmentOutput, bool], Usage]:
+        """llama-server's /completion answer: (the segment with NaN where a log-prob is missing, True), usage."""
+        try:
+            ids = [int(t) for t in answer["tokens"]]
+            probs = [(int(p["id"]), float(p["logprob"])) for p in answer.get("completion_probabilities") or []]
+            stop = answer["stop_type"]
+            prompt_tokens = int(answer["tokens_evaluated"])
+            cached = int((answer.get("timings") or {}).get("cache_n", 0))
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise Unusable(f"no completion with token ids and log-probs ({type(e).__name__}: {e})") from None
+        if stop not in ("eos", "limit"):
+            raise Unusable(f"stop_type={stop!r}")
+        logprobs, trusted = _align_native(ids, probs)
+        if not all(0 <= t < self.vocab_size for t in ids):
+            raise Unusable(f"token id outside the local vocabulary of {self.vocab_size}")
+        if not all(math.isnan(x) or x <= LOGPROB_SLACK for x in logprobs):
+            raise Unusable("log-probs that are not log-probabilities")
+        complete = trusted == len(ids)
+        hit_eos = stop == "eos" and not self.cfg.ignore_eos and complete
+        with self._lock:
+            self.stats.prefill_tokens += prompt_tokens - cached
+        out = SegmentOutput(ids[:trusted], logprobs[:trusted], [math.nan] * trusted, hit_eos)
+        return (out, complete), Usage(prompt_tokens, len(ids), cached)
+
+    def _recover_logprobs(self, r: SegmentRequest, out: SegmentOutput, complete: bool) -> tuple[SegmentOutput, bool]:
+        """llama-server: fill each NaN log-prob from the top log-probs at its position; (segment, whole).
+        Where a token's log-prob cannot be found the segment stops before it (whole = False)."""
+        logprobs = list(out.logprobs)
+        for i, x in enumerate(logprobs):
+            if not math.isnan(x):
+                continue
+            found = self._top_logprob(r, out.token_ids[:i], out.token_ids[i])
+            if found is None:
+                return SegmentOutput(out.token_ids[:i], logprobs[:i], [math.nan] * i, False), False
+            logprobs[i] = found
+        return SegmentOutput(out.token_ids, logprobs, out.entropies, out.hit_eos), complete
+
+    def _top_logprob(self, r: SegmentRequest, before: list[int], token: int) -> Optional[float]:
+        """log p(token | context + before) from llama-server's top log-probs at that position (one request that
+        stops at once: EOS forced, whose own entry is always listed), or None when the token is not among them."""
+        eos = next(iter(self.eos_ids), None)
+        if eos is None:
+            return None
+        probe = SegmentRequest(r.group, r.node_id, r.context + (tuple(before),), 1)
+        body = {**self._body(probe, greedy=True), "n_probs": RECOVER_TOP, "ignore_eos": False,
+                "logit_bias": [[eos, FORCE_BIAS]]}
+
+        def parse(answer: dict):
+            try:
+                top = answer["completion_probabilities"][0]["top_logprobs"]
+                return {int(p["id"]): float(p["logprob"]) for p in top}, Usage(0, 0)
+            except (KeyError, IndexError, TypeError, ValueError) as e:
+                raise Unusable(f"no top log-probs ({type(e).__name__}: {e})") from None
+
+        found = self.pool.post(self._path, body, parse).get(token)
+        if found is not None:
+            with self._lock:
+                self.recovered_logprobs += 1
+        return found
+
     def _ids_from_strings(self, strings: list, text: str) -> list[int]:
         """Text dialect: the sampled ids from the per-token strings (see the module docstring): all of them,
         or those before the first token whose id neither its string nor the text's tokenisation names."""
@@ -321,6 +403,8 @@ class ServerEngine:
                              "give servers that run the same model.")
         self.model_name, self.dialect = names.pop(), dialects.pop()
         self.server_kind = kinds.pop() if len(kinds) == 1 else "mixed"
+        if self.server_kind == "llama.cpp":
+            self._native, self._path = True, "/completion"
         if self.dialect == "text":
             self._strings = self._string_table()
             if self.cfg.temperature not in (0.0, 1.0):
@@ -329,7 +413,7 @@ class ServerEngine:
         for server in self.pool.servers:  # one tiny completion each: the endpoint exists and answers with ids
             probe = SegmentRequest(0, (0,), (tuple(self._probe_ids()),), 2)
             try:  # greedy: the check must not depend on a random draw
-                out, complete = self.pool.post("/v1/completions", self._body(probe, greedy=True),
+                out, complete = self.pool.post(self._path, self._body(probe, greedy=True),
                                                lambda a: self._parse(a, probe), server=server)
             except HTTPRefused as e:
                 raise InputError(f"server_url={server.url!r} does not answer completions for model "
@@ -340,7 +424,7 @@ class ServerEngine:
                                  "the local tokenizer): pass --model the model the server runs.")
         self.pool.reset_stats()  # the start-up probes are not rollout work
         self.stats = EngineStats()
-        self.retokenized_contexts = self.unmappable_tokens = 0
+        self.retokenized_contexts = self.unmappable_tokens = self.recovered_logprobs = 0
         return self.model_name, self.dialect, min(contexts) if contexts else None
 
     def _choose_model(self, url: str, served: list[str]) -> str:
@@ -412,3 +496,34 @@ def _token_list(answer: dict) -> tuple[list[int], Usage]:
     if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
         raise Unusable("no 'tokens' list of ids")
     return tokens, Usage(0, 0)
+
+
+
+def _align_native(ids: list[int], probs: list[tuple[int, float]]) -> tuple[list[float], int]:
+    """(log-probs, trusted) for llama-server's sampled `ids` from its (id, log-prob) entries, which skip the
+    tokens after which the text ended mid-character: NaN where an entry is missing; `trusted` = how many
+    leading ids the alignment is certain of (a skip inside a run of one repeated id could sit anywhere in
+    it); Unusable if the entries do not fit the ids."""
+    out: list[float] = []
+    j = 0
+    for t in ids:
+        if j < len(probs) and probs[j][0] == t:
+            out.append(probs[j][1])
+            j += 1
+        else:
+            out.append(math.nan)
+    if j != len(probs):
+        raise Unusable(f"{len(probs)} log-prob entries do not fit the {len(ids)} sampled ids")
+    first = next((i for i, x in enumerate(out) if math.isnan(x)), len(ids))
+    trusted = first
+    while 0 < trusted < len(ids) and ids[trusted - 1] == ids[first]:
+        trusted -= 1  # the skip may sit anywhere in this run of one id: trust nothing from its start on
+    if trusted == first:
+        trusted = len(ids)  # the first skip is placed for certain; later ones follow the same argument
+        for i in range(first + 1, len(ids)):
+            if math.isnan(out[i]) and ids[i - 1] == ids[i]:
+                trusted = i - 1
+                while trusted > 0 and ids[trusted - 1] == ids[i]:
+                    trusted -= 1
+                break
+    return out, trusted

@@ -39,7 +39,13 @@ PROBE_PROMPT = "Weight check. The sum of 12 and 7 is"
 
 
 class WeightSyncError(ServerError):
-    """A server refused a weight update, or serves other weights than the policy's after one."""
+    """A server refused a weight update, or serves other weights than the policy's after one.
+
+    `status` is the HTTP status of a refused control request (None for other failures)."""
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -119,7 +125,8 @@ def post_json(url: str, path: str, body: Optional[dict], *, timeout: float, what
     if not reply.ok:
         detail = reply.text.strip().replace("\n", " ")[:300]
         raise WeightSyncError(f"server {url} refused {method} {path} ({what}): HTTP {reply.status_code} {detail}. "
-                              "Training stops; the last checkpoint stays valid (--resume auto continues from it).")
+                              "Training stops; the last checkpoint stays valid (--resume auto continues from it).",
+                              status=reply.status_code)
     try:
         return reply.json() if reply.content else {}
     except ValueError:
@@ -148,8 +155,13 @@ class WeightSync:
         try:
             sent = self.send(model, step)
             self.flush()
-        finally:
-            self.resume()
+        except BaseException:
+            try:
+                self.resume()  # best effort: the send's error is the one to report
+            except Exception as e:  # noqa: BLE001 - a second failure must not hide the first
+                log.warning("resuming generation after a failed weight sync failed too: %s", e)
+            raise
+        self.resume()
         report = self.verify(model, step, bytes_sent=sent, seconds=time.perf_counter() - t0)
         self.reports.append(report)
         return report
