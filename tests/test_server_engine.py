@@ -365,5 +365,12 @@ def test_llama_server_log_probs_are_aligned_to_its_ids_and_a_skip_in_a_run_is_no
     # a skip inside a run of one id could be either of them: nothing from the run's start is trusted
     assert show(_align_native([5, 9, 9, 7], [(5, -1.0), (9, -2.0), (7, -3.0)]))[1] == 1
     assert show(_align_native([9, 9, 7], [(9, -2.0), (7, -3.0)]))[1] == 0
+    # the same id skipped away from the one listed (a 4-byte character as byte tokens F0 9F 98 9F, only the
+    # last listed): the leftmost place would give its log-prob to the wrong token, so only what comes before
+    # that place is trusted (<0xF0> is missing for certain, and its log-prob is asked for again)
+    assert show(_align_native([0xF0, 0x9F, 0x98, 0x9F], [(0x9F, -3.0)])) == ([None, -3.0, None, None], 1)
+    assert show(_align_native([5, 0xF0, 0x9F, 0x98, 0x9F, 7], [(5, -1.0), (0x9F, -3.0), (7, -2.0)]))[1] == 2
+    # a complete token followed by the same id ending mid-character: also not placed for certain
+    assert show(_align_native([5, 8, 8], [(5, -1.0), (8, -2.0)]))[1] == 1
     with pytest.raises(Unusable):
         _align_native([5, 6], [(5, -1.0), (8, -2.0)])  # an entry for an id that was not sampled

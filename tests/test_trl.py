@@ -251,8 +251,22 @@ def test_the_example_script_trains_a_step_on_the_tiny_model(tmp_path):
     spec = importlib.util.spec_from_file_location("trl_treepo_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    seen = []
+    score = example.correctness
+
+    def recording(prompts, completions, answer, **kw):  # the example's prompts are conversational
+        seen.append((prompts, completions))
+        return score(prompts, completions, answer, **kw)
+
+    recording.__name__ = "correctness"
+    example.correctness = recording
     trainer = example.main(["--tiny", "--max-steps", "1", "--output-dir", str(tmp_path / "ex")])
     assert trainer.state.global_step == 1 and isinstance(trainer, TreePOTrainer)
+    # As TRL passes them for a conversational dataset: prompts and completions are message lists.
+    prompts, completions = seen[0]
+    assert all(isinstance(p, list) and p[-1]["role"] == "user" for p in prompts)
+    assert all(isinstance(c, list) and c[0]["role"] == "assistant" and isinstance(c[0]["content"], str)
+               for c in completions)
     assert example.correctness(None, [[{"content": "so \\boxed{7}"}], "\\boxed{8}"], ["7", "7"]) == [1.0, 0.0]
 
 

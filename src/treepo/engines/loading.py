@@ -188,11 +188,12 @@ def served_gguf(cfg: EngineConfig) -> Path:
     return out
 
 
-def launch_server(cfg: EngineConfig, gguf: Path, context: int, log_path: Optional[Path] = None):
-    """A llama-server on loopback running `gguf`, with cfg's slots and threads (--launch_server)."""
+def launch_server(cfg: EngineConfig, gguf: Path, context: int, log_path: Optional[Path] = None,
+                  startup_timeout: float = 120.0):
+    """A llama-server on loopback running `gguf` with `context` tokens per slot, cfg's slots and threads."""
     from .local_server import LlamaCppServer
 
-    return LlamaCppServer(gguf, n_ctx=min(context, LAUNCH_CONTEXT), parallel=cfg.server_parallel,
+    return LlamaCppServer(gguf, n_ctx=context, parallel=cfg.server_parallel, startup_timeout=startup_timeout,
                           threads=cfg.server_threads or (os.cpu_count() or 1), log_path=log_path)
 
 
@@ -218,7 +219,9 @@ def load_engine(cfg: EngineConfig, seed: int = 0):
     """The engine for a config: the embedded `TransformersEngine`, or a `ServerEngine` (engine='server')."""
     if cfg.engine == "server":
         tokenizer, context = load_tokenizer(cfg)
-        server = launch_server(cfg, served_gguf(cfg), context) if cfg.launch_server else None
+        # A rollout or eval job's slots: the model's context, at most LAUNCH_CONTEXT (the KV of every slot is
+        # reserved up front); a longer prompt is refused by name before any request.
+        server = launch_server(cfg, served_gguf(cfg), min(context, LAUNCH_CONTEXT)) if cfg.launch_server else None
         return server_engine(cfg, tokenizer, context, seed=seed, server=server)
     from .transformers_engine import TransformersEngine
 

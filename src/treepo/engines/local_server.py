@@ -103,13 +103,13 @@ class LocalServerProcess:
     def __init__(self, command: list[str], url: str, *, name: str = "server", probe: str = "/v1/models",
                  startup_timeout: float = 120.0, log_path: Optional[Path] = None):
         self.url, self.name, self.probe, self.log_path = url, name, probe, log_path
-        self._gone = False
         log = open(log_path, "ab") if log_path else subprocess.DEVNULL
         try:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         finally:
             if log is not subprocess.DEVNULL:
                 log.close()  # the child holds its own copy
+        self._gone = False  # only now: a failed Popen leaves a restarted server's old (reaped) process marked gone
         with _STARTED_LOCK:
             _STARTED[self.process.pid] = self
         try:

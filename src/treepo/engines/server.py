@@ -182,7 +182,7 @@ class ServerEngine:
                 raise ServerError(f"server {url} did not honour a logit bias (asked for token {ids[t]}, got "
                                   f"{out.token_ids}): its log-probs cannot be checked token by token.")
             if not out.token_ids or math.isnan(out.logprobs[0]):  # llama-server: a token ending mid-character
-                found = self._top_logprob(probe, [], ids[t]) if self._native else None
+                found = self._top_logprob(probe, [], ids[t], server) if self._native else None
                 return math.nan if found is None else found
             return out.logprobs[0]
 
@@ -246,9 +246,9 @@ class ServerEngine:
             with self._lock:
                 self.unmappable_tokens += 1
                 if self.unmappable_tokens == 1:
-                    log.warning("the server sampled a token whose id its answer does not name for certain; the "
-                                "segment keeps the tokens before it and draws the rest again (counted in "
-                                "unmappable_tokens); a server that returns token ids never does this")
+                    log.warning("the server sampled a token whose id (or, from llama-server, whose log-prob) its answer "
+                                "does not name for certain; the segment keeps the tokens before it and draws the rest "
+                                "again (counted in unmappable_tokens)")
             left = r.max_new_tokens - len(tokens)
             if left <= 0 or redraw == MAX_REDRAWS:
                 break  # a shorter segment: the path goes on from it next round
@@ -342,7 +342,7 @@ class ServerEngine:
             logprobs[i] = found
         return SegmentOutput(out.token_ids, logprobs, out.entropies, out.hit_eos), complete
 
-    def _top_logprob(self, r: SegmentRequest, before: list[int], token: int) -> Optional[float]:
+    def _top_logprob(self, r: SegmentRequest, before: list[int], token: int, server=None) -> Optional[float]:
         """log p(token | context + before) from llama-server's top log-probs at that position (one request that
         stops at once: EOS forced, whose own entry is always listed), or None when the token is not among them."""
         eos = next(iter(self.eos_ids), None)
@@ -359,7 +359,7 @@ class ServerEngine:
             except (KeyError, IndexError, TypeError, ValueError) as e:
                 raise Unusable(f"no top log-probs ({type(e).__name__}: {e})") from None
 
-        found = self.pool.post(self._path, body, parse).get(token)
+        found = self.pool.post(self._path, body, parse, server=server).get(token)
         if found is not None:
             with self._lock:
                 self.recovered_logprobs += 1
@@ -499,31 +499,32 @@ def _token_list(answer: dict) -> tuple[list[int], Usage]:
 
 
 
+
 def _align_native(ids: list[int], probs: list[tuple[int, float]]) -> tuple[list[float], int]:
-    """(log-probs, trusted) for llama-server's sampled `ids` from its (id, log-prob) entries, which skip the
-    tokens after which the text ended mid-character: NaN where an entry is missing; `trusted` = how many
-    leading ids the alignment is certain of (a skip inside a run of one repeated id could sit anywhere in
-    it); Unusable if the entries do not fit the ids."""
-    out: list[float] = []
-    j = 0
-    for t in ids:
-        if j < len(probs) and probs[j][0] == t:
-            out.append(probs[j][1])
+    """(log-probs, trusted) for llama-server's sampled `ids` from its (id, log-prob) entries.
+
+    llama-server lists no entry for a token after which the text ends mid-character, so `probs` is
+    a subsequence of `ids`: NaN where an entry is missing. An entry whose leftmost and rightmost
+    possible places differ (the same id skipped nearby, e.g. a 4-byte character split over
+    <0xF0> <0x9F> <0x98> <0x9F>) cannot be placed for certain; `trusted` is how many leading ids
+    come before the first such entry's leftmost place (all of them when every entry is placed).
+    Unusable if the entries are not a subsequence of the ids.
+    """
+    n, m = len(ids), len(probs)
+    left, j = [], 0
+    for i, t in enumerate(ids):  # leftmost embedding
+        if j < m and probs[j][0] == t:
+            left.append(i)
             j += 1
-        else:
-            out.append(math.nan)
-    if j != len(probs):
-        raise Unusable(f"{len(probs)} log-prob entries do not fit the {len(ids)} sampled ids")
-    first = next((i for i, x in enumerate(out) if math.isnan(x)), len(ids))
-    trusted = first
-    while 0 < trusted < len(ids) and ids[trusted - 1] == ids[first]:
-        trusted -= 1  # the skip may sit anywhere in this run of one id: trust nothing from its start on
-    if trusted == first:
-        trusted = len(ids)  # the first skip is placed for certain; later ones follow the same argument
-        for i in range(first + 1, len(ids)):
-            if math.isnan(out[i]) and ids[i - 1] == ids[i]:
-                trusted = i - 1
-                while trusted > 0 and ids[trusted - 1] == ids[i]:
-                    trusted -= 1
-                break
+    if j != m:
+        raise Unusable(f"{m} log-prob entries do not fit the {n} sampled ids")
+    right, j = [0] * m, m - 1
+    for i in range(n - 1, -1, -1):  # rightmost embedding
+        if j >= 0 and probs[j][0] == ids[i]:
+            right[j] = i
+            j -= 1
+    trusted = next((left[k] for k in range(m) if left[k] != right[k]), n)
+    out = [math.nan] * n
+    for k, i in enumerate(left):
+        out[i] = probs[k][1]
     return out, trusted

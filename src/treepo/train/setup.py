@@ -115,8 +115,9 @@ def load_training_prompts(train: TrainConfig, reward: RewardConfig, seed: int) -
 
 
 def start_serving(engine_cfg: EngineConfig, sync_cfg: WeightSyncConfig, policy, tokenizer, out: Path, *, seed: int,
-                  context: int):
-    """(server engine, weight sync) for a training run.
+                  context: int, need: int):
+    """(server engine, weight sync) for a training run; `context` = the model's, `need` = the tokens a
+    sequence of this run may hold (a launched server's slots get that many, at most the model's).
 
     With --launch_server the policy is written as a float GGUF and llama-server starts on it, so the
     first rollout already samples the policy's weights; the engine owns the server and stops it.
@@ -131,8 +132,10 @@ def start_serving(engine_cfg: EngineConfig, sync_cfg: WeightSyncConfig, policy, 
 
         gguf = sync_dir / "step-000000.gguf"
         write_gguf(policy, tokenizer, gguf, sync_cfg.gguf_type)
-        launched = launch_server(engine_cfg, gguf, context, log_path=sync_dir / "llama-server.log")
+        launched = launch_server(engine_cfg, gguf, min(need, context), log_path=sync_dir / "llama-server.log",
+                                 startup_timeout=sync_cfg.sync_timeout)
     engine = server_engine(engine_cfg, tokenizer, context, seed=seed, server=launched)
+    sync = None
     try:
         sync = build_weight_sync(sync_cfg, engine, policy, tokenizer, sync_dir=sync_dir, launched=launched)
         if launched is None:  # a server started elsewhere may run other weights: push unless it serves the policy's
@@ -141,7 +144,11 @@ def start_serving(engine_cfg: EngineConfig, sync_cfg: WeightSyncConfig, policy, 
             except WeightSyncError:
                 sync.push(policy, 0)
     except BaseException:
-        engine.close()
+        try:
+            if sync is not None:
+                sync.close()
+        finally:
+            engine.close()
         raise
     log.info("weight sync: %s to %s (%s)", sync.name, ", ".join(sync.urls()), sync_dir)
     return engine, sync

@@ -59,7 +59,11 @@ log = logging.getLogger(__name__)
 EVAL_SEED = 12345  # held-out evaluation samples with this seed every time, so runs compare
 # Settings a resumed run may change; every other one must match the checkpoint's.
 RESUMABLE = {"steps", "eval_prompts", "eval_every", "eval_mode", "checkpoint_every", "keep_checkpoints", "resume", "tensorboard",
-             "out", "threads", "device"}
+             "out", "threads", "device",
+             # where and how patiently the servers are reached, and how the weight sync is checked
+             "server_url", "server_timeout", "server_retries", "server_concurrency", "server_routing",
+             "server_parallel", "server_threads", "sync_dir", "sync_tolerance", "sync_timeout", "probe_tokens",
+             "nccl_master_address", "nccl_master_port"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,10 +144,12 @@ class Trainer:
             if self.world > 1:
                 raise ConfigError("--engine server trains in one process (every rank would push weights to the same "
                                   "servers): launch without accelerate's multi-process, or use the embedded engine.")
-            need = max(len(ids) for ids in self.pool_ids) + self.sampler_cfg.response_budget + 1
+            # A launched server's slots hold the longest prompt (training or held-out) plus a full response.
+            longest = max(len(ids) for ids in self.pool_ids + [render(p, tokenizer, system_prompt)
+                                                              for p in self.heldout])
             self.engine, self.weight_sync = start_serving(
                 engine_cfg, self.sync_cfg, self.policy, tokenizer, self.out, seed=rank_cfg.seed,
-                context=min(need, context_length(self.policy.config)))
+                context=context_length(self.policy.config), need=longest + self.sampler_cfg.response_budget + 16)
         else:
             self.engine = TransformersEngine(self.policy, tokenizer, engine_cfg, seed=rank_cfg.seed)
         try:
@@ -211,8 +217,10 @@ class Trainer:
     def close(self) -> None:
         """Stop what the run started (a launched llama-server); the embedded engine holds nothing to stop."""
         if self.weight_sync is not None:
-            self.weight_sync.close()
-            self.engine.close()
+            try:
+                self.weight_sync.close()
+            finally:
+                self.engine.close()
 
     def _train(self) -> dict:
         if self.accelerator.is_main_process and (stale := checkpoint.remove_stale(self.out)):
@@ -262,10 +270,10 @@ class Trainer:
         kept, results, failures, dropped, rounds, rewards_all, correct_all = [], [], Counter(), 0, 0, [], []
         weighted = []  # per tree: (leaf-weighted reward, leaf-weighted accuracy), unbiased for the policy's
         need = cfg.prompts_per_step
-        if self.weight_sync is not None:  # a server draws from (seed, group, node): each step gets its own seed
-            self.engine.reseed(self.rank_seed(0) * 1_000_003 + self.step)
         tally = FailureTally()  # the step's reward failures (all its resample rounds)
         while True:
+            if self.weight_sync is not None:  # a server draws from (seed, group, node): a seed per step and round
+                self.engine.reseed((self.rank_seed(0) * 1_000_003 + self.step) * 1_009 + rounds)
             # Every rank draws the same prompts from the stream and rolls out its share of them.
             indices = self.stream.take(need)[self.rank :: self.world]
             ids = [self.pool_ids[i] for i in indices]
@@ -307,6 +315,9 @@ class Trainer:
             self.weight_sync.remember(self.policy)  # the probe's scores before the update (sync_gap_old)
         update = self.update(kept, self.step) if trained else {}  # a rank with no group still joins the update
         self.step += 1
+        if self.weight_sync is not None and self.engine_cfg.temperature != 1.0:
+            # a server reports log-probs before temperature, the policy's here are after: the gap would measure that
+            update.update(engine_logprob_gap=None, engine_logprob_gap_max=None)
         if trained:
             update.update(self._sync_weights())
         if self.world > 1:  # the step's rollouts and counts from every rank, for the metrics row

@@ -9,7 +9,6 @@ picks one from the config and the server's kind.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from ...errors import ConfigError
 from .base import SyncReport, WeightSync, WeightSyncError
@@ -21,6 +20,9 @@ def build_weight_sync(cfg, engine, model, tokenizer, *, sync_dir: Path, launched
     """The back-end for `cfg` (a WeightSyncConfig) and the engine's servers; `launched` = the LlamaCppServer
     treepo started (--launch_server), if any."""
     kind = cfg.server_kind if cfg.server_kind != "auto" else ("llama.cpp" if launched is not None else engine.server_kind)
+    if launched is not None and kind != "llama.cpp":
+        raise ConfigError(f"server_kind={kind!r} with --launch_server: the server treepo launches is llama-server; "
+                          "drop --server_kind (or pass llama.cpp), or give --server-url for an SGLang or vLLM server.")
     if kind == "llama.cpp":
         if launched is None:
             raise ConfigError("llama-server cannot load new weights over HTTP: pass --launch_server (and no "

@@ -23,10 +23,14 @@ class LlamaCppRestartSync(WeightSync):
     def __init__(self, cfg, engine, model, tokenizer, *, server: LlamaCppServer, sync_dir: Path):
         super().__init__(cfg, engine, model, tokenizer)
         self.server, self.sync_dir = server, Path(sync_dir)
+        self.server.startup_timeout = cfg.sync_timeout
+        for stale in self.sync_dir.glob("step-*.gguf"):  # an interrupted run's last weights: not this server's
+            if stale != self.server.gguf:
+                stale.unlink(missing_ok=True)
 
     def send(self, model, step: int) -> int:
         path = self.sync_dir / f"step-{step:06d}.gguf"
-        size = write_gguf(model, self.tokenizer, path, self.cfg.gguf_type)
+        size = write_gguf(model, self.tokenizer, path, self.cfg.gguf_type, timeout=self.cfg.sync_timeout)
         previous = self.server.gguf
         try:
             self.server.restart(path)
