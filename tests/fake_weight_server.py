@@ -53,7 +53,7 @@ ROUTES = {  # route -> (kind, event)
     "/pause": ("vllm", "pause"), "/resume": ("vllm", "resume"), "/reset_prefix_cache": ("vllm", "flush"),
     "/collective_rpc": ("vllm", "update"), "/update_weights": ("vllm", "update"), "/get_world_size": ("vllm", None),
     "/init_weight_transfer_engine": ("vllm", None), "/start_weight_update": ("vllm", None),
-    "/finish_weight_update": ("vllm", None), "/v1/completions": ("vllm", None),
+    "/finish_weight_update": ("vllm", None), "/v1/completions": ("vllm", None), "/tokenize": ("vllm", None),
 }
 DEV_ROUTES = {"/pause", "/resume", "/reset_prefix_cache", "/collective_rpc", "/update_weights", "/get_world_size",
               "/init_weight_transfer_engine", "/start_weight_update", "/finish_weight_update"}
@@ -65,10 +65,12 @@ class Refused(Exception):
 
 class FakeWeightServer:
     def __init__(self, kind: str, model, *, mode: str = "ok", model_name: str = "fake-model", workers: int = 1,
-                 dev_mode: bool = True, timeout: float = 10.0):
+                 dev_mode: bool = True, timeout: float = 10.0, tokenizer=None):
         assert kind in ("sglang", "vllm") and mode in ("ok", "refuse", "pretend")
         self.kind, self.model, self.mode, self.model_name = kind, model.eval(), mode, model_name
-        self.workers, self.dev_mode, self.timeout = workers, dev_mode, timeout
+        self.workers, self.dev_mode, self.timeout, self.tokenizer = workers, dev_mode, timeout, tokenizer
+        self.seeds: list[int] = []  # vLLM kind: the seed of every sampled completion
+        self.generated_while_stale = 0  # completions sampled between a weight change and the next flush
         self.events: list[str] = []
         self.routes: list[str] = []
         self.bodies: dict[str, dict] = {}
@@ -148,9 +150,37 @@ class FakeWeightServer:
         return {"text": "", "output_ids": [int(top[-1])], "meta_info": {"prompt_tokens": len(ids),
                                                                       "input_token_logprobs": rows}}
 
+    @torch.no_grad()
+    def _sample(self, body: dict) -> dict:
+        """vLLM's dialect: `max_tokens` tokens drawn from the model at `temperature` under `seed` (EOS stops
+        unless ignore_eos), with token_ids and the sampled tokens' log-probs before temperature."""
+        ids, gen = list(body["prompt"]), torch.Generator().manual_seed(int(body["seed"]))
+        self.seeds.append(int(body["seed"]))
+        self.generated_while_stale += self.cache_stale
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        out, lps, finish = [], [], "length"
+        for _ in range(int(body["max_tokens"])):
+            with self.lock:
+                logits = self.model(torch.tensor([ids + out])).logits[0, -1].float()  # [V]
+            logp = torch.log_softmax(logits, -1)
+            t = body.get("temperature", 1.0)
+            token = int(logits.argmax()) if t == 0 else int(torch.multinomial(torch.softmax(logits / t, -1), 1,
+                                                                               generator=gen))
+            out.append(token)
+            lps.append(float(logp[token]))
+            if token == eos and not body.get("ignore_eos"):
+                finish = "stop"
+                break
+        return {"object": "text_completion", "choices": [{
+            "index": 0, "text": "", "token_ids": out, "finish_reason": finish,
+            "logprobs": {"tokens": [f"token_id:{t}" for t in out], "token_logprobs": lps}}],
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": len(out)}}
+
     def _completions(self, body: dict) -> dict:
         ids = body["prompt"]
-        assert body.get("model") == self.model_name and body.get("prompt_logprobs") is not None
+        assert body.get("model") == self.model_name
+        if body.get("prompt_logprobs") is None:
+            return self._sample(body)
         lps, top, top_lp = self._logprobs(ids)
         rows = [None] + [{str(int(top[t - 1])): {"logprob": float(top_lp[t - 1]), "rank": 1, "decoded_token": "?"},
                           str(ids[t]): {"logprob": float(lps[t - 1]), "rank": 1, "decoded_token": "?"}}
@@ -187,7 +217,7 @@ class FakeWeightServer:
         kind, event = ROUTES.get(route, (None, None))
         if kind != self.kind or (kind == "vllm" and route in DEV_ROUTES and not self.dev_mode):
             return 404, {"detail": "Not Found"}
-        if route not in ("/generate", "/v1/completions", "/get_server_info", "/get_world_size"):
+        if route not in ("/generate", "/v1/completions", "/get_server_info", "/get_world_size", "/tokenize"):
             self.routes.append(route)
             self.bodies[route] = body
         if event:
@@ -208,6 +238,9 @@ class FakeWeightServer:
             return 200, self._generate(body)
         if route == "/v1/completions":
             return 200, self._completions(body)
+        if route == "/tokenize" and self.tokenizer is not None:
+            return 200, {"tokens": self.tokenizer(body["prompt"], add_special_tokens=body.get("add_special_tokens",
+                                                                                             True))["input_ids"]}
         if route == "/get_server_info":
             return 200, {"tp_size": self.workers, "pp_size": 1, "dp_size": 1, "version": "fake"}
         if route == "/get_world_size":

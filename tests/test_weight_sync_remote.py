@@ -202,3 +202,40 @@ def test_disk_sync_updates_every_server(kind, fakes, tmp_path):
     report = sync.push(policy, 3)
     assert set(report.gaps) == {s.url for s in servers} and max(report.gaps.values()) < 1e-4
     assert all(same_weights(policy, s.model) and s.events == ["pause", "update", "flush", "resume"] for s in servers)
+
+
+def test_treepo_train_against_an_external_vllm_server_pushes_every_update(tmp_path):
+    """`treepo train --engine server --server-url URL` with a (fake) vLLM server that starts on other weights:
+    the first check fails, so the policy is pushed before step 1; every update is pushed, checked and
+    flushed before the next rollout; each step and round samples with its own seeds."""
+    import json
+
+    import tiny
+    from safetensors.torch import load_file
+    from treepo.config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig, WeightSyncConfig
+    from treepo.train.trainer import run_train
+
+    model_dir = tiny.save_model_dir(tmp_path / "model")
+    fake = FakeWeightServer("vllm", tiny.model("llama", seed=7), tokenizer=tiny.tokenizer())
+    try:
+        out = tmp_path / "run"
+        run_train(EngineConfig(model=str(model_dir), engine="server", server_url=[fake.url], server_concurrency=2),
+                  SamplerConfig(width=4, depth=2, segment_len=6, seed=3),
+                  RewardConfig(reward="toy_rewards:letter_share"),
+                  TrainConfig(prompts=str(tiny.write_prompts(tmp_path / "p.jsonl", 8)), num_prompts=8, steps=2,
+                              prompts_per_step=2, learning_rate=1e-2, out=str(out), tensorboard=False,
+                              checkpoint_every=0),
+                  sync_cfg=WeightSyncConfig(sync_dir=str(tmp_path / "sync")))
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2]
+        assert fake.loads == 3  # the initial push (the server ran other weights), then one per update
+        assert fake.generated_while_stale == 0  # no completion came from an unflushed cache
+        for r in rows:
+            assert r["sync_gap"] < 1e-4 and r["sync_gap_old"] > 10 * r["sync_gap"]
+            assert r["engine_logprob_gap"] < 1e-4  # the rollout came from the weights the policy had
+        final = tiny.model("llama")
+        final.load_state_dict(load_file(str(out / "model" / "model.safetensors")))
+        assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), fake.model.state_dict().values()))
+        assert len(set(fake.seeds)) == len(fake.seeds)  # no node's draw repeats across steps
+    finally:
+        fake.stop()
