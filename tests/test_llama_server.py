@@ -203,3 +203,10 @@ def test_rollout_with_launch_server_starts_and_stops_its_own_server(tmp_path, ca
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trajectories"] == 2
     assert summary["servers"]["kind"] == "llama.cpp" and summary["servers"]["dialect"] == "token_ids"
+
+
+def test_training_against_a_llama_server_treepo_did_not_start_is_refused_with_the_fix(server, tmp_path, capsys):
+    assert main(["train", "--engine", "server", "--server-url", server.url, "--steps", "1",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "cannot load new weights over HTTP" in err and "--launch_server" in err and "Traceback" not in err
