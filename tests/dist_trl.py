@@ -26,12 +26,22 @@ def main() -> None:
     args = TreePOConfig(output_dir=str(out / "trl"), per_device_train_batch_size=4, num_generations=4,
                         max_completion_length=12, treepo_depth=3, max_steps=2, learning_rate=1e-2, logging_steps=1,
                         report_to="none", use_cpu=True, bf16=False, save_strategy="no", seed=3)
-    trainer = TreePOTrainer(model=tiny.model("llama"), reward_funcs=reward, args=args, train_dataset=data,
-                            processing_class=tiny.tokenizer())
+    trees = []
+
+    class Recording(TreePOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            trees.append([[t.prompt_ids, [x.token_ids for x in t.trajectories()]] for t in self.treepo_last["trees"]])
+            return out
+
+    trainer = Recording(model=tiny.model("llama"), reward_funcs=reward, args=args, train_dataset=data,
+                        processing_class=tiny.tokenizer())
     trainer.train()
     rank = trainer.accelerator.process_index
     model = trainer.accelerator.unwrap_model(trainer.model)
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / f"params-rank{rank}.pt")
+    (out / f"trees-rank{rank}.json").write_text(json.dumps({"processes": trainer.accelerator.num_processes,
+                                                            "trees": trees}))
     if rank == 0:
         (out / "log.json").write_text(json.dumps(trainer.state.log_history))
 

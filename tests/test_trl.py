@@ -402,6 +402,12 @@ def test_two_processes_under_accelerate_launch_train_whole_trees_per_rank(tmp_pa
 
     _launch(2, [str(Path(__file__).parent / "dist_trl.py"), "--out", str(tmp_path)], timeout=400)
     zero, one = (torch.load(tmp_path / f"params-rank{r}.pt") for r in (0, 1))
+    trees = [json.loads((tmp_path / f"trees-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [t["processes"] for t in trees] == [2, 2]
+    # Each rank grew its own trees (its own prompts' or its own draws); the same parameters afterwards then
+    # mean the gradients were averaged, not that both ranks did the same work.
+    assert all(len(step) == 1 for t in trees for step in t["trees"])  # one whole tree per rank and step
+    assert trees[0]["trees"] != trees[1]["trees"]
     start = tiny.model("llama").state_dict()
     assert all(torch.allclose(zero[k], one[k], atol=1e-6) for k in zero)
     assert max(float((zero[k] - start[k]).abs().max()) for k in zero) > 0

@@ -239,3 +239,14 @@ def test_treepo_train_against_an_external_vllm_server_pushes_every_update(tmp_pa
         assert len(set(fake.seeds)) == len(fake.seeds)  # no node's draw repeats across steps
     finally:
         fake.stop()
+
+
+def test_two_runs_cannot_share_a_sync_folder(tmp_path):
+    from treepo.engines.weight_sync.base import hold_sync_dir
+    from treepo.errors import ConfigError
+
+    first = hold_sync_dir(tmp_path / "sync")
+    with pytest.raises(ConfigError, match="in use by another training run"):
+        hold_sync_dir(tmp_path / "sync")
+    first.close()
+    hold_sync_dir(tmp_path / "sync").close()  # released with its run

@@ -22,9 +22,10 @@ Two dialects, found at start-up:
   llama-server is asked on its own `POST /completion` route (`return_tokens`, `n_probs: 1`): its
   OpenAI route lists log-probs only for tokens after which the text is whole UTF-8, so a token that
   ends mid-character (a byte piece of an emoji, say) would be missing from the ids. The native
-  route returns every sampled id; each id without a log-prob gets it from one more request (the
-  same context, the top `RECOVER_TOP` log-probs of that position), and where that cannot name it
-  for certain the segment stops before it and the rest is drawn again, as below.
+  route returns every sampled id; each id without a log-prob for certain gets it from one more
+  request (the same context, the top `RECOVER_TOP` log-probs of that position), and where that
+  does not list it (a draw from the far tail) the segment stops before it and the rest is drawn
+  again, as below.
 - `text` (llama-cpp-python's `llama_cpp.server`, which takes only text prompts and returns no ids):
   the context is sent as its text, and every request checks locally that this text tokenises back
   to exactly the context's ids (a mismatch, possible after an unusual sampled token split, is
@@ -322,12 +323,14 @@ class ServerEngine:
             raise Unusable(f"token id outside the local vocabulary of {self.vocab_size}")
         if not all(math.isnan(x) or x <= LOGPROB_SLACK for x in logprobs):
             raise Unusable("log-probs that are not log-probabilities")
-        complete = trusted == len(ids)
-        hit_eos = stop == "eos" and not self.cfg.ignore_eos and complete
+        # The ids are all there; where the entries cannot be placed for certain, every log-prob from there on
+        # is asked for again (_recover_logprobs) rather than the segment cut, which would favour other draws.
+        logprobs[trusted:] = [math.nan] * (len(ids) - trusted)
+        hit_eos = stop == "eos" and not self.cfg.ignore_eos
         with self._lock:
             self.stats.prefill_tokens += prompt_tokens - cached
-        out = SegmentOutput(ids[:trusted], logprobs[:trusted], [math.nan] * trusted, hit_eos)
-        return (out, complete), Usage(prompt_tokens, len(ids), cached)
+        out = SegmentOutput(ids, logprobs, [math.nan] * len(ids), hit_eos)
+        return (out, True), Usage(prompt_tokens, len(ids), cached)
 
     def _recover_logprobs(self, r: SegmentRequest, out: SegmentOutput, complete: bool) -> tuple[SegmentOutput, bool]:
         """llama-server: fill each NaN log-prob from the top log-probs at its position; (segment, whole).

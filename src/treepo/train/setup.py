@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,33 +116,54 @@ def load_training_prompts(train: TrainConfig, reward: RewardConfig, seed: int) -
 
 
 def start_serving(engine_cfg: EngineConfig, sync_cfg: WeightSyncConfig, policy, tokenizer, out: Path, *, seed: int,
-                  context: int, need: int):
+                  context: int, need: int, resuming: bool = False):
     """(server engine, weight sync) for a training run; `context` = the model's, `need` = the tokens a
     sequence of this run may hold (a launched server's slots get that many, at most the model's).
 
     With --launch_server the policy is written as a float GGUF and llama-server starts on it, so the
     first rollout already samples the policy's weights; the engine owns the server and stops it.
     """
-    from ..engines.loading import launch_server, server_engine
-    from ..engines.weight_sync import WeightSyncError, build_weight_sync
+    from ..engines.weight_sync.base import hold_sync_dir
 
     sync_dir = Path(sync_cfg.sync_dir).expanduser() if sync_cfg.sync_dir else Path(out) / "weight_sync"
+    created = [p for p in (sync_dir, *sync_dir.parents) if not p.exists()]  # removed again if the start fails
+    held = hold_sync_dir(sync_dir)  # two runs writing one folder would load each other's weights
+    need = max(need, 64 + sync_cfg.probe_tokens)  # the weight check's probe fits a slot too
+    try:
+        return _serve(engine_cfg, sync_cfg, policy, tokenizer, sync_dir, held, context=context, need=need,
+                      seed=seed, resuming=resuming)
+    except BaseException:
+        held.close()
+        if created:
+            shutil.rmtree(created[-1], ignore_errors=True)  # the outermost folder this start made: nothing left
+        raise
+
+
+def _serve(engine_cfg, sync_cfg, policy, tokenizer, sync_dir: Path, held, *, context: int, need: int, seed: int,
+           resuming: bool):
+    from ..engines.loading import launch_server, server_engine
+    from ..engines.weight_sync import build_weight_sync
+    from ..engines.weight_sync.base import WeightMismatch
+
     launched = None
     if engine_cfg.launch_server:
         from ..engines.weight_sync.gguf import write_gguf
 
         gguf = sync_dir / "step-000000.gguf"
-        write_gguf(policy, tokenizer, gguf, sync_cfg.gguf_type)
+        write_gguf(policy, tokenizer, gguf, sync_cfg.gguf_type, timeout=sync_cfg.sync_timeout)
         launched = launch_server(engine_cfg, gguf, min(need, context), log_path=sync_dir / "llama-server.log",
                                  startup_timeout=sync_cfg.sync_timeout)
     engine = server_engine(engine_cfg, tokenizer, context, seed=seed, server=launched)
     sync = None
     try:
         sync = build_weight_sync(sync_cfg, engine, policy, tokenizer, sync_dir=sync_dir, launched=launched)
-        if launched is None:  # a server started elsewhere may run other weights: push unless it serves the policy's
+        sync.held = held
+        # A server started elsewhere may run other weights: push unless it serves the policy's (a resumed run
+        # pushes the checkpoint's weights when it restores them).
+        if launched is None and not resuming:
             try:
                 sync.verify(policy, 0)
-            except WeightSyncError:
+            except WeightMismatch:
                 sync.push(policy, 0)
     except BaseException:
         try:

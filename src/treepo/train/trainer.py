@@ -63,7 +63,7 @@ RESUMABLE = {"steps", "eval_prompts", "eval_every", "eval_mode", "checkpoint_eve
              # where and how patiently the servers are reached, and how the weight sync is checked
              "server_url", "server_timeout", "server_retries", "server_concurrency", "server_routing",
              "server_parallel", "server_threads", "sync_dir", "sync_tolerance", "sync_timeout", "probe_tokens",
-             "nccl_master_address", "nccl_master_port"}
+             "nccl_master_address", "nccl_master_port", "server_kind", "weight_sync", "nccl_server_ranks", "gguf_type"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +149,8 @@ class Trainer:
                                                               for p in self.heldout])
             self.engine, self.weight_sync = start_serving(
                 engine_cfg, self.sync_cfg, self.policy, tokenizer, self.out, seed=rank_cfg.seed,
-                context=context_length(self.policy.config), need=longest + self.sampler_cfg.response_budget + 16)
+                context=context_length(self.policy.config), need=longest + self.sampler_cfg.response_budget + 16,
+                resuming=self.resume_from is not None)
         else:
             self.engine = TransformersEngine(self.policy, tokenizer, engine_cfg, seed=rank_cfg.seed)
         try:
@@ -210,9 +211,15 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> dict:
         try:
-            return self._train()
-        finally:
-            self.close()
+            result = self._train()
+        except BaseException:
+            try:
+                self.close()
+            except Exception as e:  # noqa: BLE001 - the training error is the one to report
+                log.warning("stopping the servers after the error failed too: %s", e)
+            raise
+        self.close()
+        return result
 
     def close(self) -> None:
         """Stop what the run started (a launched llama-server); the embedded engine holds nothing to stop."""

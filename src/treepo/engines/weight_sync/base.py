@@ -26,12 +26,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence
 
 import requests
 import torch
 
-from ...errors import ServerError
+from ...errors import ConfigError, ServerError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,26 @@ class WeightSyncError(ServerError):
     def __init__(self, message: str, status: Optional[int] = None):
         super().__init__(message)
         self.status = status
+
+
+class WeightMismatch(WeightSyncError):
+    """The fingerprint: a server answers, but with other weights than the policy's."""
+
+
+def hold_sync_dir(folder: Path):
+    """An exclusive lock on `folder/.treepo-sync.lock` for this run (an open file; close() releases it), or
+    ConfigError when another live run holds it."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".treepo-sync.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigError(f"sync_dir={str(folder)!r} is in use by another training run: give each run its own "
+                          "--sync_dir (the default, OUT/weight_sync, is per run).") from None
+    return handle
 
 
 @dataclass
@@ -185,15 +206,22 @@ class WeightSync:
         for url, gap in gaps.items():
             if gap > self.cfg.sync_tolerance:
                 old = f"; {gaps_old[url]:.3g} from the weights before the update" if url in gaps_old else ""
-                raise WeightSyncError(
+                raise WeightMismatch(
                     f"server {url} serves other weights than the policy after the {self.name} at step {step}: its "
                     f"log-probs of the probe differ from the policy's by {gap:.3g} nats (tolerance "
                     f"--sync_tolerance {self.cfg.sync_tolerance:g}){old}. Training stops; the last checkpoint stays "
                     "valid (--resume auto continues from it once the server loads the weights).")
         return report
 
+    held = None  # the sync folder's lock (hold_sync_dir), released by close()
+
     def close(self) -> None:
-        pass
+        self.release()
+
+    def release(self) -> None:
+        if self.held is not None:
+            self.held.close()
+            self.held = None
 
     # -- what back-ends implement -------------------------------------------------------------
     def urls(self) -> list[str]:

@@ -9,6 +9,7 @@ the old weights survives (`flush` has nothing left to do).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from ...errors import ServerError
@@ -27,6 +28,8 @@ class LlamaCppRestartSync(WeightSync):
         for stale in self.sync_dir.glob("step-*.gguf"):  # an interrupted run's last weights: not this server's
             if stale != self.server.gguf:
                 stale.unlink(missing_ok=True)
+        for scratch in self.sync_dir.glob(".gguf-*"):  # an interrupted conversion's scratch folder
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def send(self, model, step: int) -> int:
         path = self.sync_dir / f"step-{step:06d}.gguf"

@@ -170,3 +170,4 @@ class SGLangNcclSync(_SGLangSync):
         if self.group is not None:
             self.group.close()
             self.group = None
+        self.release()

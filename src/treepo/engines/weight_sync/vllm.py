@@ -177,3 +177,4 @@ class VLLMNcclSync(_VLLMSync):
         if self.group is not None:
             self.group.close()
             self.group = None
+        self.release()
