@@ -23,13 +23,20 @@ echo "build_llama_server: fetching the llama-cpp-python==$VERSION sdist (77 MB)"
 tar xzf "$WORK"/llama_cpp_python-$VERSION.tar.gz -C "$WORK"
 SRC="$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp"
 [ -f "$SRC/tools/server/server.cpp" ] || { echo "build_llama_server: no tools/server in $SRC" >&2; exit 1; }
-echo "build_llama_server: building llama-server on $(nproc) cores (about 4-6 minutes on 2)"
-cmake -S "$SRC" -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+CMAKE=$(command -v cmake || true)
+if [ -z "$CMAKE" ]; then  # no system cmake: the registry's cmake wheel, into the venv
+    "$PY" -m pip install -q cmake 2>&1 | grep -v "is ignored" || true
+    CMAKE="$(dirname "$PY")/cmake"
+fi
+GENERATOR=()
+command -v ninja >/dev/null 2>&1 && GENERATOR=(-G Ninja)  # else cmake's default (make)
+echo "build_llama_server: building llama-server on $(nproc) cores (about 5-6 minutes on 2)"
+"$CMAKE" -S "$SRC" -B "$WORK/build" "${GENERATOR[@]}" -DCMAKE_BUILD_TYPE=Release \
     -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON >"$WORK/configure.log" 2>&1 \
     || { tail -30 "$WORK/configure.log" >&2; exit 1; }
-cmake --build "$WORK/build" --target llama-server -j "$(nproc)" >"$WORK/build.log" 2>&1 \
+"$CMAKE" --build "$WORK/build" --target llama-server -j "$(nproc)" >"$WORK/build.log" 2>&1 \
     || { tail -40 "$WORK/build.log" >&2; exit 1; }
 mkdir -p "$DEST"
 cp "$WORK/build/bin/llama-server" "$DEST/llama-server.tmp" && mv "$DEST/llama-server.tmp" "$DEST/llama-server"
