@@ -250,3 +250,30 @@ def test_two_runs_cannot_share_a_sync_folder(tmp_path):
         hold_sync_dir(tmp_path / "sync")
     first.close()
     hold_sync_dir(tmp_path / "sync").close()  # released with its run
+
+
+def test_resample_rounds_against_a_server_draw_with_their_own_seeds(tmp_path):
+    """Groups whose rewards all tie are dropped and refilled: each resample round samples with fresh seeds
+    (a server draws from (seed, group, node), and each round numbers its groups from 0 again)."""
+    import json
+
+    import tiny
+    from treepo.config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig, WeightSyncConfig
+    from treepo.train.trainer import run_train
+
+    model_dir = tiny.save_model_dir(tmp_path / "model")
+    fake = FakeWeightServer("vllm", tiny.model("llama"), tokenizer=tiny.tokenizer())
+    try:
+        out = tmp_path / "run"
+        run_train(EngineConfig(model=str(model_dir), engine="server", server_url=[fake.url], server_concurrency=2),
+                  SamplerConfig(width=2, depth=2, segment_len=4, seed=3),
+                  RewardConfig(reward="toy_rewards:constant"),  # every group ties: dropped, resampled
+                  TrainConfig(prompts=str(tiny.write_prompts(tmp_path / "p.jsonl", 4)), num_prompts=4, steps=1,
+                              prompts_per_step=2, max_resample_rounds=2, out=str(out), tensorboard=False,
+                              checkpoint_every=0),
+                  sync_cfg=WeightSyncConfig(sync_dir=str(tmp_path / "sync")))
+        row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        assert row["resample_rounds"] == 2 and row["prompts_rolled"] == 6
+        assert len(fake.seeds) > 0 and len(set(fake.seeds)) == len(fake.seeds)
+    finally:
+        fake.stop()
