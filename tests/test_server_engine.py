@@ -291,6 +291,7 @@ class _ScriptedPool:
 
 def _text_engine(answers) -> ServerEngine:
     from treepo.engines.base import EngineStats
+    from treepo.engines.server_checks import string_table
 
     eng = object.__new__(ServerEngine)  # no server: the dialect and the pool are set by hand
     eng.cfg = EngineConfig(engine="server", server_url=["http://127.0.0.1:9"])
@@ -298,7 +299,7 @@ def _text_engine(answers) -> ServerEngine:
     eng.stats, eng.seed, eng.model_name, eng.dialect = EngineStats(), 0, "m", "text"
     eng.retokenized_contexts = eng.unmappable_tokens = 0
     eng._lock = threading.Lock()
-    eng._strings = eng._string_table()
+    eng._strings = string_table(eng.tokenizer, eng.vocab_size)
     eng.pool = _ScriptedPool(answers)
     return eng
 

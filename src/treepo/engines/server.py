@@ -39,7 +39,9 @@ Two dialects, found at start-up:
   the full distribution), a small off-policy effect that `unmappable_tokens` sizes. The EOS token is not returned by this server: a segment that stopped at
   EOS ends before it.
 
-The start-up probe decodes greedily, so whether a server passes it does not hang on a random draw
+At start-up every server is checked (`server_checks.survey`: the model it serves, its kind, its
+tokenizer against the local one) and answers one completion. That probe decodes greedily, so whether
+a server passes it does not hang on a random draw
 (llama.cpp's numerics, and so its draws at a fixed seed, differ from one processor to another).
 
 Log-probs are the sampled tokens' as the server reports them: llama-cpp-python and vLLM (default
@@ -60,17 +62,15 @@ from typing import Callable, Optional, Sequence
 from ..config import EngineConfig
 from ..errors import ConfigError, InputError, ServerError
 from .base import EngineStats, SegmentOutput, SegmentRequest
+from .server_checks import probe_ids, string_table, survey
 from .server_pool import HTTPRefused, ServerPool, Unusable, Usage
 
 log = logging.getLogger(__name__)
 
-PROBE_TEXT = "Tokenizer check: 12 + 7 = 19, naïve café ☃ \\boxed{x}\n  indented\tline"
 LOGPROB_SLACK = 1e-3  # a log-prob above this is garbage, not rounding
 MAX_REDRAWS = 8  # text dialect: re-draws of a segment's rest after a token whose id is uncertain
 FORCE_BIAS = 100.0  # forced_logprobs: a logit bias no other token can beat
 RECOVER_TOP = 2048  # llama-server: top log-probs asked for to find a sampled token it gave no log-prob
-# GET /v1/models `owned_by` -> the server's kind (weight sync picks its back-end by it)
-KINDS = {"llamacpp": "llama.cpp", "vllm": "vllm", "sglang": "sglang", "me": "llama-cpp-python"}
 
 
 def check_sampler_config(sampler_cfg) -> None:
@@ -384,37 +384,16 @@ class ServerEngine:
     # -- start-up checks --------------------------------------------------------------------
     def _check_servers(self) -> tuple[str, str, Optional[int]]:
         """(model name, dialect, context the servers allow) after checking every server; errors before any rollout."""
-        names, dialects, contexts, kinds = set(), set(), [], set()
-        for server in self.pool.servers:
-            try:
-                listing = self.pool.get(server, "/v1/models")
-                served = [m["id"] for m in listing["data"]]
-            except (HTTPRefused, KeyError, TypeError, Unusable) as e:
-                raise InputError(f"server_url={server.url!r} is not an OpenAI-compatible server: GET /v1/models "
-                                 f"gave {e}. Pass the server's base URL, e.g. http://127.0.0.1:8000.") from None
-            name = self._choose_model(server.url, served)
-            mine = [m for m in listing["data"] if m["id"] == name]
-            contexts += [m["max_model_len"] for m in mine if m.get("max_model_len")]
-            contexts += [m["meta"]["n_ctx"] for m in mine if isinstance(m.get("meta"), dict) and m["meta"].get("n_ctx")]
-            kinds.add(next((KINDS.get(str(m.get("owned_by")), "unknown") for m in mine), "unknown"))
-            names.add(name)
-            dialect, server_ids = self._tokenize_probe(server, name)
-            self._check_tokenizer(server.url, name, server_ids)
-            dialects.add(dialect)
-        if len(names) > 1 or len(dialects) > 1:
-            raise InputError(f"the servers differ (models {sorted(names)}, kinds {sorted(dialects)}): "
-                             "give servers that run the same model.")
-        self.model_name, self.dialect = names.pop(), dialects.pop()
-        self.server_kind = kinds.pop() if len(kinds) == 1 else "mixed"
+        self.model_name, self.dialect, self.server_kind, context = survey(self.pool, self.tokenizer, self.cfg)
         if self.server_kind == "llama.cpp":
             self._native, self._path = True, "/completion"
         if self.dialect == "text":
-            self._strings = self._string_table()
+            self._strings = string_table(self.tokenizer, self.vocab_size)
             if self.cfg.temperature not in (0.0, 1.0):
                 log.warning("llama-cpp-python reports log-probs before temperature: at temperature %s they are "
                             "not the sampling distribution's", self.cfg.temperature)
         for server in self.pool.servers:  # one tiny completion each: the endpoint exists and answers with ids
-            probe = SegmentRequest(0, (0,), (tuple(self._probe_ids()),), 2)
+            probe = SegmentRequest(0, (0,), (tuple(probe_ids(self.tokenizer)),), 2)
             try:  # greedy: the check must not depend on a random draw
                 out, complete = self.pool.post(self._path, self._body(probe, greedy=True),
                                                lambda a: self._parse(a, probe), server=server)
@@ -428,80 +407,7 @@ class ServerEngine:
         self.pool.reset_stats()  # the start-up probes are not rollout work
         self.stats = EngineStats()
         self.retokenized_contexts = self.unmappable_tokens = self.recovered_logprobs = 0
-        return self.model_name, self.dialect, min(contexts) if contexts else None
-
-    def _choose_model(self, url: str, served: list[str]) -> str:
-        wanted = self.cfg.server_model
-        if wanted:
-            if wanted not in served:
-                raise InputError(f"server {url} does not serve server_model={wanted!r}; it serves {served}: "
-                                 f"pass one of those to --server-model.")
-            return wanted
-        if len(served) != 1:
-            raise InputError(f"server {url} serves {len(served)} models {served}: choose one with --server-model.")
-        return served[0]
-
-    def _probe_ids(self) -> list[int]:
-        return self.tokenizer(self._probe_text(), add_special_tokens=False)["input_ids"]
-
-    def _probe_text(self) -> str:
-        if getattr(self.tokenizer, "chat_template", None):  # special tokens too, as real prompts have them
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": PROBE_TEXT}], tokenize=False,
-                                                      add_generation_prompt=True)
-        return PROBE_TEXT
-
-    def _tokenize_probe(self, server, name: str) -> tuple[str, Optional[list[int]]]:
-        """('text' | 'token_ids', the server's ids for the probe or None when it has no tokenize endpoint)."""
-        text = self._probe_text()
-        for path, body, dialect in (("/extras/tokenize", {"input": text}, "text"),  # llama-cpp-python
-                                    ("/tokenize", {"model": name, "prompt": text, "add_special_tokens": False},
-                                     "token_ids"),  # vLLM, SGLang
-                                    ("/tokenize", {"content": text, "add_special": False, "parse_special": True},
-                                     "token_ids")):  # llama-server
-            try:
-                ids = self.pool.post(path, body, _token_list, server=server)
-            except (HTTPRefused, ServerError):
-                continue
-            if ids:  # llama-server answers another dialect's body with no tokens: try the next
-                return dialect, ids
-        log.warning("server %s has no tokenize endpoint: its tokenizer cannot be compared with the local one",
-                    server.url)
-        return "token_ids", None
-
-    def _check_tokenizer(self, url: str, name: str, server_ids: Optional[list[int]]) -> None:
-        if server_ids is None:
-            return
-        local = self._probe_ids()
-        bos = self.tokenizer.bos_token_id
-        if server_ids[:1] == [bos] and local[:1] != [bos]:
-            server_ids = server_ids[1:]  # a server that adds BOS when tokenising
-        if server_ids != local:
-            at = next((i for i, (a, b) in enumerate(zip(server_ids, local)) if a != b), min(len(server_ids), len(local)))
-            raise InputError(
-                f"server {url} ({name}) tokenises differently from the local tokenizer of model="
-                f"{self.cfg.model!r} (first difference at token {at}: server {server_ids[at:at + 3]}, local "
-                f"{local[at:at + 3]}): pass --model the model (or tokenizer folder) that the server runs."
-            )
-
-    def _string_table(self) -> dict[str, int]:
-        strings = self.tokenizer.batch_decode([[i] for i in range(self.vocab_size)], skip_special_tokens=False,
-                                              clean_up_tokenization_spaces=False)
-        table: dict[str, int] = {}
-        for i, s in enumerate(strings):
-            if s and "\ufffd" not in s:
-                table[s] = -1 if s in table else i
-        return table
-
-
-def _token_list(answer: dict) -> tuple[list[int], Usage]:
-    """A tokenize endpoint's answer: {"tokens": [ids]}."""
-    tokens = answer.get("tokens")
-    if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
-        raise Unusable("no 'tokens' list of ids")
-    return tokens, Usage(0, 0)
-
-
-
+        return self.model_name, self.dialect, context
 
 def _align_native(ids: list[int], probs: list[tuple[int, float]]) -> tuple[list[float], int]:
     """(log-probs, trusted) for llama-server's sampled `ids` from its (id, log-prob) entries.
