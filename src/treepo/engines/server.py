@@ -13,16 +13,15 @@ server accepts ids.
 Two dialects, found at start-up:
 
 - `token_ids` (vLLM, SGLang, llama.cpp's C++ `llama-server`): the prompt is the context's token
-  ids; the sampled ids come back in `choices[0].token_ids` (`return_token_ids`), as `token_id:N`
-  strings in the log-probs (vLLM's `return_tokens_as_token_ids`), or as `logprobs.content[i].id`
-  (llama-server, which also returns EOS as the last id, like the embedded engine); log-probs in
-  `logprobs.token_logprobs` or `logprobs.content[i].logprob`; cached prompt tokens in
-  `usage.prompt_tokens_details.cached_tokens` (vLLM `--enable-prompt-tokens-details`, SGLang
-  `--enable-cache-report`, llama-server always).
-  llama-server is asked on its own `POST /completion` route (`return_tokens`, `n_probs: 1`): its
-  OpenAI route lists log-probs only for tokens after which the text is whole UTF-8, so a token that
-  ends mid-character (a byte piece of an emoji, say) would be missing from the ids. The native
-  route returns every sampled id; each id without a log-prob for certain gets it from one more
+  ids; the sampled ids come back in `choices[0].token_ids` (`return_token_ids`), or as `token_id:N`
+  strings in the log-probs (vLLM's `return_tokens_as_token_ids`); log-probs in
+  `logprobs.token_logprobs`; cached prompt tokens in `usage.prompt_tokens_details.cached_tokens`
+  (vLLM `--enable-prompt-tokens-details`, SGLang `--enable-cache-report`).
+  llama-server is asked on its own `POST /completion` route instead (`return_tokens`, `n_probs: 1`;
+  EOS comes back as the last id, as in the embedded engine; cached prompt tokens in
+  `timings.cache_n`): its OpenAI route lists log-probs only for tokens after which the text is
+  whole UTF-8, so a token that ends mid-character (a byte piece of an emoji, say) would be missing
+  from the ids. The native route returns every sampled id; each id without a log-prob for certain gets it from one more
   request (the same context, the top `RECOVER_TOP` log-probs of that position), and where that
   does not list it (a draw from the far tail) the segment stops before it and the rest is drawn
   again, as below.
@@ -269,7 +268,7 @@ class ServerEngine:
             choice = answer["choices"][0]
             finish = choice["finish_reason"]
             lp = choice.get("logprobs") or {}
-            logprobs = [float(x) for x in lp["token_logprobs"]] if "token_logprobs" in lp else []
+            logprobs = [float(x) for x in lp["token_logprobs"]]
             complete = True
             if self.dialect == "text":
                 strings = lp["tokens"]
@@ -280,9 +279,6 @@ class ServerEngine:
                 logprobs = logprobs[: len(ids)]
             elif choice.get("token_ids") is not None:
                 ids = [int(t) for t in choice["token_ids"]]
-            elif isinstance(lp.get("content"), list):  # llama-server: one entry per sampled token
-                ids = [int(c["id"]) for c in lp["content"]]
-                logprobs = [float(c["logprob"]) for c in lp["content"]]
             else:
                 ids = [int(str(t).removeprefix("token_id:")) for t in lp["tokens"]]
             usage = answer.get("usage") or {}
