@@ -159,8 +159,10 @@ class WeightSync:
 
     name = "weight sync"
 
-    def __init__(self, cfg, engine, model, tokenizer):
+    def __init__(self, cfg, engine, model, tokenizer, *, sync_dir: Optional[Path] = None):
         self.cfg, self.engine, self.tokenizer = cfg, engine, tokenizer
+        # where a disk back-end writes the weights: the run's folder (start_serving), else --sync_dir
+        self.sync_dir = Path(sync_dir) if sync_dir else (Path(cfg.sync_dir).expanduser() if cfg.sync_dir else None)
         self.probe = make_probe(model, tokenizer, cfg.probe_tokens)
         self.reports: list[SyncReport] = []
 
@@ -222,6 +224,13 @@ class WeightSync:
         if self.held is not None:
             self.held.close()
             self.held = None
+
+    def require_sync_dir(self, servers: str) -> Path:
+        """The folder a disk back-end writes to; WeightSyncError when there is none."""
+        if self.sync_dir is None:
+            raise WeightSyncError(f"--weight_sync disk needs a --sync_dir that every {servers} server reads at the "
+                                  "same path.")
+        return self.sync_dir
 
     # -- what back-ends implement -------------------------------------------------------------
     def urls(self) -> list[str]:

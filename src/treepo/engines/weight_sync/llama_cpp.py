@@ -22,8 +22,8 @@ class LlamaCppRestartSync(WeightSync):
     name = "llama-server restart"
 
     def __init__(self, cfg, engine, model, tokenizer, *, server: LlamaCppServer, sync_dir: Path):
-        super().__init__(cfg, engine, model, tokenizer)
-        self.server, self.sync_dir = server, Path(sync_dir)
+        super().__init__(cfg, engine, model, tokenizer, sync_dir=sync_dir)
+        self.server = server
         self.server.startup_timeout = cfg.sync_timeout
         for stale in self.sync_dir.glob("step-*.gguf"):  # an interrupted run's last weights: not this server's
             if stale != self.server.gguf:

@@ -100,11 +100,8 @@ class VLLMDiskSync(_VLLMSync):
     name = "vLLM disk weight sync"
 
     def __init__(self, cfg, engine, model, tokenizer, *, sync_dir: Optional[Path] = None):
-        super().__init__(cfg, engine, model, tokenizer)
-        sync_dir = sync_dir or (Path(cfg.sync_dir) if cfg.sync_dir else None)
-        if sync_dir is None:
-            raise WeightSyncError("--weight_sync disk needs a --sync_dir every vLLM server can read at the same path.")
-        self.sync_dir = Path(sync_dir)
+        super().__init__(cfg, engine, model, tokenizer, sync_dir=sync_dir)
+        self.require_sync_dir("vLLM")
 
     def send(self, model, step: int) -> int:
         folder, written = save_weights(model, self.tokenizer, self.sync_dir, step)
