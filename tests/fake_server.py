@@ -33,6 +33,21 @@ def token_at(prompt: list[int], seed: int, k: int, vocab: int) -> tuple[int, flo
     return 2 + int.from_bytes(h[1:5], "little") % (vocab - 2), -(h[5] / 64.0)
 
 
+class JSONHandler(BaseHTTPRequestHandler):
+    """The fakes' request handler base: no access log, JSON (or raw bytes) answers."""
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status: int, payload) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -95,18 +110,7 @@ class FakeServer:
     def _handler(self):
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status: int, payload) -> None:
-                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JSONHandler):
             def do_GET(self):
                 if self.path == "/v1/models" and server.models is not None:
                     cards = [{"id": m, "object": "model", **({"max_model_len": server.max_model_len}

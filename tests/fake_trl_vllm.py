@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import random
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
+
+from fake_server import JSONHandler
 
 EOS = 1
 
@@ -50,25 +52,17 @@ class FakeTRLVLLM:
     def _handler(self):
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, payload) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        class Handler(JSONHandler):
+            def _answer(self, payload) -> None:
+                self._send(200, payload)
 
             def do_GET(self):
                 if self.path == "/health":
-                    self._send({})
+                    self._answer({})
                 elif self.path == "/v1/models":
-                    self._send({"object": "list", "data": [{"id": "fake-policy", "object": "model"}]})
+                    self._answer({"object": "list", "data": [{"id": "fake-policy", "object": "model"}]})
                 elif self.path.startswith("/server_info"):
-                    self._send({"vllm_config": {"model_config": {"logprobs_mode": "processed_logprobs"}}})
+                    self._answer({"vllm_config": {"model_config": {"logprobs_mode": "processed_logprobs"}}})
                 else:
                     self.send_error(404)
 
@@ -77,7 +71,7 @@ class FakeTRLVLLM:
                 if self.path == "/reset_prefix_cache":
                     with fake.lock:
                         fake.resets += 1
-                    self._send({})
+                    self._answer({})
                     return
                 if self.path != "/v1/completions":
                     self.send_error(404)
@@ -88,6 +82,6 @@ class FakeTRLVLLM:
                     choices = [fake._choice(list(p), body["max_tokens"]) for p in body["prompt"] for _ in range(body["n"])]
                     answer = {"object": "text_completion", "model": body["model"], "choices": choices}
                     fake.answers.append(answer)
-                self._send(answer)
+                self._answer(answer)
 
         return Handler

@@ -40,8 +40,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
 
-from fake_server import _QuietServer
-from http.server import BaseHTTPRequestHandler
+from fake_server import JSONHandler, _QuietServer
 from treepo.engines.weight_sync.vllm import GLOO_GROUP
 
 ROUTES = {  # route -> (kind, event)
@@ -266,18 +265,7 @@ class FakeWeightServer:
     def _handler(self):
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status: int, payload) -> None:
-                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JSONHandler):
             def _serve(self, method: str) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
                 body = json.loads(raw) if raw else {}

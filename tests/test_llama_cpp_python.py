@@ -12,23 +12,19 @@ hundredths of a nat, and greedy paths agree until two candidate tokens are that 
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from treepo.config import EngineConfig, SamplerConfig
-from treepo.engines.local_server import LocalLlamaServer, live_servers, llama_cpp_server_available
+from treepo.engines.local_server import LocalLlamaServer, llama_cpp_server_available
 from treepo.engines.loading import load_engine, smollm2_gguf
 from treepo.prompts import load_task, render
 from treepo.rollout.sampler import TreeSampler
 
-if not llama_cpp_server_available():
-    if os.environ.get("TREEPO_REQUIRE_SERVER") == "1":
-        raise RuntimeError("TREEPO_REQUIRE_SERVER=1 but llama-cpp-python's server is missing: "
-                           "run `bash scripts/setup.sh --server`.")
-    pytest.skip("llama-cpp-python[server] is not installed (bash scripts/setup.sh --server builds it)",
-                allow_module_level=True)
+from real_servers import leak_guards, require
+
+require(llama_cpp_server_available(), "llama-cpp-python's server is not installed", "bash scripts/setup.sh --server")
 
 pytestmark = pytest.mark.slow
 SYSTEM = "Reason step by step, then answer in \\boxed{}."
@@ -38,20 +34,8 @@ EOS = 2
 MODULE_SERVERS: set[int] = set()  # pids of the module-scoped server, which outlives single tests by design
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_server_outlives_the_module():
-    """Set up before (so torn down after) `server`: by then every server this module started is gone."""
-    yield
-    left = live_servers()
-    assert not left, f"llama_cpp.server processes still running after the module: {left}"
-
-
-@pytest.fixture(autouse=True)
-def no_server_outlives_its_test():
-    before = set(live_servers())
-    yield
-    leaked = set(live_servers()) - before - MODULE_SERVERS
-    assert not leaked, f"a test left llama_cpp.server processes running: {sorted(leaked)}"
+# Set up before (so torn down after) `server`: by then every server this module started is gone.
+no_server_outlives_the_module, no_server_outlives_its_test = leak_guards("llama_cpp.server", MODULE_SERVERS)
 
 
 @pytest.fixture(scope="module")

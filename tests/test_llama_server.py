@@ -14,7 +14,6 @@ command, after `scripts/setup.sh --server` built it): then a missing server fail
 from __future__ import annotations
 
 import json
-import os
 import threading
 
 import pytest
@@ -22,18 +21,16 @@ import torch
 
 from treepo.cli import main
 from treepo.config import EngineConfig, RolloutConfig, SamplerConfig
-from treepo.engines.local_server import LlamaCppServer, live_servers, llama_server_binary
+from treepo.engines.local_server import LlamaCppServer, llama_server_binary
 from treepo.engines.loading import load_engine, smollm2_gguf
 from treepo.errors import ServerError
 from treepo.prompts import load_task, render
 from treepo.rollout.job import run_rollout
 from treepo.rollout.sampler import TreeSampler
 
-if llama_server_binary() is None:
-    if os.environ.get("TREEPO_REQUIRE_SERVER") == "1":
-        raise RuntimeError("TREEPO_REQUIRE_SERVER=1 but llama-server is not built: run "
-                           "`bash scripts/build_llama_server.sh` (scripts/setup.sh --server does).")
-    pytest.skip("llama-server is not built (bash scripts/build_llama_server.sh)", allow_module_level=True)
+from real_servers import leak_guards, require
+
+require(llama_server_binary() is not None, "llama-server is not built", "bash scripts/build_llama_server.sh")
 
 pytestmark = pytest.mark.slow
 SYSTEM = "Reason step by step, then answer in \\boxed{}."
@@ -41,19 +38,7 @@ EOS = 2
 MODULE_SERVERS: set[int] = set()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_server_outlives_the_module():
-    yield
-    left = live_servers()
-    assert not left, f"llama-server processes still running after the module: {left}"
-
-
-@pytest.fixture(autouse=True)
-def no_server_outlives_its_test():
-    before = set(live_servers())
-    yield
-    leaked = set(live_servers()) - before - MODULE_SERVERS
-    assert not leaked, f"a test left llama-server processes running: {sorted(leaked)}"
+no_server_outlives_the_module, no_server_outlives_its_test = leak_guards("llama-server", MODULE_SERVERS)
 
 
 @pytest.fixture(scope="module")

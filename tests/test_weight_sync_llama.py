@@ -13,7 +13,6 @@ command, after `scripts/setup.sh --server` built it): then a missing server fail
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -21,19 +20,17 @@ import torch
 
 from treepo.config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig, WeightSyncConfig
 from treepo.engines.loading import load_tokenizer
-from treepo.engines.local_server import live_servers, llama_server_binary
+from treepo.engines.local_server import llama_server_binary
 from treepo.engines.weight_sync.base import WeightSyncError
 from treepo.engines.weight_sync.llama_cpp import LlamaCppRestartSync
 from treepo.errors import ServerError
 from treepo.train.trainer import run_train
 
+from real_servers import leak_guards, require
+
 import tiny
 
-if llama_server_binary() is None:
-    if os.environ.get("TREEPO_REQUIRE_SERVER") == "1":
-        raise RuntimeError("TREEPO_REQUIRE_SERVER=1 but llama-server is not built: run "
-                           "`bash scripts/build_llama_server.sh` (scripts/setup.sh --server does).")
-    pytest.skip("llama-server is not built (bash scripts/build_llama_server.sh)", allow_module_level=True)
+require(llama_server_binary() is not None, "llama-server is not built", "bash scripts/build_llama_server.sh")
 
 pytestmark = pytest.mark.slow
 
@@ -55,12 +52,7 @@ def model_dir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def no_server_outlives_its_test():
-    before = set(live_servers())
-    yield
-    leaked = set(live_servers()) - before
-    assert not leaked, f"a test left llama-server processes running: {sorted(leaked)}"
+no_server_outlives_the_module, no_server_outlives_its_test = leak_guards("llama-server", set())
 
 
 def cfgs(model_dir: Path, prompts: Path, out: Path, **train):
