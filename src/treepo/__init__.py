@@ -25,6 +25,7 @@ The package reads as the pipeline:
 from .config import (
     EngineConfig,
     EvalConfig,
+    JobSamplerConfig,
     RewardConfig,
     RolloutConfig,
     SamplerConfig,
@@ -51,6 +52,7 @@ __all__ = [
     "EngineStats",
     "EvalConfig",
     "InputError",
+    "JobSamplerConfig",
     "Node",
     "NodeId",
     "PromptTree",

@@ -28,8 +28,8 @@ from .config import (
     EngineConfig,
     EvalConfig,
     RewardConfig,
+    JobSamplerConfig,
     RolloutConfig,
-    SamplerConfig,
     TrainConfig,
     TrainSamplerConfig,
     WeightSyncConfig,
@@ -148,7 +148,7 @@ def _suggest(name: str, known: set[str], prefix: str) -> str:
 def _rollout(argv: Sequence[str], console: Console) -> int:
     from .rollout.job import run_rollout
 
-    engine_cfg, sampler_cfg, rollout_cfg = parse_configs((EngineConfig, SamplerConfig, RolloutConfig), argv,
+    engine_cfg, sampler_cfg, rollout_cfg = parse_configs((EngineConfig, JobSamplerConfig, RolloutConfig), argv,
                                                          "treepo rollout")
     run_rollout(engine_cfg, sampler_cfg, rollout_cfg, console=console)
     return 0
@@ -166,7 +166,7 @@ def _train(argv: Sequence[str], console: Console) -> int:
 def _eval(argv: Sequence[str], console: Console) -> int:
     from .eval.job import run_eval
 
-    configs = parse_configs((EngineConfig, SamplerConfig, RewardConfig, EvalConfig), argv, "treepo eval")
+    configs = parse_configs((EngineConfig, JobSamplerConfig, RewardConfig, EvalConfig), argv, "treepo eval")
     run_eval(*configs, console=console)
     return 0
 

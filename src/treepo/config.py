@@ -135,7 +135,7 @@ class EngineConfig:
         _require(self.server_concurrency >= 1, f"server_concurrency={self.server_concurrency}: must be >= 1.")
 
 
-AUTO_FANOUT_MAX = -1  # init_divergence_max: up to 8 root children, at most width (treepo train's default)
+AUTO_FANOUT_MAX = -1  # init_divergence_max: up to 8 root children, at most width
 DivergencePolicy = Literal["fixed_avg", "low_prob", "high_prob", "entropy"]
 # Advantage estimators (train/advantages.py implements each one of these names).
 Estimator = Literal["average", "size_weighted", "segment", "grpo", "unbiased"]
@@ -186,13 +186,45 @@ class SamplerConfig:
         default=None,
         metadata=_help("If set, the temperature follows a cosine from divergence_temperature to this over training."),
     )
-    budget: Literal["transfer", "branch"] = field(
-        default="transfer",
+    budget: Literal["particles", "transfer", "branch"] = field(
+        default="particles",
         metadata=_help(
-            "Where a finished path's unused forks go: 'transfer' (to the surviving paths, the paper's budget "
-            "transfer: leaves run longer than the policy's answers) or 'branch' (to new branches cut from the "
-            "finished paths at random earlier segment boundaries, so short answers keep their share)."
+            "How a prompt's width is spent: 'particles' (each prompt holds width particles; a fork splits a path's "
+            "particles among its children and a path that ends keeps them as its leaf's multiplicity, so the "
+            "weighted leaves are exact draws from the policy and the tree never decodes more than width "
+            "independent samples; see rollout/particles.py), 'transfer' (the paper's rule: a finished path's "
+            "forks go to the survivors, so leaves run longer than the policy's answers) or 'branch' (new "
+            "branches cut from the finished paths at random earlier segment boundaries)."
         ),
+    )
+    shape: Literal["adaptive", "fixed"] = field(
+        default="fixed",
+        metadata=_help(
+            "'adaptive': before each rollout, segment length, root fan-out and fork depth are chosen from the "
+            "running answer-length distribution (depth x segment_len, or max_response_tokens, stays the "
+            "response budget) so that forks land where prefixes are long, and the sampler falls back to "
+            "independent sampling when answers fit in about one segment; the first rollout, with no lengths "
+            "seen yet, samples independently. 'fixed': the shape as given. Needs budget 'particles'; fixed "
+            "segments, no env (elsewhere the given shape is kept)."
+        ),
+    )
+    fork_depth: int = field(
+        default=0,
+        metadata=_help(
+            "Budget 'particles': paths fork (into branching children, while they hold more than one particle) "
+            "at every segment boundary from this depth on (1 = after the first segment); 0 = 1, or chosen by "
+            "the adaptive shape. Must be below depth."
+        ),
+    )
+    min_distinct: float = field(
+        default=0.75,
+        metadata=_help(
+            "Adaptive shape: the least expected share of distinct leaves per group (distinct trajectories / "
+            "width); a shape that saves more tokens with more duplicated leaves is not chosen."
+        ),
+    )
+    min_segment_len: int = field(
+        default=16, metadata=_help("Adaptive shape: the shortest segment it may choose (more rounds cost engine steps).")
     )
     fallback_policy: Literal["finished", "any", "root"] = field(
         default="finished",
@@ -334,6 +366,28 @@ class SamplerConfig:
             "segment, so depth ends the path first; raise depth or lower max_turns.",
         )
 
+        _require(self.fork_depth >= 0, f"fork_depth={self.fork_depth}: must be >= 0 (0 = 1, or chosen by --shape adaptive).")
+        _require(
+            self.fork_depth < self.depth,
+            f"fork_depth={self.fork_depth} is past the last fork point (paths have at most depth={self.depth} "
+            f"segments, so the last boundary is {self.depth - 1}): lower --fork_depth below --depth or raise --depth.",
+        )
+        _require(not (self.fork_depth and self.budget != "particles"),
+                 f"fork_depth={self.fork_depth} only applies to --budget particles (now {self.budget!r}): drop --fork_depth "
+                 "or add --budget particles.")
+        _require(0 < self.min_distinct <= 1,
+                 f"min_distinct={self.min_distinct}: must be in (0, 1] (a share of width, e.g. 0.75).")
+        _require(isinstance(self.min_segment_len, int) and self.min_segment_len >= 1,
+                 f"min_segment_len={self.min_segment_len!r}: must be an integer >= 1 (e.g. 16).")
+        if self.shape == "adaptive" and self.mode == "tree":
+            _require(self.budget == "particles",
+                     f"--shape adaptive chooses where particle paths fork, but budget={self.budget!r}: add "
+                     "--budget particles, or --shape fixed to keep the fixed shape with this budget.")
+            for name in ("init_divergence", "init_divergence_max", "fork_depth"):
+                value = getattr(self, name)
+                _require(not value, f"{name}={value} contradicts --shape adaptive, which chooses the root fan-out and "
+                                    f"fork depth: drop --{name} or add --shape fixed.")
+
     @property
     def root_fanout_range(self) -> tuple[int, int]:
         """(low, high) root fan-out; equal ends mean a fixed fan-out. Independent mode forks width at once."""
@@ -366,25 +420,22 @@ class SamplerConfig:
 
 
 @dataclass
-class TrainSamplerConfig(SamplerConfig):
-    """The sampler of `treepo train`: SamplerConfig with the root fan-out measured best for training.
+class JobSamplerConfig(SamplerConfig):
+    """The sampler of `treepo rollout`, `eval` and `train`: SamplerConfig with the adaptive shape by default.
 
-    On a model-free engine with a known answer-length law (benchmarks/sampler_bias.py), a fan-out drawn
-    from 2..8 (the paper's "more init divergence") gave the least-biased leaf-weighted estimates (fewest
-    fallbacks) and the fewest all-equal groups for dynamic sampling to drop, against a fixed fan-out of 2.
+    The Python API's SamplerConfig keeps the shape it is given (`shape='fixed'`), so a TreeSampler built by
+    hand grows exactly the tree it is asked for.
     """
 
-    init_divergence: int = field(
-        default=2,
-        metadata=_help("Root fan-out; 0 = branching (at most width). With init_divergence_max: the low end "
-                       "[treepo train: 2..8]."),
+    shape: Literal["adaptive", "fixed"] = field(
+        default="adaptive",
+        metadata=SamplerConfig.__dataclass_fields__["shape"].metadata,
     )
-    init_divergence_max: int = field(
-        default=AUTO_FANOUT_MAX,
-        metadata=_help("If > 0, each prompt's root fan-out is drawn uniformly from [init_divergence, "
-                       "init_divergence_max]; -1 (treepo train's default) = up to 8, at most width "
-                       "(a fixed fan-out when init_divergence is 0)."),
-    )
+
+
+@dataclass
+class TrainSamplerConfig(JobSamplerConfig):
+    """The sampler of `treepo train` (the same defaults as rollout's and eval's: particles, adaptive shape)."""
 
 
 @dataclass
