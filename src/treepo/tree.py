@@ -130,6 +130,10 @@ class PromptTree:
     fallbacks: int = 0  # backtracking rounds
     rewards: dict[NodeId, float] = field(default_factory=dict)  # leaf id -> reward, once scored
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Budget 'particles' (and independent sampling): node id -> the particles on the path through it; a
+    # leaf's count is its multiplicity (rollout/particles.py). Empty for the 'transfer' / 'branch' budgets,
+    # whose leaves count once each.
+    particles: dict[NodeId, int] = field(default_factory=dict)
 
     # -- structure -------------------------------------------------------------------------
     def path(self, node_id: NodeId) -> list[Node]:
@@ -216,7 +220,40 @@ class PromptTree:
         for leaf in self.leaves:
             yield self.trajectory(leaf)
 
+    def multiplicity(self) -> Optional[list[int]]:
+        """Per leaf (in `leaves` order), the particles it stands for; None when the tree has no particles."""
+        return [self.particles[leaf] for leaf in self.leaves] if self.particles else None
+
+    @property
+    def group_size(self) -> int:
+        """Trajectories the group stands for: the particles (width) of a particle tree, else its leaves."""
+        counts = self.multiplicity()
+        return sum(counts) if counts is not None else len(self.leaves)
+
     # -- accounting ------------------------------------------------------------------------
+    def model_tokens(self, leaf: NodeId) -> int:
+        """The model's tokens on a leaf's path (env turns excluded): its answer length for the accounting."""
+        return sum(map(len, self.model_turn_ids(leaf)))
+
+    @property
+    def particle_tokens(self) -> int:
+        """sum over leaves of multiplicity x answer length: what `group_size` independent draws with exactly
+        these answers would decode (= `leaf_tokens` for a tree without particles)."""
+        counts = self.multiplicity() or [1] * len(self.leaves)
+        return sum(m * self.model_tokens(leaf) for m, leaf in zip(counts, self.leaves))
+
+    @property
+    def shared_tokens(self) -> int:
+        """S: tokens that shared prefixes saved, sum over model nodes of (paths through it - 1) x its length,
+        where a node's paths are the multiplicities of the leaves under it. decoded_tokens =
+        particle_tokens - shared_tokens exactly (every node has a leaf below it)."""
+        counts = self.multiplicity() or [1] * len(self.leaves)
+        through: dict[NodeId, int] = {}
+        for leaf, m in zip(self.leaves, counts):
+            for k in range(1, len(leaf) + 1):
+                through[leaf[:k]] = through.get(leaf[:k], 0) + m
+        return sum((through.get(i, 1) - 1) * len(n) for i, n in self.nodes.items() if not n.env)
+
     @property
     def decoded_tokens(self) -> int:
         """Unique generated tokens: every model segment was decoded once (env turns were not decoded)."""
@@ -230,7 +267,7 @@ class PromptTree:
         model token on the path once per trajectory; env turns are prefilled there as here, so
         they count in neither figure. Without env turns this is the sum of response lengths.
         """
-        return sum(sum(map(len, self.model_turn_ids(leaf))) for leaf in self.leaves)
+        return sum(self.model_tokens(leaf) for leaf in self.leaves)
 
     # -- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -245,6 +282,7 @@ class PromptTree:
             "fallbacks": self.fallbacks,
             "rewards": [[list(k), v] for k, v in self.rewards.items()],
             "metadata": self.metadata,
+            "particles": [[list(k), v] for k, v in self.particles.items()],
         }
 
     @classmethod
@@ -261,6 +299,7 @@ class PromptTree:
             fallbacks=d.get("fallbacks", 0),
             rewards={tuple(k): v for k, v in d.get("rewards", [])},
             metadata=d.get("metadata", {}),
+            particles={tuple(k): v for k, v in d.get("particles", [])},
         )
 
 
@@ -283,21 +322,46 @@ def check_tree(tree: PromptTree) -> None:
             raise InputError(f"prompt {tree.prompt_index}: leaf {list(leaf)} has no node; roll the tree out again.")
 
 
-def leaf_weights(leaves: Sequence[NodeId]) -> list[float]:
-    """Per leaf, the product over its strict ancestors (the root included) of 1 / (their number of children).
+def child_shares(leaves: Sequence[NodeId], multiplicity: Optional[Sequence[int]] = None) -> dict[NodeId, float]:
+    """Per node (below the root) with a leaf under it, its share of its parent: the weight its subtree gets
+    in its parent's value.
 
-    Each node's children are independent draws of its continuation, so a mean over a tree's leaves
-    weighted by these is an unbiased estimate of the policy's mean (see `train/unbiased.py`); they sum
-    to 1. Children are counted from the leaf ids (env levels dropped or not, as the ids given).
+    Without multiplicities: 1 / (the parent's number of children), each child an equal, independent draw
+    of the parent's continuation. With them (budget 'particles'): the node's particles over its parent's,
+    so each particle, an exact draw from the policy, counts once. Either way the shares of a node's
+    children sum to 1 and the estimates built from them are unbiased (train/unbiased.py).
     """
+    counts = list(multiplicity) if multiplicity is not None else None
+    through: dict[NodeId, float] = {}
     children: dict[NodeId, set[NodeId]] = {}
-    for leaf in leaves:
-        for k in range(1, len(leaf) + 1):
-            children.setdefault(leaf[: k - 1], set()).add(leaf[:k])
+    for i, leaf in enumerate(leaves):
+        m = counts[i] if counts is not None else 1
+        for k in range(len(leaf) + 1):
+            through[leaf[:k]] = through.get(leaf[:k], 0) + m
+            if k:
+                children.setdefault(leaf[: k - 1], set()).add(leaf[:k])
+    shares: dict[NodeId, float] = {}
+    for parent, kids in children.items():
+        for c in kids:
+            shares[c] = through[c] / through[parent] if counts is not None else 1.0 / len(kids)
+    return shares
+
+
+def leaf_weights(leaves: Sequence[NodeId], multiplicity: Optional[Sequence[int]] = None) -> list[float]:
+    """Per leaf, the product of the shares (`child_shares`) along its path: they sum to 1 over a tree.
+
+    Without multiplicities that is the product over the strict ancestors of 1 / (their number of
+    children): each node's children are independent draws of its continuation, so a mean over a tree's
+    leaves weighted by these is an unbiased estimate of the policy's mean (see `train/unbiased.py`).
+    With multiplicities (budget 'particles') it is multiplicity / width: the weighted leaves are the
+    width particles, each an exact draw. Children are counted from the leaf ids (env levels dropped or
+    not, as the ids given).
+    """
+    shares = child_shares(leaves, multiplicity)
     out = []
     for leaf in leaves:
         w = 1.0
-        for k in range(len(leaf)):
-            w /= len(children[leaf[:k]])
+        for k in range(1, len(leaf) + 1):
+            w *= shares[leaf[:k]]
         out.append(w)
     return out

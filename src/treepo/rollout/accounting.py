@@ -8,7 +8,17 @@
   same policy's independent answers are shorter where paths stop early. Only a run of both modes on
   the same prompts measures that (`compare_modes`, the benchmarks);
 - `weighted_response_tokens`: the mean answer length the leaf weights (`tree.leaf_weights`) estimate
-  for the policy itself, per prompt.
+  for the policy itself, per prompt; `mean_response_tokens` is the raw mean over the distinct leaves;
+- `shared_tokens` (S): the tokens shared prefixes saved, sum over nodes of (paths through it - 1) x its
+  length; `particle_tokens`: sum over leaves of multiplicity x answer length, what the group's width
+  draws with exactly these answers would decode. decoded = particle_tokens - shared_tokens exactly, so
+  for a group `tree - independent = w (E_leaf[L] - E[L]) - S` with E_leaf the weighted leaf mean;
+- `estimated_saving_vs_independent` = 1 - decoded / (group size x weighted mean answer length), summed
+  over groups: the saving against independent sampling of the same width, estimated from the tree
+  alone (for a particle tree 1 - decoded / particle_tokens = S / particle_tokens); a run of both modes
+  measures it (`compare_modes`);
+- `distinct_leaves_per_group` and `decoded_tokens_per_distinct_leaf`: what a saving bought with
+  duplicated leaves costs (a particle tree has at most width distinct leaves, often fewer).
 
 The structural bound is what this sampler saves for a config when no path stops early: it runs
 the sampler itself on `engines.simulated.HazardEngine(0)`, which always decodes full segments, so branching, the width
@@ -73,6 +83,11 @@ def summarize(results: Iterable[RolloutResult], cfg: SamplerConfig) -> dict:
         engine.update(r.engine_stats)
     reasons = Counter(t.nodes[leaf_id].finish_reason for t in trees for leaf_id in t.leaves)
     n_traj = sum(len(t.leaves) for t in trees)
+    shared = sum(t.shared_tokens for t in trees)
+    particle = sum(t.particle_tokens for t in trees)
+    # Per group: width x the weighted mean answer length (model tokens), the expected cost of independent sampling.
+    independent_est = sum(t.group_size * sum(w * t.model_tokens(x) for w, x in zip(leaf_weights(t.leaves, t.multiplicity()), t.leaves))
+                          for t in trees)
     env_nodes = [n for t in trees for n in t.nodes.values() if n.env]
     turns = sum(1 + sum(n.env for n in t.path(leaf_id)) for t in trees for leaf_id in t.leaves)
     return {
@@ -93,8 +108,15 @@ def summarize(results: Iterable[RolloutResult], cfg: SamplerConfig) -> dict:
         "leaf_tokens_per_second": round(leaf / wall, 2) if wall else 0.0,
         "mean_response_tokens": round(leaf / n_traj, 2) if n_traj else 0.0,
         "weighted_response_tokens": round(sum(
-            sum(w * len(t.response_ids(x)) for w, x in zip(leaf_weights(t.leaves), t.leaves)) for t in trees
+            sum(w * len(t.response_ids(x)) for w, x in zip(leaf_weights(t.leaves, t.multiplicity()), t.leaves))
+            for t in trees
         ) / len(trees), 2) if trees else 0.0,
+        "shared_tokens": shared,
+        "particle_tokens": particle,
+        "estimated_saving_vs_independent": round(1.0 - decoded / independent_est, 6) if independent_est else 0.0,
+        "group_size": round(sum(t.group_size for t in trees) / len(trees), 3) if trees else 0.0,
+        "distinct_leaves_per_group": round(n_traj / len(trees), 3) if trees else 0.0,
+        "decoded_tokens_per_distinct_leaf": round(decoded / n_traj, 2) if n_traj else 0.0,
         "segments": sum(len(t.nodes) for t in trees) - len(env_nodes),
         "env_turns": len(env_nodes),  # environment replies in the trees (each once, however many leaves share it)
         "env_tokens": sum(len(n) for n in env_nodes),  # appended as context: prefilled, never decoded
@@ -105,8 +127,9 @@ def summarize(results: Iterable[RolloutResult], cfg: SamplerConfig) -> dict:
     }
 
 
-SIDE_KEYS = ("decoded_tokens", "leaf_tokens", "wall_seconds", "mean_response_tokens", "trajectories_per_second",
-             "decoded_tokens_per_second", "saving_vs_own_leaves")
+SIDE_KEYS = ("decoded_tokens", "leaf_tokens", "wall_seconds", "mean_response_tokens", "weighted_response_tokens",
+             "trajectories_per_second", "decoded_tokens_per_second", "saving_vs_own_leaves", "shared_tokens",
+             "estimated_saving_vs_independent", "distinct_leaves_per_group", "decoded_tokens_per_distinct_leaf")
 
 
 def compare_modes(tree: dict, independent: dict) -> dict:

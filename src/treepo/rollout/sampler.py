@@ -1,10 +1,14 @@
 """Segment-wise tree sampling (TreePO): grow every prompt's tree in lockstep.
 
 Each round sends every active path of every prompt to the engine in one batched call, then, per
-prompt, classifies the new segments (`stopping.classify`), decides how many children each
-surviving path gets (`branching.children_total`, `split_children`), and backtracks from finished paths
-when a prompt has no active path left but fewer than `width` trajectories (`plan_fallback`). The
-decision functions (`branching.py`) are pure over explicit tree data; `TreeSampler` is the loop around them.
+prompt, classifies the new segments (`stopping.classify`) and decides how many children each
+surviving path gets. Under the default 'particles' budget (`particles.py`) a path's particles are
+split at fork points and a path that ends keeps them, so the weighted leaves are exact draws and the
+tree never decodes more than independent sampling; with the adaptive shape (`shape.py`) each rollout's
+segment length, root fan-out and fork depth are chosen from the answer lengths of the last rollouts.
+The paper's 'transfer' budget (`branching.children_total`, `split_children`) and backtracking from
+finished paths (`plan_fallback`) remain as options. The decision functions are pure over explicit
+tree data; `TreeSampler` is the loop around them.
 
 With an environment (`treepo.envs`), a model segment that closes its assistant turn (EOS or a
 stop string) and does not finish the path gets the environment's reply as an env node, the path's
@@ -31,6 +35,8 @@ from ..envs.base import EnvError, Environment, PathView, check_env, load_env, pa
 from ..errors import ConfigError, InputError
 from ..tree import Node, NodeId, PromptTree
 from .branching import children_total, divergence_temperature, path_score, plan_fallback, root_fanout, split_children
+from .particles import child_particles, split_particles
+from .shape import AdaptiveShape, TreeShape, adaptive_applies, shaped_config
 from .stopping import AnswerPredicate, answer_predicate, classify
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,7 @@ class RolloutResult:
     rounds: int = 0  # batched engine calls (engine steps)
     wall_seconds: float = 0.0
     engine_stats: dict = field(default_factory=dict)  # the engine's counters for this rollout
+    shape: Optional[TreeShape] = None  # the adaptive shape this rollout grew (None: the config's own)
 
 
 @dataclass
@@ -99,7 +106,9 @@ class TreeSampler:
         on_round: Optional[Callable[[RoundInfo], None]] = None,
         env: Optional[Environment] = None,
     ):
+        self.base_cfg = cfg  # as given; `cfg` is the one the current (or last) rollout grows
         self.cfg = cfg
+        self.shaper = AdaptiveShape(cfg) if adaptive_applies(cfg) else None
         self.engine = engine
         self.predicate = predicate if predicate is not None else answer_predicate(cfg)
         self.on_round = on_round
@@ -158,15 +167,21 @@ class TreeSampler:
         first_index: int = 0,
         indices: Optional[Sequence[int]] = None,
         progress: float = 0.0,
+        shape: Optional[TreeShape] = None,
     ) -> RolloutResult:
-        """Exactly `width` trajectories for every prompt. `progress` in [0, 1] drives schedules.
+        """`width` trajectories for every prompt (under 'particles': leaves whose multiplicities sum to
+        width). `progress` in [0, 1] drives schedules.
 
         Tree i gets `prompt_index` `indices[i]` (its prompt's place in the caller's pool; may repeat),
         else `first_index + i`; the engine sees each tree of the call as group `first_index + i`.
+        `shape` grows that shape instead of the config's (or the adaptive one's); the adaptive shape
+        learns from every rollout's answer lengths.
         """
-        cfg = self.cfg
         if not prompts:
             return RolloutResult(trees=[])
+        if shape is None and self.shaper is not None:
+            shape = self.shaper.next_shape()
+        self.cfg = cfg = shaped_config(self.base_cfg, shape) if shape is not None else self.base_cfg
         if indices is not None and len(indices) != len(prompts):
             raise ValueError(f"rollout: {len(indices)} indices for {len(prompts)} prompts")
         trees = [PromptTree(prompt_index=first_index + i if indices is None else int(indices[i]), prompt_ids=list(p))
@@ -184,6 +199,8 @@ class TreeSampler:
         fallback_ids: set[tuple[int, NodeId]] = set()
         for t in trees:
             t.root_fanout = root_fanout(cfg, self.rng)
+            if self._particles:
+                t.particles = {(j,): m for j, m in enumerate(split_particles(cfg.width, t.root_fanout))}
             pending += [self._request(t, (j,)) for j in range(t.root_fanout)]
         by_group = {self._group[id(t)]: t for t in trees}
         done = 0
@@ -204,7 +221,7 @@ class TreeSampler:
                 grown, regrown = self._advance(tree, nodes, temperature)
                 pending += grown + regrown
                 fallback_ids.update((group, r.node_id) for r in regrown)
-                if len(tree.leaves) == cfg.width:
+                if self._complete(tree):
                     done += 1
                     self.engine.release(group)
             if self.on_round:
@@ -212,12 +229,25 @@ class TreeSampler:
                     RoundInfo(rounds, len(outputs), sum(len(o.token_ids) for o in outputs), done, len(trees))
                 )
         after = self.engine.stats.as_dict()
+        if self.shaper is not None:
+            self.shaper.history.observe(trees)
         return RolloutResult(
             trees=trees,
             rounds=rounds,
             wall_seconds=time.perf_counter() - started,
             engine_stats={k: after[k] - before.get(k, 0) for k in after},
+            shape=shape,
         )
+
+    @property
+    def _particles(self) -> bool:
+        """Whether the trees carry particles: the 'particles' budget, and independent sampling (one each)."""
+        return self.cfg.mode == "independent" or self.cfg.budget == "particles"
+
+    def _complete(self, tree: PromptTree) -> bool:
+        if self._particles:
+            return sum(tree.particles[leaf] for leaf in tree.leaves) == self.cfg.width
+        return len(tree.leaves) == self.cfg.width
 
     # -- per round, per prompt ---------------------------------------------------------------
     def _request(self, tree: PromptTree, node_id: NodeId) -> SegmentRequest:
@@ -269,8 +299,17 @@ class TreeSampler:
                 tree.leaves.append(node.id)
                 finished.append(node.id)
 
-        if cfg.mode == "independent":  # every sample runs its own course: no forks, no backtracking
-            return [self._request(tree, tip + (0,)) for tip, _ in active], []
+        if self._particles:  # independent sampling too: one particle per path, never forked
+            grown = []
+            for tip, node in active:
+                m = tree.particles[node.id]
+                tree.particles[tip] = m  # an env turn carries its segment's particles
+                depth = sum(not n.env for n in tree.path(node.id))
+                shares = [m] if cfg.mode == "independent" else child_particles(m, depth, cfg.fork_depth, cfg.branching)
+                for j, c in enumerate(shares):
+                    tree.particles[tip + (j,)] = c
+                    grown.append(self._request(tree, tip + (j,)))
+            return grown, []
         remaining = cfg.width - len(tree.leaves)
         if active:
             # 'transfer': the finished paths' forks go to the survivors; 'branch': to new branches cut from

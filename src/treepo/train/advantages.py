@@ -19,6 +19,12 @@ order) and returns per-token advantages through `token_advantages`, which the lo
   with a positive advantage. `scale` ('scale': divide by the same std, no re-centring) never changes
   a sign; `center_groups` ('group': centre each prompt group, then scale) keeps the batch-wide scale.
 
+Particles (the default budget): a leaf stands for `multiplicity` particles, each an exact draw from the
+policy. Every estimator then reads the group as its width particles: means, standard deviations and
+subgroup sizes count each leaf `multiplicity` times, and `token_advantages` weighs each leaf's
+advantages by multiplicity x leaves / width (mean 1), as if its copies were trained on one by one.
+Without multiplicities (the 'transfer' / 'branch' budgets) every leaf counts once, as before.
+
 Worked example (paper Fig. 3), leaf c22 with rewards a=-1, b=+1, c11=-1, c12=-1, c21=+1,
 c22=+1, c23=-1, c3=-1: terms +1.25 (root), +1.333 (node c), +0.667 (node c2), average 1.083.
 """
@@ -46,24 +52,35 @@ def _check(leaves: Sequence[NodeId], rewards: Sequence[float]) -> None:
         raise ValueError("a leaf id is empty (the root): every trajectory has at least one segment.")
 
 
-def subtree_means(leaves: Sequence[NodeId], rewards: Sequence[float]) -> dict[NodeId, tuple[float, int]]:
-    """(mean reward, leaf count) of the leaves under every node that has a leaf below it, root () included."""
+def _counts(leaves: Sequence[NodeId], multiplicity: Optional[Sequence[int]]) -> list[int]:
+    if multiplicity is None:
+        return [1] * len(leaves)
+    if len(multiplicity) != len(leaves) or any(int(m) < 1 for m in multiplicity):
+        raise ValueError(f"multiplicity {list(multiplicity)}: give one count >= 1 per leaf ({len(leaves)} leaves).")
+    return [int(m) for m in multiplicity]
+
+
+def subtree_means(leaves: Sequence[NodeId], rewards: Sequence[float], multiplicity: Optional[Sequence[int]] = None
+                  ) -> dict[NodeId, tuple[float, int]]:
+    """(mean reward, size) of the trajectories under every node that has a leaf below it, root () included;
+    a leaf counts `multiplicity` times (once without)."""
     sums: dict[NodeId, float] = {}
     counts: dict[NodeId, int] = {}
-    for leaf, r in zip(leaves, rewards):
+    for leaf, r, m in zip(leaves, rewards, _counts(leaves, multiplicity)):
         for k in range(len(leaf) + 1):
             prefix = leaf[:k]
-            sums[prefix] = sums.get(prefix, 0.0) + float(r)
-            counts[prefix] = counts.get(prefix, 0) + 1
+            sums[prefix] = sums.get(prefix, 0.0) + m * float(r)
+            counts[prefix] = counts.get(prefix, 0) + m
     return {node: (sums[node] / counts[node], counts[node]) for node in sums}
 
 
 def tree_advantage(
-    leaves: Sequence[NodeId], rewards: Sequence[float], aggregate: Literal["average", "size_weighted"] = "average"
+    leaves: Sequence[NodeId], rewards: Sequence[float], aggregate: Literal["average", "size_weighted"] = "average",
+    multiplicity: Optional[Sequence[int]] = None,
 ) -> list[float]:
     """One scalar advantage per leaf: Eq. 5 ('average') or Eq. 6 ('size_weighted')."""
     _check(leaves, rewards)
-    groups = subtree_means(leaves, rewards)
+    groups = subtree_means(leaves, rewards, multiplicity)
     out = []
     for leaf, r in zip(leaves, rewards):
         terms: list[tuple[float, int]] = []  # (a_ij, |G_j|)
@@ -80,21 +97,27 @@ def tree_advantage(
     return out
 
 
-def grpo_advantage(rewards: Sequence[float], eps: float = 1e-4) -> list[float]:
-    """GRPO: (R - mean) / (std + eps) over the prompt group; std is the sample std (n - 1), as TRL computes it."""
+def grpo_advantage(rewards: Sequence[float], eps: float = 1e-4, multiplicity: Optional[Sequence[int]] = None
+                   ) -> list[float]:
+    """GRPO: (R - mean) / (std + eps) over the prompt group; std is the sample std (n - 1), as TRL computes it.
+    With multiplicities the group is the particles: each reward counts `multiplicity` times."""
     r = torch.tensor([float(x) for x in rewards], dtype=torch.float64)
-    std = r.std() if len(r) > 1 else torch.tensor(0.0, dtype=torch.float64)
-    return ((r - r.mean()) / (std + eps)).tolist()
+    m = torch.tensor(_counts(rewards, multiplicity), dtype=torch.float64)
+    n = m.sum()
+    mean = (m * r).sum() / n
+    std = ((m * (r - mean) ** 2).sum() / (n - 1)).sqrt() if n > 1 else torch.tensor(0.0, dtype=torch.float64)
+    return ((r - mean) / (std + eps)).tolist()
 
 
-def segment_advantages(leaves: Sequence[NodeId], rewards: Sequence[float]) -> list[list[float]]:
+def segment_advantages(leaves: Sequence[NodeId], rewards: Sequence[float],
+                       multiplicity: Optional[Sequence[int]] = None) -> list[list[float]]:
     """Per leaf, one advantage per segment on its path: V(node_k) - V(node_{k-1}), V(root) = group mean.
 
     The values along a path telescope to R_i - mean(R): the same total credit as level-0
     centring, assigned to the segments where the expected reward changed.
     """
     _check(leaves, rewards)
-    groups = subtree_means(leaves, rewards)
+    groups = subtree_means(leaves, rewards, multiplicity)
     return [[groups[leaf[:k]][0] - groups[leaf[: k - 1]][0] for k in range(1, len(leaf) + 1)] for leaf in leaves]
 
 
@@ -103,25 +126,35 @@ def token_advantages(
     leaves: Sequence[NodeId],
     rewards: Sequence[float],
     segment_lengths: Sequence[Sequence[int]],
+    multiplicity: Optional[Sequence[int]] = None,
 ) -> list[list[float]]:
     """Per leaf, one advantage per response token.
 
     segment_lengths[i] lists the token count of each segment on leaf i's path (root side first);
     scalar estimators broadcast to every token, 'segment' gives each segment's tokens its value.
+    With multiplicities every leaf's advantages are weighed by multiplicity x leaves / width (the
+    'unbiased' estimator folds the same factor in through its leaf weights).
     """
-    if estimator in ("segment", "unbiased"):
-        per_segment = segment_advantages(leaves, rewards) if estimator == "segment" else unbiased_advantages(leaves, rewards)
-        return [
-            [a for a, n in zip(values, lengths) for _ in range(n)]
-            for values, lengths in zip(per_segment, segment_lengths)
-        ]
-    if estimator == "grpo":
-        scalars = grpo_advantage(rewards)
+    if estimator == "unbiased":
+        per_segment = unbiased_advantages(leaves, rewards, multiplicity)
+    elif estimator == "segment":
+        per_segment = segment_advantages(leaves, rewards, multiplicity)
+    elif estimator == "grpo":
+        per_segment = [[a] for a in grpo_advantage(rewards, multiplicity=multiplicity)]
     elif estimator in ("average", "size_weighted"):
-        scalars = tree_advantage(leaves, rewards, estimator)
+        per_segment = [[a] for a in tree_advantage(leaves, rewards, estimator, multiplicity)]
     else:
         raise ValueError(f"advantage estimator {estimator!r}: use one of {', '.join(ESTIMATORS)}.")
-    return [[a] * sum(lengths) for a, lengths in zip(scalars, segment_lengths)]
+    if multiplicity is not None and estimator != "unbiased":
+        counts = _counts(leaves, multiplicity)
+        per_segment = [[a * m * len(leaves) / sum(counts) for a in values] for values, m in zip(per_segment, counts)]
+    out = []
+    for values, lengths in zip(per_segment, segment_lengths):
+        if len(values) == 1:  # a scalar: every token of the path
+            out.append(values * sum(lengths))
+        else:
+            out.append([a for a, n in zip(values, lengths) for _ in range(n)])
+    return out
 
 
 def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, *, mean: Optional[float] = None,

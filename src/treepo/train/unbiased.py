@@ -46,17 +46,30 @@ engine with a known EOS hazard (tests/test_unbiased.py, benchmarks/sampler_bias.
 estimates stay within their confidence intervals of the independent-sampling truth while the raw leaf
 means are far off, but trees with fallback children carry a small residual bias that this derivation
 does not rule out.
+
+Particles (the default budget, `rollout/particles.py`). A prompt holds w particles; a fork splits a
+node's m(n) particles among its children before they are drawn, and a leaf keeps its particles as its
+multiplicity. Every particle's path is an exact draw from the policy, and every split is fixed before
+the children it splits among are drawn, so points 1-4 hold with the child's share s(c) = m(c) / m(p) in
+place of 1 / c(p): V(n) = sum_c s(c) V(c) (a fixed convex combination of unbiased estimates of Q(n)),
+the leave-one-out baseline B(i) = sum_{j != i} s(j) V(j) / sum_{j != i} s(j) (independent of child i),
+and the leaf weight prod s = m(leaf) / w: the weighted leaves are the w particles. There is no
+fallback and no transfer: c(n) = min(b, m(n)) depends on nothing but the particles above n, so the
+estimator is unbiased exactly (no optional stopping).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
-from ..tree import NodeId, leaf_weights
+from ..tree import NodeId, child_shares, leaf_weights
 
 
-def tree_values(leaves: Sequence[NodeId], rewards: Sequence[float]) -> tuple[dict[NodeId, float], dict[NodeId, list[NodeId]]]:
-    """(V for every node with a leaf below it, root () included; the children of every internal node)."""
+def tree_values(leaves: Sequence[NodeId], rewards: Sequence[float], multiplicity: Optional[Sequence[int]] = None
+                ) -> tuple[dict[NodeId, float], dict[NodeId, list[NodeId]], dict[NodeId, float]]:
+    """(V for every node with a leaf below it, root () included; the children of every internal node;
+    each node's share of its parent, `tree.child_shares`)."""
+    shares = child_shares(leaves, multiplicity)
     children: dict[NodeId, list[NodeId]] = {}
     for leaf in leaves:
         for k in range(1, len(leaf) + 1):
@@ -67,28 +80,29 @@ def tree_values(leaves: Sequence[NodeId], rewards: Sequence[float]) -> tuple[dic
 
     def v(node: NodeId) -> float:
         if node not in value:
-            kids = children[node]
-            value[node] = sum(v(c) for c in kids) / len(kids)
+            value[node] = sum(shares[c] * v(c) for c in children[node])
         return value[node]
 
     v(())
-    return value, children
+    return value, children, shares
 
 
-def unbiased_advantages(leaves: Sequence[NodeId], rewards: Sequence[float]) -> list[list[float]]:
+def unbiased_advantages(leaves: Sequence[NodeId], rewards: Sequence[float],
+                        multiplicity: Optional[Sequence[int]] = None) -> list[list[float]]:
     """Per leaf, one advantage per segment on its path: w(leaf) * len(leaves) * (V(n) - B(n)) (see above)."""
-    value, children = tree_values(leaves, rewards)
+    value, children, shares = tree_values(leaves, rewards, multiplicity)
     baseline: dict[NodeId, float] = {(): 0.0}
     todo = [()]
     while todo:  # parents before children
         node = todo.pop()
         kids = children.get(node, [])
-        total = sum(value[c] for c in kids)
+        total = sum(shares[c] * value[c] for c in kids)  # = V(node)
         for c in kids:
-            baseline[c] = (total - value[c]) / (len(kids) - 1) if len(kids) > 1 else baseline[node]
+            rest = 1.0 - shares[c]  # the siblings' shares
+            baseline[c] = (total - shares[c] * value[c]) / rest if len(kids) > 1 else baseline[node]
             if c in children:
                 todo.append(c)
-    weights = leaf_weights(leaves)
+    weights = leaf_weights(leaves, multiplicity)
     n = len(leaves)
     return [[w * n * (value[leaf[:k]] - baseline[leaf[:k]]) for k in range(1, len(leaf) + 1)]
             for leaf, w in zip(leaves, weights)]

@@ -42,7 +42,7 @@ def build_samples(trees, advantage: str, whitening: str, reduce_sum=None) -> lis
         leaves = list(tree.leaves)
         rewards = [tree.rewards[leaf] for leaf in leaves]
         ids, seg_lengths = zip(*(tree.model_path(leaf) for leaf in leaves))  # env levels dropped (tree.py)
-        advs = token_advantages(advantage, ids, rewards, seg_lengths)
+        advs = token_advantages(advantage, ids, rewards, seg_lengths, tree.multiplicity())
         for leaf, adv in zip(leaves, advs):
             traj = tree.trajectory(leaf)
             if traj.token_ids:
