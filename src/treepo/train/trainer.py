@@ -17,14 +17,14 @@ One step:
 Every step appends a row to `metrics.jsonl` (and TensorBoard under `tb/`); checkpoints go to
 `checkpoints/` atomically and `--resume` continues from the newest; at the end the run folder
 gets `model/` (the trained weights), `summary.json`, `reward.png` and `savings.png`.
+The row's keys and `summary.json` are built in `step_metrics.py`; whether `--out` starts or resumes a
+run, and the random streams a checkpoint keeps, in `resume.py`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import random
 import time
 from collections import Counter
 from dataclasses import asdict, replace
@@ -39,31 +39,25 @@ from .. import io
 from ..config import EngineConfig, RewardConfig, SamplerConfig, TrainConfig, WeightSyncConfig
 from ..engines.memory import format_bytes
 from ..envs import load_env, system_prompt_with
-from ..errors import ConfigError, InputError, RewardError
+from ..errors import ConfigError, RewardError
 from ..eval.evaluate import evaluate
 from ..progress import progress_bar
 from ..prompts import render
 from ..rewards.scorers import FAILURE_KINDS, FailureTally, build_reward
 from ..rewards.scoring import overlong_penalty, score_trees
-from ..rollout.accounting import summarize
 from ..rollout.sampler import RolloutResult, TreeSampler
 from ..rollout.stopping import answer_predicate
 from ..tree import leaf_weights
 from . import checkpoint
 from .metrics_log import MetricsLog
+from .resume import check_run_folder, rng_state, set_rng_state
 from .setup import PromptStream, check_configs, check_sharding, load_training_prompts, start_serving
+from .step_metrics import brief, run_summary, step_row
 from .update import PolicyUpdate
 
 log = logging.getLogger(__name__)
 
 EVAL_SEED = 12345  # held-out evaluation samples with this seed every time, so runs compare
-# Settings a resumed run may change; every other one must match the checkpoint's.
-RESUMABLE = {"steps", "eval_prompts", "eval_every", "eval_mode", "checkpoint_every", "keep_checkpoints", "resume", "tensorboard",
-             "out", "threads", "device",
-             # where and how patiently the servers are reached, and how the weight sync is checked
-             "server_url", "server_timeout", "server_retries", "server_concurrency", "server_routing",
-             "server_parallel", "server_threads", "sync_dir", "sync_tolerance", "sync_timeout", "probe_tokens",
-             "nccl_master_address", "nccl_master_port", "server_kind", "weight_sync", "nccl_server_ranks", "gguf_type"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +89,7 @@ class Trainer:
         self.console = console or Console(stderr=True)
         check_configs(engine_cfg, sampler_cfg, reward_cfg, train_cfg)
         self.out = io.check_output_dir(train_cfg.out)
-        self.resume_from = self._check_run_folder()
+        self.resume_from = check_run_folder(self.out, train_cfg.resume, self._configs(), self.console)
         # Everything that can fail on bad input fails here, before the model loads.
         self.predicate = answer_predicate(sampler_cfg)
         self.env = load_env(sampler_cfg.env, sampler_cfg.env_args)
@@ -179,35 +173,6 @@ class Trainer:
             return [value]
         return [int(x) for x in self.accelerator.gather(torch.tensor([value], device=self.accelerator.device)).tolist()]
 
-    # -- run folder ---------------------------------------------------------------------------
-    def _check_run_folder(self) -> Optional[Path]:
-        latest = checkpoint.latest_checkpoint(self.out)
-        if latest is None:
-            started = (self.out / "metrics.jsonl").is_file()  # a run that stopped before its first checkpoint
-            if self.cfg.resume is True:
-                where = f"out={str(self.out)!r}"
-                what = (f"{where} does not exist" if not self.out.exists()
-                        else f"{where} holds a run that stopped before its first checkpoint" if started
-                        else f"{where} has no checkpoint")
-                raise InputError(f"--resume: {what}, so there is nothing to resume: check --out, or pass "
-                                 "--resume auto to start a new run when there is no checkpoint.")
-            if self.cfg.resume == "auto":
-                self.console.print(f"--resume auto: no checkpoint in {self.out}: starting a new run at step 0")
-            elif started:
-                log.warning("%s has no complete checkpoint: starting the run again from step 0", self.out)
-            return None
-        if not self.cfg.resume:
-            raise InputError(f"out={str(self.out)!r} already holds a training run: pass --resume to continue it, "
-                             "or choose another --out.")
-        saved = json.loads((latest / "trainer.json").read_text()).get("config", {})
-        changed = [f"{section}.{k}" for section, now in self._configs().items()
-                   for k, v in now.items()  # a setting newer than the checkpoint is not compared
-                   if k in saved.get(section, {}) and k not in RESUMABLE and saved[section][k] != v]
-        if changed:
-            raise ConfigError(f"resume: {', '.join(changed)} differ from the run in {self.out}; a resumed run must "
-                              "keep its settings (only steps, evaluation, checkpoint and logging settings may change).")
-        return latest
-
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> dict:
         try:
@@ -255,7 +220,7 @@ class Trainer:
                             and self.step < self.cfg.steps:
                         row.update(self._evaluate_heldout(log_row=False))
                     self._log(row)
-                    progress.update(task, completed=self.step, info=_brief(row))
+                    progress.update(task, completed=self.step, info=brief(row))
                     if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 \
                             and self.step < self.cfg.steps:
                         self.save_checkpoint()
@@ -337,39 +302,10 @@ class Trainer:
             failures = sum((part[3] for part in parts), Counter())
             dropped = sum(part[4] for part in parts)
             weighted = [x for part in parts for x in part[5]]
-        roll = summarize(results, self.sampler_cfg)
-        depths = [len(t.model_path(leaf)[0]) for r in results for t in r.trees for leaf in t.leaves]  # model segments
-        lengths = [len(t.response_ids(leaf)) for r in results for t in r.trees for leaf in t.leaves]
-        ents = [e for r in results for t in r.trees for n in t.nodes.values() if not n.env for e in n.entropies]
-        row = {
-            "step": self.step,
-            "reward_mean": float(np.mean(rewards_all)),  # over the leaves (biased toward long paths in trees)
-            "accuracy": float(np.mean(correct_all)),
-            "reward_weighted": float(np.mean([r for r, _ in weighted])) if weighted else None,  # unbiased for the policy
-            "accuracy_weighted": float(np.mean([a for _, a in weighted])) if weighted else None,
-            **update,
-            "entropy": float(np.mean(ents)) if ents else None,
-            "lr": lr,
-            "prompts_rolled": sum(len(r.trees) for r in results),
-            "groups_trained": trained,
-            "groups_dropped": dropped,
-            "resample_rounds": rounds,
-            "trajectories_per_prompt": roll["trajectories"] / max(roll["prompts"], 1),
-            "tree_depth_mean": float(np.mean(depths)),
-            "tree_depth_max": max(depths),
-            "response_tokens_mean": float(np.mean(lengths)),
-            "fallbacks": roll["fallbacks"],
-            "decoded_tokens": roll["decoded_tokens"],
-            "leaf_tokens": roll["leaf_tokens"],
-            "saving_vs_own_leaves": roll["saving_vs_own_leaves"],
-            "finish_reasons": roll["finish_reasons"],
-            "env_turns": roll["env_turns"],
-            "reward_failures": sum(failures.values()),
-            "reward_failure_kinds": dict(failures),
-            "rollout_seconds": rollout_seconds,
-            "train_seconds": time.perf_counter() - t1,
-            "step_seconds": time.perf_counter() - t0,
-        }
+        row = step_row(self.step, results, self.sampler_cfg, rewards_all=rewards_all, correct_all=correct_all,
+                       weighted=weighted, update=update, lr=lr, trained=trained, dropped=dropped, rounds=rounds,
+                       failures=failures, rollout_seconds=rollout_seconds, train_seconds=time.perf_counter() - t1,
+                       step_seconds=time.perf_counter() - t0)
         if not trained:
             log.warning("step %d: every group had equal rewards after %d resample rounds; no update this step",
                         self.step, rounds)
@@ -429,13 +365,7 @@ class Trainer:
             return None
         if checkpoint.latest_checkpoint(self.out) == checkpoint.step_dir(self.out, self.step):
             return None
-        rng = {
-            "torch": torch.get_rng_state(),
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "sampler": self.sampler.rng.getstate(),
-            "engine": self.engine.rng_state(),
-        }
+        rng = rng_state(self.sampler, self.engine)
         state = {"step": self.step, "data_position": self.stream.position, "rows": len(self.rows),
                  "config": self._configs()}
         return checkpoint.save(
@@ -449,12 +379,7 @@ class Trainer:
         checkpoint.load_weights(self.policy, ck["model_dir"])
         self.optimizer.load_state_dict(ck["optimizer"]["optimizer"])
         self.scheduler.load_state_dict(ck["optimizer"]["scheduler"])
-        rng = ck["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        self.sampler.rng.setstate(rng["sampler"])
-        self.engine.set_rng_state(rng["engine"])
+        set_rng_state(ck["rng"], self.sampler, self.engine)
         if self.world > 1:  # the checkpoint holds rank 0's streams: every rank starts fresh ones
             self.sampler.rng.seed(self.rank_seed(ck["trainer"]["step"]))
             self.engine.reseed(self.rank_seed(ck["trainer"]["step"]))
@@ -477,27 +402,13 @@ class Trainer:
         from ..viz.plots import plot_training
 
         self.log.close()
-        train_rows = [r for r in self.rows if "reward_mean" in r]
-        summary = {
-            "steps": self.step,
-            "reward_first": train_rows[0]["reward_mean"] if train_rows else None,
-            "reward_last": train_rows[-1]["reward_mean"] if train_rows else None,
-            "accuracy_by_step": [r["accuracy"] for r in train_rows],
-            "decoded_tokens": sum(r["decoded_tokens"] for r in train_rows),
-            "leaf_tokens": sum(r["leaf_tokens"] for r in train_rows),
-            "wall_seconds": sum(r["step_seconds"] for r in train_rows),
-            "reward_failures": dict(sum((Counter(r.get("reward_failure_kinds") or {}) for r in train_rows), Counter())),
-            "evals": self.evals,
-            "config": self._configs(),
-        }
-        if summary["leaf_tokens"]:
-            summary["saving_vs_own_leaves"] = 1 - summary["decoded_tokens"] / summary["leaf_tokens"]
+        summary = run_summary(self.step, self.rows, self.evals, self._configs())
         if self.accelerator.is_main_process:
             checkpoint.save_model_dir(self.out / "model", self.policy, self.tokenizer)
             io.write_json(self.out / "summary.json", summary)
             pictures = plot_training(self.rows, self.out)
             if summary["reward_failures"]:
-                samples = sum(r["prompts_rolled"] * r["trajectories_per_prompt"] for r in train_rows)
+                samples = sum(r["prompts_rolled"] * r["trajectories_per_prompt"] for r in self.rows if "reward_mean" in r)
                 kinds = ", ".join(f"{k} {n}" for k, n in summary["reward_failures"].items())
                 self.console.print(f"[yellow]reward failures[/yellow]: reward {self.reward_fn.name!r} failed on "
                                    f"{sum(summary['reward_failures'].values())} of {samples:.0f} samples ({kinds}); "
@@ -505,13 +416,6 @@ class Trainer:
             self.console.print(f"wrote {self.out}/model, metrics.jsonl, summary.json"
                                + "".join(f", {p.name}" for p in pictures))
         return summary
-
-
-def _brief(row: dict) -> str:
-    weighted = row.get("accuracy_weighted")  # the raw leaf accuracy leans toward long answers
-    acc = f"acc {row['accuracy']:.0%}" + ("" if weighted is None else f" (weighted {weighted:.0%})")
-    return (f"reward {row['reward_mean']:+.2f}, {acc}, "
-            f"{row['saving_vs_own_leaves']:.0%} fewer tokens than its leaves, {row['step_seconds']:.0f} s/step")
 
 
 def run_train(engine_cfg: EngineConfig, sampler_cfg: SamplerConfig, reward_cfg: RewardConfig, train_cfg: TrainConfig,
