@@ -24,7 +24,9 @@ def test_full_tree_bound_is_the_spec_formula(b, d):
 def test_width_cap_and_fallback_configs():
     assert bound_saving_ratio(SamplerConfig(width=8, depth=4, branching=2)) == pytest.approx(1 - 22 / 32)
     # 2 + 4 paths reach depth 2 with 4 leaves; no answer/EOS leaves, so 2 paths restart from the prompt
-    assert bound_saving_ratio(SamplerConfig(width=6, depth=2, branching=2)) == pytest.approx(1 - 10 / 12)
+    assert bound_saving_ratio(SamplerConfig(width=6, depth=2, branching=2, budget="transfer")) == pytest.approx(1 - 10 / 12)
+    # particles: the root splits 6 into 3 + 3, each forks into 2 + 1 at depth 1: 2 + 4 segments for 6 x 2
+    assert bound_saving_ratio(SamplerConfig(width=6, depth=2, branching=2)) == pytest.approx(1 - 6 / 12)
     assert bound_saving_ratio(SamplerConfig(width=4, depth=3, branching=1)) == 0.0
     assert bound_saving_ratio(SamplerConfig(mode="independent", width=16, depth=4)) == 0.0
 
@@ -50,4 +52,5 @@ def test_a_rollout_without_early_stops_saves_exactly_the_bound(kwargs):
     cfg = SamplerConfig(segment_len=3, answer_policy="none", rep_count=0, **kwargs)
     result = TreeSampler(cfg, FakeEngine()).rollout([[65, 66], [67]])
     summary = summarize([result], cfg)
-    assert summary["saving_vs_own_leaves"] == pytest.approx(summary["bound_saving_ratio"], abs=1e-6)
+    assert 1 - summary["decoded_tokens"] / summary["particle_tokens"] == pytest.approx(summary["bound_saving_ratio"], abs=1e-6)
+    assert summary["estimated_saving_vs_independent"] == pytest.approx(summary["bound_saving_ratio"], abs=1e-6)

@@ -24,8 +24,16 @@ def run(cfg: SamplerConfig, engine: FakeEngine, prompts=PROMPTS):
 
 def check_tree_against_engine(tree: PromptTree, engine: FakeEngine, cfg: SamplerConfig) -> None:
     """The invariants every rollout must satisfy, checked against what the engine really produced."""
-    assert len(tree.leaves) == cfg.width, "exactly width trajectories"
-    assert len(set(tree.leaves)) == cfg.width
+    counts = tree.multiplicity()
+    if cfg.budget == "particles" or cfg.mode == "independent":  # leaves hold the width particles between them
+        assert counts is not None and sum(counts) == cfg.width and min(counts) >= 1
+        assert 1 <= len(tree.leaves) <= cfg.width and tree.fallbacks == 0
+    else:
+        assert counts is None and len(tree.leaves) == cfg.width, "exactly width trajectories"
+    assert len(set(tree.leaves)) == len(tree.leaves)
+    # where the tokens go: decoded = sum of multiplicity x answer length - S, exactly
+    assert tree.decoded_tokens == tree.particle_tokens - tree.shared_tokens
+    assert tree.shared_tokens >= 0
     for leaf in tree.leaves:
         assert tree.nodes[leaf].finish_reason is not None
         assert 1 <= len(leaf) <= cfg.depth
@@ -56,10 +64,14 @@ def configs(draw):
     width = draw(st.integers(1, 12))
     lo = draw(st.integers(0, width))
     hi = draw(st.one_of(st.just(0), st.integers(max(lo, 1), width))) if lo else 0
+    depth = draw(st.integers(1, 5))
+    budget = draw(st.sampled_from(["particles", "transfer", "branch"]))
     return SamplerConfig(
+        budget=budget,
+        fork_depth=draw(st.integers(0, depth - 1)) if budget == "particles" else 0,
         mode=draw(st.sampled_from(["tree", "independent"])),
         width=width,
-        depth=draw(st.integers(1, 5)),
+        depth=depth,
         segment_len=draw(st.integers(1, 6)),
         branching=draw(st.integers(1, 4)),
         init_divergence=lo,
@@ -139,7 +151,7 @@ def test_all_prompts_share_each_engine_call():
 
 def test_budget_transfer_gives_finished_forks_to_survivors():
     # round 1: path (0,) ends with EOS, (1,) survives -> total = max(1, min(3, 2*1 + 2*1)) = 3
-    cfg = SamplerConfig(width=4, depth=3, segment_len=2, branching=2)
+    cfg = SamplerConfig(width=4, depth=3, segment_len=2, branching=2, budget="transfer")
     engine = FakeEngine(script=lambda r: {"text": "x", "eos": True} if r.node_id == (0,) else None)
     tree = run(cfg, engine, PROMPTS[:1]).trees[0]
     assert [r.node_id for r in engine.calls[1]] == [(1, 0), (1, 1), (1, 2)]
@@ -148,7 +160,7 @@ def test_budget_transfer_gives_finished_forks_to_survivors():
 
 
 def test_low_prob_policy_in_a_rollout_forks_the_least_likely_path_most():
-    cfg = SamplerConfig(width=8, depth=2, segment_len=2, branching=2, divergence_policy="low_prob",
+    cfg = SamplerConfig(width=8, depth=2, segment_len=2, branching=2, budget="transfer", divergence_policy="low_prob",
                         divergence_temperature=0.05)
     engine = FakeEngine()
     tree = run(cfg, engine, PROMPTS[:1]).trees[0]
@@ -169,7 +181,7 @@ def test_random_initial_divergence_really_varies():
 
 def test_fallback_cuts_at_segment_boundaries_and_rebuilds_context():
     # every path ends with EOS in its 2nd segment: 2 leaves after round 2, width 6 -> backtrack
-    cfg = SamplerConfig(width=6, depth=4, segment_len=3, branching=2, fallback_policy="finished")
+    cfg = SamplerConfig(width=6, depth=4, segment_len=3, branching=2, budget="transfer", fallback_policy="finished")
     engine = FakeEngine(script=lambda r: {"text": "ab", "eos": True} if len(r.node_id) == 2 else None)
     tree = run(cfg, engine, PROMPTS[:1]).trees[0]
     assert len(tree.leaves) == 6 and tree.fallbacks >= 1
@@ -184,7 +196,7 @@ def test_fallback_cuts_at_segment_boundaries_and_rebuilds_context():
 
 def test_fallback_without_candidates_restarts_from_the_prompt():
     # every path ends by repetition at depth 1: no answer/EOS candidates -> restart from the root
-    cfg = SamplerConfig(width=4, depth=3, segment_len=16, rep_window=2, rep_count=4)
+    cfg = SamplerConfig(width=4, depth=3, segment_len=16, rep_window=2, rep_count=4, budget="transfer")
     engine = FakeEngine(script=lambda r: {"text": "abababababababab"} if len(r.node_id) == 1 else None)
     tree = run(cfg, engine, PROMPTS[:1]).trees[0]
     assert all(len(leaf) == 1 for leaf in tree.leaves)
@@ -276,7 +288,7 @@ def test_prompt_longer_than_context_is_refused_before_any_work():
 
 def test_fallback_that_keeps_a_prefix_rebuilds_the_whole_context():
     # fan-out 1, b=2, depth 3 reaches 4 of 8 leaves; backtracking one segment forks at depth 2
-    cfg = SamplerConfig(width=8, depth=3, segment_len=2, branching=2, init_divergence=1,
+    cfg = SamplerConfig(width=8, depth=3, segment_len=2, branching=2, init_divergence=1, budget="transfer",
                         fallback_policy="any", fallback_max_backtrack=1)
     engine = FakeEngine()
     tree = run(cfg, engine, PROMPTS[:1]).trees[0]

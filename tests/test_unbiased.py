@@ -33,7 +33,7 @@ def test_leaf_weights_by_hand():
 
 
 def test_weighted_mean_is_the_recursive_root_value():
-    value, children = tree_values(LEAVES, REWARDS)
+    value, children, _ = tree_values(LEAVES, REWARDS)
     assert value[(0,)] == 0.5 and value[(1,)] == 0.0 and value[()] == 0.25
     assert children[()] == [(0,), (1,)] and children[(0,)] == [(0, 0), (0, 1)]
     assert np.dot(leaf_weights(LEAVES), REWARDS) == pytest.approx(value[()])
@@ -108,7 +108,7 @@ def _mean_ci(xs: list[float]) -> tuple[float, float]:
 
 @pytest.mark.parametrize("segment_len, fanout", [(8, (0, 0)), (32, (2, 8))])
 def test_weighted_leaf_mean_matches_independent_sampling_and_the_raw_mean_does_not(segment_len, fanout):
-    cfg = SamplerConfig(width=8, depth=BUDGET // segment_len, segment_len=segment_len, branching=2, seed=0,
+    cfg = SamplerConfig(width=8, depth=BUDGET // segment_len, segment_len=segment_len, branching=2, seed=0, budget="transfer",
                         answer_policy="none", rep_count=0, init_divergence=fanout[0], init_divergence_max=fanout[1])
     raw, weighted, tree_summary = _share_short(cfg, 400)
     ind_raw, _, ind_summary = _share_short(replace(cfg, mode="independent"), 400)
@@ -234,7 +234,7 @@ def test_the_policy_gradient_estimate_is_unbiased_on_a_tabular_policy():
         grow((), 0)
         rewards = [reward[tokens[x]] for x in leaves]
         if plain:  # V(child) - V(parent), weighted the same way
-            value, _ = tree_values(leaves, rewards)
+            value, _, _ = tree_values(leaves, rewards)
             w = leaf_weights(leaves)
             advs = [[wi * len(leaves) * (value[x[:k]] - value[x[: k - 1]]) for k in (1, 2)] for x, wi in zip(leaves, w)]
         else:

@@ -20,7 +20,8 @@
 - `distinct_leaves_per_group` and `decoded_tokens_per_distinct_leaf`: what a saving bought with
   duplicated leaves costs (a particle tree has at most width distinct leaves, often fewer).
 
-The structural bound is what this sampler saves for a config when no path stops early: it runs
+The structural bound is what this sampler saves for a config when no path stops early, against the
+full-length answers its width particles stand for (its leaves, each counted multiplicity times): it runs
 the sampler itself on `engines.simulated.HazardEngine(0)`, which always decodes full segments, so branching, the width
 cap and fallbacks follow the configured rules exactly. For a full b-ary tree whose leaves all reach
 depth d it is 1 - b(1 - b^-d) / ((b - 1) d) (53.1% for b=2, d=4, width 16). Where the config draws at random
@@ -67,7 +68,7 @@ def _bound(ideal_json: str) -> float:
     savings = []
     for seed in range(seeds):
         tree = TreeSampler(replace(ideal, seed=seed), HazardEngine(0.0)).rollout([[0]]).trees[0]
-        savings.append(1.0 - tree.decoded_tokens / tree.leaf_tokens)
+        savings.append(1.0 - tree.decoded_tokens / tree.particle_tokens)  # = leaf_tokens without particles
     return sum(savings) / len(savings)
 
 
