@@ -27,7 +27,7 @@ def test_width_cap_and_fallback_configs():
     assert bound_saving_ratio(SamplerConfig(width=6, depth=2, branching=2, budget="transfer")) == pytest.approx(1 - 10 / 12)
     # particles: the root splits 6 into 3 + 3, each forks into 2 + 1 at depth 1: 2 + 4 segments for 6 x 2
     assert bound_saving_ratio(SamplerConfig(width=6, depth=2, branching=2)) == pytest.approx(1 - 6 / 12)
-    assert bound_saving_ratio(SamplerConfig(width=4, depth=3, branching=1)) == 0.0
+    assert bound_saving_ratio(SamplerConfig(width=4, depth=3, branching=1, budget="transfer")) == 0.0
     assert bound_saving_ratio(SamplerConfig(mode="independent", width=16, depth=4)) == 0.0
 
 

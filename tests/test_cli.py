@@ -39,7 +39,8 @@ def rollout(model_dir, prompts_file, out, *extra) -> int:
 
 def test_rollout_writes_trajectories_trees_and_summary(model_dir, prompts_file, tmp_path):
     out = tmp_path / "run"
-    assert rollout(model_dir, prompts_file, out, "--ignore-eos", "--rep-count", "0", "--answer-policy", "none") == 0
+    assert rollout(model_dir, prompts_file, out, "--ignore-eos", "--rep-count", "0", "--answer-policy", "none",
+                   "--shape", "fixed", "--budget", "transfer") == 0
     rows = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and all(ROLLOUT_FIELDS <= set(r) for r in rows)
     for r in rows:
@@ -63,7 +64,8 @@ def test_independent_mode_and_every_sampler_knob_are_accepted(model_dir, prompts
     summary = json.loads((out / "summary.json").read_text())
     assert summary["saving_vs_own_leaves"] == 0 and summary["trajectories"] == 4 and summary["prompts"] == 1
     out2 = tmp_path / "knobs"
-    assert rollout(model_dir, prompts_file, out2, "--branching", "3", "--init-divergence", "1",
+    assert rollout(model_dir, prompts_file, out2, "--shape", "fixed", "--budget", "transfer", "--branching", "3",
+                   "--init-divergence", "1",
                    "--init-divergence-max", "3", "--divergence-policy", "entropy", "--fallback-policy", "root",
                    "--max-response-tokens", "10", "--prompt-batch-size", "1") == 0
     assert json.loads((out2 / "summary.json").read_text())["trajectories"] == 8

@@ -113,7 +113,8 @@ def test_a_training_step_with_an_env_counts_only_model_tokens(prompts, tmp_path)
     out = tmp_path / "run"
     run_train(*_cfgs(prompts, out), model=tiny.model("llama"), tokenizer=tiny.tokenizer())
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert row["trajectories_per_prompt"] == 4 and row["env_turns"] > 0
+    assert row["group_size"] == 4 and row["trajectories_per_prompt"] == row["distinct_leaves_per_group"] <= 4
+    assert row["env_turns"] > 0
     assert row["tree_depth_max"] <= 4  # model segments only: env levels are not depth (depth=4 turns)
     assert row["trained_tokens"] == row["leaf_tokens"]  # every model token of every leaf, no env token
     assert row["decoded_tokens"] <= row["leaf_tokens"]

@@ -39,7 +39,7 @@ def mixed_tree() -> PromptTree:
 
 
 def fallback_tree() -> PromptTree:
-    cfg = SamplerConfig(width=6, depth=4, segment_len=3, branching=2, fallback_policy="finished")
+    cfg = SamplerConfig(width=6, depth=4, segment_len=3, branching=2, fallback_policy="finished", budget="transfer")
     engine = FakeEngine(script=lambda r: {"text": "ab", "eos": True} if len(r.node_id) == 2 else None)
     tree = TreeSampler(cfg, engine).rollout([PROMPT]).trees[0]
     tree.prompt_text = "backtracking prompt"

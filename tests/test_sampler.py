@@ -73,7 +73,7 @@ def configs(draw):
         width=width,
         depth=depth,
         segment_len=draw(st.integers(1, 6)),
-        branching=draw(st.integers(1, 4)),
+        branching=draw(st.integers(2 if budget == "particles" and lo < width else 1, 4)),
         init_divergence=lo,
         init_divergence_max=hi,
         divergence_policy=draw(st.sampled_from(["fixed_avg", "low_prob", "high_prob", "entropy"])),

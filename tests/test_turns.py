@@ -29,7 +29,12 @@ def rollout(cfg, engine, prompts=(PROMPT,), env=None):
 
 def check_env_tree(tree: PromptTree, engine: FakeEngine, cfg: SamplerConfig) -> None:
     """What every multi-turn rollout must satisfy, checked against what the engine really produced."""
-    assert len(tree.leaves) == cfg.width == len(set(tree.leaves))
+    assert tree.group_size == cfg.width and len(tree.leaves) == len(set(tree.leaves))
+    assert len(tree.leaves) == cfg.width or tree.multiplicity() is not None  # particles: leaves may hold several
+    if tree.multiplicity() is not None:  # an env turn carries its segment's particles; a leaf keeps its own
+        for node_id, node in tree.nodes.items():
+            if node.env:
+                assert tree.particles[node_id] == tree.particles[node_id[:-1]]
     for node_id, node in tree.nodes.items():
         assert len(node_id) == 1 or node_id[:-1] in tree.nodes
         if node.env:  # the only child of the model segment whose turn it answers, never decoded
@@ -129,7 +134,7 @@ def test_without_an_env_a_turn_is_the_whole_answer():
 
 def test_fixed_segments_with_an_env_answer_only_at_turn_ends():
     # fixed 6-token segments; the first turn ends at "</c>" inside the second segment
-    cfg = SamplerConfig(width=2, depth=4, segment_len=6, stop_strings=["</c>"], branching=1)
+    cfg = SamplerConfig(width=2, depth=4, segment_len=6, stop_strings=["</c>"], branching=1, budget="transfer")
     engine = FakeEngine(script=lambda r: {"text": "a</c>zz" if len(r.node_id) == 2 else "wxyzwx"})
     tree = rollout(cfg, engine, env=Echo()).trees[0]
     check_env_tree(tree, engine, cfg)
@@ -184,7 +189,8 @@ def test_env_turns_that_fill_the_budget_before_the_depth_end_the_path():
 
 def test_rollback_cuts_at_turn_boundaries_and_keeps_width_and_turn_counts():
     # every path answers in its second turn: 2 leaves after round 2 of width 6 -> backtracking
-    cfg = SamplerConfig(width=6, depth=4, segment_len=16, segment_mode="turn", fallback_policy="finished")
+    cfg = SamplerConfig(width=6, depth=4, segment_len=16, segment_mode="turn", fallback_policy="finished",
+                        budget="transfer")
 
     def script(r):
         return {"text": "\\boxed{42}", "eos": True} if len(r.node_id) >= 3 else {"text": "hmm", "eos": True}
@@ -206,6 +212,7 @@ def test_rollback_cuts_at_turn_boundaries_and_keeps_width_and_turn_counts():
 def test_recheck_after_rollback_asks_by_the_path_not_the_round():
     """ms-swift kept 'finish next turn' in mutable sample state; here the message follows the path's own turn count."""
     cfg = SamplerConfig(width=6, depth=4, segment_len=200, segment_mode="turn", max_turns=3, fallback_policy="any",
+                        budget="transfer",
                         init_divergence=1)  # 1, 2, 4 paths reach the limit together: 2 more by rollback
     engine = FakeEngine(script=lambda r: {"text": "not sure", "eos": True})
     tree = rollout(cfg, engine, env=RecheckEnv()).trees[0]
@@ -238,12 +245,14 @@ def test_recheck_limit_uses_or_not_a_bitwise_or():
 def turn_configs(draw):
     width = draw(st.integers(1, 10))
     depth = draw(st.integers(1, 5))
+    budget = draw(st.sampled_from(["particles", "transfer"]))
     return SamplerConfig(
+        budget=budget,
         mode=draw(st.sampled_from(["tree", "independent"])),
         width=width, depth=depth,
         segment_len=draw(st.integers(4, 12)),
         segment_mode=draw(st.sampled_from(["fixed", "turn"])),
-        branching=draw(st.integers(1, 3)),
+        branching=draw(st.integers(2 if budget == "particles" else 1, 3)),
         divergence_policy=draw(st.sampled_from(["fixed_avg", "low_prob", "entropy"])),
         fallback_policy=draw(st.sampled_from(["finished", "any", "root"])),
         fallback_max_backtrack=draw(st.integers(0, 2)),
@@ -289,7 +298,8 @@ def test_width_invariant_and_turn_structure_for_every_config(cfg, p_end, p_err, 
             if node.fallback:
                 assert node.id[:-1] == () or not tree.nodes[node.id[:-1]].ends_turn
     summary = summarize([result], cfg)
-    assert summary["trajectories"] == 2 * cfg.width
+    assert summary["group_size"] == cfg.width
+    assert summary["trajectories"] == 2 * cfg.width or cfg.budget == "particles"
     assert summary["env_errors"] == summary["finish_reasons"].get("env_error", 0)
 
 
@@ -326,12 +336,12 @@ def test_tree_advantage_ignores_env_levels():
     ("BadReason", "check_finished returned 7"),
 ])
 def test_a_broken_env_finishes_paths_with_env_error_and_logs(name, message, caplog):
-    cfg = SamplerConfig(width=3, depth=3, segment_len=8, segment_mode="turn", env=f"toy_envs:{name}")
+    cfg = SamplerConfig(width=3, depth=3, segment_len=8, segment_mode="turn", env=f"toy_envs:{name}", init_divergence=3)
     engine = FakeEngine(script=lambda r: {"text": "hi", "eos": True})
     with caplog.at_level(logging.WARNING, logger="treepo.rollout.sampler"):
         result = TreeSampler(cfg, engine).rollout([PROMPT])
     tree = result.trees[0]
-    assert len(tree.leaves) == 3 and {tree.nodes[leaf].finish_reason for leaf in tree.leaves} == {"env_error"}
+    assert tree.group_size == 3 and {tree.nodes[leaf].finish_reason for leaf in tree.leaves} == {"env_error"}
     assert summarize([result], cfg)["env_errors"] == 3
     assert message in caplog.text and f"{name}." in caplog.text and "env_error" in caplog.text
 

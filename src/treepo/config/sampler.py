@@ -250,6 +250,13 @@ class SamplerConfig:
         _require(not (self.fork_depth and self.budget != "particles"),
                  f"fork_depth={self.fork_depth} only applies to --budget particles (now {self.budget!r}): drop --fork_depth "
                  "or add --budget particles.")
+        _require(
+            not (self.mode == "tree" and self.budget == "particles" and self.branching == 1
+                 and self.shape == "fixed" and self.root_fanout_range[0] < self.width),
+            f"branching=1 with budget 'particles': paths never fork, so a group would have only "
+            f"{self.root_fanout_range[0]} distinct leaves of width={self.width}; raise --branching (e.g. 2) or "
+            f"set --init_divergence {self.width} (independent sampling).",
+        )
         _require(0 < self.min_distinct <= 1,
                  f"min_distinct={self.min_distinct}: must be in (0, 1] (a share of width, e.g. 0.75).")
         _require(isinstance(self.min_segment_len, int) and self.min_segment_len >= 1,

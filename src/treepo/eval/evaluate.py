@@ -63,13 +63,19 @@ def evaluate(
         results.append(result)
         for j, tree in enumerate(result.trees):
             s = scored[j]
-            problems.append({"correct": s["correct"], "answers": s["answers"], "decoded_tokens": tree.decoded_tokens,
+            # A particle tree's leaf stands for `multiplicity` of the width draws (each an exact draw from the
+            # policy), so the metrics count it that many times: mean@k is then unbiased for the policy's accuracy.
+            counts = tree.multiplicity() or [1] * len(tree.leaves)
+            problems.append({"correct": [ok for ok, m in zip(s["correct"], counts) for _ in range(m)],
+                             "answers": [a for a, m in zip(s["answers"], counts) for _ in range(m)],
+                             "decoded_tokens": tree.decoded_tokens, "distinct_leaves": len(tree.leaves),
                              "wall_seconds": seconds / len(result.trees)})
             p = prompts[tree.prompt_index]
-            for leaf, text, ok, ans in zip(tree.leaves, s["texts"], s["correct"], s["answers"]):
+            for leaf, text, ok, ans, m in zip(tree.leaves, s["texts"], s["correct"], s["answers"], counts):
                 rows.append({"prompt_index": tree.prompt_index, "question": p.question, "reference": p.answer,
-                             "node_path": list(leaf), "completion": text, "answer": ans, "correct": ok,
-                             "reward": tree.rewards[leaf], "finish_reason": tree.nodes[leaf].finish_reason})
+                             "node_path": list(leaf), "multiplicity": m, "completion": text, "answer": ans,
+                             "correct": ok, "reward": tree.rewards[leaf],
+                             "finish_reason": tree.nodes[leaf].finish_reason})
         if on_batch:
             on_batch(len(result.trees))
     if strict:
@@ -81,6 +87,9 @@ def evaluate(
         "width": sampler_cfg.width,
         "leaf_tokens": rollout["leaf_tokens"],
         "saving_vs_own_leaves": rollout["saving_vs_own_leaves"],
+        "estimated_saving_vs_independent": rollout["estimated_saving_vs_independent"],
+        "distinct_leaves_per_group": rollout["distinct_leaves_per_group"],
+        "shapes": [r.shape.as_dict() for r in results if r.shape is not None],
         "reward_failures": dict(failures),
         "reward_samples": tally.samples,
         "wall_seconds": sum(p["wall_seconds"] for p in problems),

@@ -115,6 +115,7 @@ def summarize(results: Iterable[RolloutResult], cfg: SamplerConfig) -> dict:
         "shared_tokens": shared,
         "particle_tokens": particle,
         "estimated_saving_vs_independent": round(1.0 - decoded / independent_est, 6) if independent_est else 0.0,
+        "independent_tokens_estimate": round(independent_est, 2),
         "group_size": round(sum(t.group_size for t in trees) / len(trees), 3) if trees else 0.0,
         "distinct_leaves_per_group": round(n_traj / len(trees), 3) if trees else 0.0,
         "decoded_tokens_per_distinct_leaf": round(decoded / n_traj, 2) if n_traj else 0.0,

@@ -70,6 +70,8 @@ def rng_state(sampler, engine) -> dict:
         "numpy": np.random.get_state(),
         "sampler": sampler.rng.getstate(),
         "engine": engine.rng_state(),
+        # the answer lengths the adaptive shape chooses from, so a resumed run grows the same trees
+        "shape_history": sampler.shaper.history.state() if sampler.shaper is not None else None,
     }
 
 
@@ -80,3 +82,5 @@ def set_rng_state(rng: dict, sampler, engine) -> None:
     np.random.set_state(rng["numpy"])
     sampler.rng.setstate(rng["sampler"])
     engine.set_rng_state(rng["engine"])
+    if sampler.shaper is not None and rng.get("shape_history") is not None:
+        sampler.shaper.history.load(rng["shape_history"])

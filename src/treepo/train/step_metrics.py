@@ -34,10 +34,19 @@ def step_row(step: int, results: list, sampler_cfg: SamplerConfig, *, rewards_al
         "groups_trained": trained,
         "groups_dropped": dropped,
         "resample_rounds": rounds,
-        "trajectories_per_prompt": roll["trajectories"] / max(roll["prompts"], 1),
+        "trajectories_per_prompt": roll["trajectories"] / max(roll["prompts"], 1),  # distinct leaves
+        "group_size": roll["group_size"],  # the trajectories a group stands for (width; particles count)
+        "distinct_leaves_per_group": roll["distinct_leaves_per_group"],
         "tree_depth_mean": float(np.mean(depths)),
         "tree_depth_max": max(depths),
-        "response_tokens_mean": float(np.mean(lengths)),
+        "response_tokens_mean": float(np.mean(lengths)),  # the raw mean over distinct leaves
+        "weighted_response_tokens": roll["weighted_response_tokens"],  # the policy's mean answer length
+        "shared_tokens": roll["shared_tokens"],  # S: what shared prefixes saved
+        "particle_tokens": roll["particle_tokens"],
+        "independent_tokens_estimate": roll["independent_tokens_estimate"],
+        "estimated_saving_vs_independent": roll["estimated_saving_vs_independent"],
+        "decoded_tokens_per_distinct_leaf": roll["decoded_tokens_per_distinct_leaf"],
+        "shape": next((r.shape.as_dict() for r in results if getattr(r, "shape", None) is not None), None),
         "fallbacks": roll["fallbacks"],
         "decoded_tokens": roll["decoded_tokens"],
         "leaf_tokens": roll["leaf_tokens"],
@@ -56,8 +65,13 @@ def brief(row: dict) -> str:
     """The progress bar's digest of a step's row."""
     weighted = row.get("accuracy_weighted")  # the raw leaf accuracy leans toward long answers
     acc = f"acc {row['accuracy']:.0%}" + ("" if weighted is None else f" (weighted {weighted:.0%})")
-    return (f"reward {row['reward_mean']:+.2f}, {acc}, "
-            f"{row['saving_vs_own_leaves']:.0%} fewer tokens than its leaves, {row['step_seconds']:.0f} s/step")
+    shape = row.get("shape")
+    grown = ("" if not shape else " independently" if shape["root_fanout"] >= row["group_size"]
+             else f" as trees ({shape['segment_len']}-token segments, fan-out {shape['root_fanout']}, "
+                  f"forks from {shape['fork_depth']})")
+    return (f"reward {row['reward_mean']:+.2f}, {acc}, {row['distinct_leaves_per_group']:.1f} distinct of "
+            f"{row['group_size']:.0f}{grown}, ~{row['estimated_saving_vs_independent']:.0%} fewer tokens than "
+            f"independent sampling, {row['step_seconds']:.0f} s/step")
 
 
 def run_summary(steps: int, rows: list[dict], evals: list[dict], configs: dict) -> dict:
@@ -70,6 +84,11 @@ def run_summary(steps: int, rows: list[dict], evals: list[dict], configs: dict) 
         "accuracy_by_step": [r["accuracy"] for r in train_rows],
         "decoded_tokens": sum(r["decoded_tokens"] for r in train_rows),
         "leaf_tokens": sum(r["leaf_tokens"] for r in train_rows),
+        "shared_tokens": sum(r.get("shared_tokens", 0) for r in train_rows),
+        "independent_tokens_estimate": sum(r.get("independent_tokens_estimate", 0) for r in train_rows),
+        "weighted_response_tokens_by_step": [r.get("weighted_response_tokens") for r in train_rows],
+        "response_tokens_mean_by_step": [r.get("response_tokens_mean") for r in train_rows],
+        "shape_by_step": [r.get("shape") for r in train_rows],
         "wall_seconds": sum(r["step_seconds"] for r in train_rows),
         "reward_failures": dict(sum((Counter(r.get("reward_failure_kinds") or {}) for r in train_rows), Counter())),
         "evals": evals,
@@ -77,5 +96,7 @@ def run_summary(steps: int, rows: list[dict], evals: list[dict], configs: dict) 
     }
     if summary["leaf_tokens"]:
         summary["saving_vs_own_leaves"] = 1 - summary["decoded_tokens"] / summary["leaf_tokens"]
+    if summary["independent_tokens_estimate"]:
+        summary["estimated_saving_vs_independent"] = 1 - summary["decoded_tokens"] / summary["independent_tokens_estimate"]
     return summary
 

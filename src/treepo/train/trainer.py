@@ -263,7 +263,7 @@ class Trainer:
                 rewards = [tree.rewards[leaf] for leaf in tree.leaves]
                 rewards_all += rewards
                 correct_all += scored[j]["correct"]
-                w = leaf_weights(tree.leaves)
+                w = leaf_weights(tree.leaves, tree.multiplicity())
                 weighted.append((float(np.dot(w, rewards)), float(np.dot(w, scored[j]["correct"]))))
                 if cfg.dynamic_sampling and max(rewards) - min(rewards) < 1e-9:
                     dropped += 1
