@@ -5,6 +5,7 @@ Each file is written to a temporary name in the same folder and renamed over the
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import os
@@ -118,3 +119,27 @@ def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
 def read_json(path: str | Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def utf8_problem(path: str | Path) -> Optional[str]:
+    """None when the file is UTF-8 text (a leading byte-order mark is fine), else what is wrong and the fix.
+
+    Read in chunks, so a large dataset file is checked without holding it in memory.
+    """
+    path = Path(path)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            data = decoder.getstate()[0] + chunk  # a character cut by the last chunk's end is completed here
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                line += data.count(b"\n", 0, e.start)
+                fixed = path.with_name(f"{path.stem}.utf8{path.suffix}")
+                return (f"not UTF-8 text (byte 0x{data[e.start:e.start + 1].hex()} on line {line}): save it as UTF-8, "
+                        f"e.g. iconv -f latin1 -t utf-8 {path} > {fixed}")
+            if not chunk:
+                return None
+            line += chunk.count(b"\n")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from . import io
 from .errors import InputError
 
 
@@ -73,8 +74,10 @@ def load_jsonl(path: str | Path, count: Optional[int] = None) -> list[Prompt]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"prompts={str(path)!r}: no such file.")
+    if problem := io.utf8_problem(path):
+        raise InputError(f"prompts={str(path)!r}: {problem}")
     prompts: list[Prompt] = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # a byte-order mark (some Windows editors write one) is skipped
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -199,10 +202,9 @@ def load_dataset_prompts(path: str | Path, count: Optional[int] = None, prompt_c
         if kind is None:
             raise InputError(f"prompts={str(path)!r}: use a .jsonl, .json, .parquet or .csv file, or a folder "
                              "written by Dataset.save_to_disk.")
-        try:
-            data = datasets.load_dataset(kind, data_files=str(path), split="train")
-        except Exception as e:  # datasets raises many kinds for an unreadable file
-            raise InputError(f"prompts={str(path)!r}: cannot read it as {kind} ({type(e).__name__}: {e}).") from e
+        if kind != "parquet" and (problem := io.utf8_problem(path)):
+            raise InputError(f"prompts={str(path)!r}: {problem}")
+        data = _read_dataset_file(datasets, kind, path)
     else:
         raise InputError(f"prompts={str(path)!r}: no such file or folder.")
     columns = list(data.column_names)
@@ -230,6 +232,27 @@ def load_dataset_prompts(path: str | Path, count: Optional[int] = None, prompt_c
     if not prompts:
         raise InputError(f"{path}: the dataset has no rows.")
     return prompts
+
+
+def _read_dataset_file(datasets, kind: str, path: Path):
+    """The file's rows with `datasets`, quietly: its own log lines and progress bars would print before our message,
+    and its error names only the last step that failed, so the message gives the first cause."""
+    bars_on = datasets.is_progress_bar_enabled()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
+    try:
+        return datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as e:  # datasets raises many kinds for an unreadable file
+        cause = e
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        why = f"{type(e).__name__}: {e}" if cause is e else f"{type(cause).__name__}: {cause}"
+        raise InputError(f"prompts={str(path)!r}: cannot read it as {kind} ({why}).") from e
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars_on:
+            datasets.enable_progress_bars()
 
 
 def _dataset_prompt(value: Any, column: str, where: str) -> tuple[str, Optional[list[dict[str, Any]]]]:
