@@ -13,6 +13,7 @@ Bad input ends with one line naming the field and the fix, and exit status 2.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -35,6 +36,7 @@ from .config import (
     WeightSyncConfig,
 )
 from .errors import ConfigError, TreepoError
+from .io import utf8_problem
 
 USAGE = """usage: treepo <command> [options]
 
@@ -102,7 +104,9 @@ def _yaml_argv(path: str, fields: dict, command: str, parser) -> list[str]:
     import yaml
 
     try:
-        with open(path, encoding="utf-8") as f:
+        if problem := utf8_problem(path):
+            raise ConfigError(f"config={path!r}: {problem}")
+        with open(path, encoding="utf-8-sig") as f:
             data = yaml.safe_load(f) or {}
     except OSError as e:
         raise ConfigError(f"config={path!r}: cannot read it ({e.strerror}).") from e
@@ -136,8 +140,25 @@ def _yaml_argv(path: str, fields: dict, command: str, parser) -> list[str]:
             value = json.dumps(value)
         elif isinstance(value, bool):
             value = "true" if value else "false"
+        _check_yaml_value(path, key, str(value), parser)
         argv += [f"--{name}", str(value)]
     return argv
+
+
+def _check_yaml_value(path: str, key: str, value: str, parser) -> None:
+    """A YAML value of the wrong type is named by its file and key (argparse would blame the flag)."""
+    action = next((a for a in parser._actions if f"--{str(key).replace('-', '_')}" in a.option_strings), None)
+    if action is None or action.type is None:
+        return
+    try:
+        parsed = action.type(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        kind = {int: "an integer", float: "a number"}.get(action.type, "true or false" if action.nargs == "?" else "")
+        raise ConfigError(f"config={path!r}: {key}: {value!r} is not {kind or 'a valid value'}"
+                          + (f" (e.g. {key}: 2)." if action.type is int else ".")) from None
+    if action.choices and parsed not in action.choices:
+        raise ConfigError(f"config={path!r}: {key}: {value!r} is not one of "
+                          f"{', '.join(str(c) for c in action.choices)}.")
 
 
 def _suggest(name: str, known: set[str], prefix: str) -> str:
