@@ -18,6 +18,7 @@ class MetricsLog:
     def __init__(self, out: Path, *, main: bool, tensorboard: bool):
         self.out, self.main, self.tensorboard = out, main, tensorboard
         self._file = None
+        self._path: Optional[Path] = None
         self.tb = None
 
     def open(self, resume_step: Optional[int]) -> list[dict]:
@@ -26,8 +27,11 @@ class MetricsLog:
         rows = [r for r in read_rows(path) if r.get("step", 0) <= resume_step] if resume_step is not None else []
         if not self.main:
             return rows
-        io.write_jsonl(path, rows)
-        self._file = open(path, "a", encoding="utf-8")
+        self._path = path
+        if rows:
+            io.write_jsonl(path, rows)
+        else:  # the file appears with the first row: a run stopped before it leaves no empty metrics.jsonl
+            path.unlink(missing_ok=True)
         if self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -38,8 +42,10 @@ class MetricsLog:
         return rows
 
     def write(self, row: dict) -> None:
-        if self._file is None:
+        if self._path is None:
             return
+        if self._file is None:
+            self._file = open(self._path, "a", encoding="utf-8")
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self.tb is not None:
@@ -52,6 +58,7 @@ class MetricsLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._path = None
         if self.tb is not None:
             self.tb.close()
             self.tb = None
