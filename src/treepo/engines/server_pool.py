@@ -16,6 +16,7 @@ cached prompt tokens, retries, failures, busy seconds) is kept as answers arrive
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -223,7 +224,10 @@ def _describe(e: Exception) -> str:
     if isinstance(e, requests.Timeout):
         return "timed out"
     if isinstance(e, requests.ConnectionError):
-        return f"connection failed ({type(e).__name__}: {str(e)[:120]})"
+        # requests nests urllib3's errors; the OS's reason ("[Errno 111] Connection refused") is the useful part,
+        # and a cut of the whole text would end mid-string
+        reason = re.search(r"\[Errno -?\d+\][^'\")]*", str(e))
+        return f"connection failed ({reason.group(0).strip() if reason else f'{type(e).__name__}: {e}'})"
     if isinstance(e, requests.RequestException):
         return f"{type(e).__name__}: {str(e)[:120]}"
     return f"unusable answer ({e})" if isinstance(e, Unusable) else str(e)
