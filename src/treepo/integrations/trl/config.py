@@ -9,6 +9,7 @@ tree adds (depth, segment length, branching, the advantage estimator, ...) sits 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import get_args
 
@@ -20,6 +21,20 @@ from ...errors import ConfigError
 ON_UNSUPPORTED = ("error", "trl")
 BACKENDS = ("hf", "auto", "lean")
 DIVERGENCE_POLICIES = ("fixed_avg", "low_prob", "high_prob", "entropy")
+
+
+# SamplerConfig's names as a TRL user sets them: the width is TRL's group size, the budget its completion length.
+TRL_NAMES = {"width": "num_generations", "max_response_tokens": "max_completion_length", "seed": "seed"}
+TREEPO_FIELDS = ("depth", "segment_len", "branching", "init_divergence_max", "init_divergence", "divergence_policy",
+                 "budget", "fallback_policy", "answer_policy")
+
+
+def trl_words(message: str) -> str:
+    """A SamplerConfig error in TreePOConfig's field names (`width` -> num_generations, `--depth` -> treepo_depth)."""
+    names = {**TRL_NAMES, **{name: f"treepo_{name}" for name in TREEPO_FIELDS}}
+    pattern = r"(?<![\w-])(?:--)?(" + "|".join(sorted(names, key=len, reverse=True)) + r")\b"
+    message = re.sub(r"--([a-z_]+) (?=[\d']|(?!(?:or|and|to|below|above|raise|lower)\b)[a-z])", r"\1=", message)  # a flag and its value: a keyword argument
+    return re.sub(pattern, lambda m: names[m.group(1)], message)
 
 
 def _help(text: str, **extra) -> dict:
@@ -146,10 +161,14 @@ class TreePOConfig(GRPOConfig):
              f"per_device_train_batch_size * steps_per_generation = {local} is not a multiple of "
              f"num_generations={self.num_generations}: each process must hold whole trees; make "
              "per_device_train_batch_size (or gradient_accumulation_steps) a multiple of num_generations / its divisor.")
+        need(self.treepo_branching <= self.num_generations,
+             f"treepo_branching={self.treepo_branching} exceeds num_generations={self.num_generations}: a fork cannot "
+             f"make more children than the tree has completions; lower treepo_branching to <= {self.num_generations} "
+             f"or raise num_generations to >= {self.treepo_branching}.")
         try:
             self.treepo_sampler_config()
         except ConfigError as e:
-            raise ValueError(f"TreePOConfig: {e} (the treepo_ field of that name)") from e
+            raise ValueError(f"TreePOConfig: {trl_words(str(e))}") from e
 
     # -- what treepo needs -----------------------------------------------------------------
     @property
