@@ -8,12 +8,14 @@ In one process on SmolLM2-135M-Instruct (the default model), with the same promp
    decoded-token saving must equal the structural bound;
 2. the embedded engine vs `model.generate` decoding 128 sampled tokens for a batch of 16 prompts
    (prefill included in both);
-3. `eos_on`, the realistic row: EOS on, answers stopping where the model stops them, on the training
-   task (letter_counting, 1-3 words, its brief-answer system prompt) with `treepo train`'s sampler
-   (`TrainSamplerConfig`: depth 4 x 64, fan-out 2..8, w=8), tree vs independent on the same prompts
-   and seeds: decoded tokens, wall time, mean answer tokens, the measured saving against independent
-   sampling (`compare_modes`) next to the structural one against the tree's own leaves.
-   `--only eos_on` runs just this row and keeps the other rows of an existing JSON.
+3. `eos_on_rows`, the realistic rows: EOS on, answers stopping where the model stops them, short
+   answers (letter_counting, 1-3 words, the training prompt, budget 4 x 64) and long ones (gsm_symbolic,
+   step-by-step prompt, budget 8 x 32), at w=8 and w=16, with the default sampler (particles, adaptive
+   shape, its lengths from an untimed independent warm-up on other problems of the task) against
+   independent sampling on the same prompts and seeds: decoded tokens, wall time, raw and weighted mean
+   answer tokens, distinct leaves per group, `measured_saving` = 1 - tree / independent decoded tokens and
+   `speedup` = independent / tree wall time. `eos_on` repeats the short w=8 row.
+   `--only eos_on_rows` runs just these rows and keeps the others of an existing JSON.
 Ratios are taken within the run (this machine is noisy); each pair runs interleaved, `--repeats`
 times, and the median ratio is reported. Writes benchmarks/results/rollout_speed.json and .png.
 """
@@ -27,6 +29,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,7 +37,7 @@ import torch
 from treepo import io
 from treepo.viz.plots import save_png
 from treepo.rollout.accounting import summarize
-from treepo.config import DEFAULT_TRAIN_SYSTEM_PROMPT, EASY_TASK, EASY_TASK_ARGS, EngineConfig, SamplerConfig, TrainSamplerConfig
+from treepo.config import DEFAULT_TRAIN_SYSTEM_PROMPT, EASY_TASK, EASY_TASK_ARGS, EngineConfig, JobSamplerConfig, SamplerConfig
 from treepo.engines.base import SegmentRequest
 from treepo.engines.loading import load_engine
 from treepo.engines.transformers_engine import TransformersEngine
@@ -74,35 +77,79 @@ def generate_throughput(model, tokenizer, prompts, new_tokens: int) -> float:
     return (out.shape[1] - width) * len(prompts) / wall
 
 
-def eos_on(engine, args) -> dict:
-    """Tree vs independent with EOS on, on the training task and sampler: summed over repeats (seeds)."""
-    prompts = [render(p, engine.tokenizer, DEFAULT_TRAIN_SYSTEM_PROMPT)
-               for p in load_task(EASY_TASK, args.eos_prompts, args.seed, parse_task_args(EASY_TASK_ARGS))]
-    runs: dict[str, list[dict]] = {"tree": [], "independent": []}
-    for rep in range(max(args.repeats, 2)):
-        for mode in ("tree", "independent"):
-            cfg = TrainSamplerConfig(mode=mode, width=8, seed=args.seed + rep)
-            runs[mode].append(summarize([TreeSampler(cfg, engine).rollout(prompts)], cfg))
-            print(f"eos_on {mode} seed {args.seed + rep}: {runs[mode][-1]['wall_seconds']:.1f} s, "
-                  f"{runs[mode][-1]['decoded_tokens']} decoded tokens", flush=True)
+# The rows of `eos_on_rows`: (task, its settings, system prompt, "short" | "long", response budget as depth x segment).
+# Short answers: the training task (SmolLM2 answers letter_counting in about 50 tokens). Long answers:
+# gsm_symbolic with the step-by-step prompt, where SmolLM2's answers average about 160 tokens (many cut at
+# the 256-token budget), so at least 4 segments of any length the adaptive shape may choose (<= 32 there).
+EOS_ROWS = (
+    (EASY_TASK, EASY_TASK_ARGS, DEFAULT_TRAIN_SYSTEM_PROMPT, "short", 4, 64),
+    ("gsm_symbolic", None, SYSTEM, "long", 8, 32),
+)
+SIDE = ("decoded_tokens", "wall_seconds", "mean_response_tokens", "weighted_response_tokens", "trajectories",
+        "distinct_leaves_per_group", "shared_tokens", "estimated_saving_vs_independent")
 
-    def total(side: list[dict]) -> dict:
-        n = sum(r["trajectories"] for r in side)
-        return {"decoded_tokens": sum(r["decoded_tokens"] for r in side), "leaf_tokens": sum(r["leaf_tokens"] for r in side),
-                "wall_seconds": round(sum(r["wall_seconds"] for r in side), 3), "trajectories": n,
-                "mean_response_tokens": round(sum(r["leaf_tokens"] for r in side) / n, 2),
-                "trajectories_per_second": round(n / sum(r["wall_seconds"] for r in side), 3),
-                "decoded_tokens_per_second": round(sum(r["decoded_tokens"] for r in side)
-                                                   / sum(r["wall_seconds"] for r in side), 2),
-                "saving_vs_own_leaves": round(1 - sum(r["decoded_tokens"] for r in side)
-                                              / sum(r["leaf_tokens"] for r in side), 4)}
 
-    row = compare_modes(total(runs["tree"]), total(runs["independent"]))
-    ratios = [i["wall_seconds"] / t["wall_seconds"] for t, i in zip(runs["tree"], runs["independent"])]
-    row.update({"speedups": [round(r, 3) for r in ratios], "speedup_median": round(statistics.median(ratios), 3),
-                "task": f"{EASY_TASK} {EASY_TASK_ARGS}", "prompts": len(prompts), "seeds": len(runs["tree"]),
-                "sampler": "TrainSamplerConfig(width=8): depth 4 x 64, fan-out 2..8, budget transfer"})
-    return row
+def _total(side: list[dict]) -> dict:
+    """One side of a row, summed (tokens, time) or averaged (per-trajectory figures) over its repeats."""
+    out = {k: sum(r[k] for r in side) for k in ("decoded_tokens", "wall_seconds", "trajectories", "shared_tokens")}
+    out["wall_seconds"] = round(out["wall_seconds"], 3)
+    for k in ("mean_response_tokens", "weighted_response_tokens", "distinct_leaves_per_group",
+              "estimated_saving_vs_independent"):
+        out[k] = round(statistics.mean(r[k] for r in side), 4)
+    out["decoded_tokens_per_distinct_leaf"] = round(out["decoded_tokens"] / out["trajectories"], 2)
+    return out
+
+
+def eos_on_rows(engine, args) -> list[dict]:
+    """Tree (the default sampler: particles, adaptive shape) vs independent, EOS on, same prompts and seeds.
+
+    The adaptive shape needs the task's answer lengths: one independent warm-up rollout on other problems
+    of the task (seed + 1000, not timed) gives them, as a training run's earlier steps would. Each (task,
+    width) then runs tree and independent `--repeats` times (seeds seed, seed + 1, ...), interleaved."""
+    rows = []
+    for task, task_args, system, answers, depth, segment in EOS_ROWS:
+        parsed = parse_task_args(task_args) if task_args else None
+        measured = [render(p, engine.tokenizer, system) for p in load_task(task, args.eos_prompts, args.seed, parsed)]
+        warm = [render(p, engine.tokenizer, system) for p in load_task(task, args.eos_prompts, args.seed + 1000, parsed)]
+        pilot = TreeSampler(JobSamplerConfig(width=8, depth=depth, segment_len=segment, seed=args.seed + 1000), engine)
+        pilot.rollout(warm)  # no lengths seen yet: independent sampling, whose lengths the shape is chosen from
+        lengths = pilot.shaper.history.state()
+        for width in (8, 16):
+            sides: dict[str, list[dict]] = {"tree": [], "independent": []}
+            shapes = []
+            for rep in range(max(args.repeats, 2)):
+                cfg = JobSamplerConfig(width=width, depth=depth, segment_len=segment, seed=args.seed + rep)
+                for mode in (("tree", "independent") if rep % 2 == 0 else ("independent", "tree")):
+                    sampler = TreeSampler(replace(cfg, mode=mode), engine)
+                    if sampler.shaper is not None:
+                        sampler.shaper.history.load(lengths)
+                    result = sampler.rollout(measured)
+                    if result.shape is not None:
+                        shapes.append(result.shape.as_dict())
+                    sides[mode].append(summarize([result], sampler.cfg))
+                    print(f"eos_on {task} w={width} {mode} seed {cfg.seed}: {result.wall_seconds:.1f} s, "
+                          f"{sides[mode][-1]['decoded_tokens']} decoded tokens, "
+                          f"{sides[mode][-1]['distinct_leaves_per_group']} distinct leaves", flush=True)
+            tree, ind = _total(sides["tree"]), _total(sides["independent"])
+            ratios = [i["wall_seconds"] / t["wall_seconds"] for t, i in zip(sides["tree"], sides["independent"])]
+            rows.append({
+                "task": task, "task_args": task_args, "answers": answers, "width": width, "prompts": len(measured),
+                "seeds": len(sides["tree"]), "budget": depth * segment, "shape": shapes[-1] if shapes else None,
+                "tree": tree, "independent": ind,
+                "measured_saving": round(1 - tree["decoded_tokens"] / ind["decoded_tokens"], 4),
+                "speedup": round(ind["wall_seconds"] / tree["wall_seconds"], 4),
+                "speedups": [round(r, 3) for r in ratios],
+            })
+            print(json.dumps({k: rows[-1][k] for k in ("task", "width", "measured_saving", "speedup")}), flush=True)
+    return rows
+
+
+def set_eos_rows(result: dict, rows: list[dict]) -> None:
+    """Store the rows, and as `eos_on` (the row earlier runs reported) the short-answer w=8 one."""
+    result["eos_on_rows"] = rows
+    result["eos_on"] = next(r for r in rows if r["answers"] == "short" and r["width"] == 8)
+    result["command_eos_on_rows"] = " ".join([".venv/bin/python", *sys.argv])
+    result.pop("command_eos_on", None)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -142,17 +189,16 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats; the median ratio is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results", help="folder for rollout_speed.json / .png")
-    parser.add_argument("--only", choices=["eos_on"], default=None, help="run just this row, keep the others")
-    parser.add_argument("--eos-prompts", type=int, default=16, help="letter_counting prompts of the eos_on row")
+    parser.add_argument("--only", choices=["eos_on_rows"], default=None, help="run just these rows, keep the others")
+    parser.add_argument("--eos-prompts", type=int, default=8, help="prompts per task of the eos_on_rows")
     args = parser.parse_args()
     out = Path(args.out)
-    if args.only == "eos_on":
+    if args.only == "eos_on_rows":
         result = io.read_json(out / "rollout_speed.json") if (out / "rollout_speed.json").is_file() else {}
         engine = load_engine(EngineConfig(), seed=args.seed)
-        result["eos_on"] = eos_on(engine, args)
-        result["command_eos_on"] = " ".join([".venv/bin/python", *sys.argv])
+        set_eos_rows(result, eos_on_rows(engine, args))
         io.write_json(out / "rollout_speed.json", result)
-        print(json.dumps({k: result["eos_on"][k] for k in ("measured_saving", "speedup")}))
+        plot(result, out / "rollout_speed.png")
         return 0
 
     engine = load_engine(EngineConfig(ignore_eos=True), seed=args.seed)
@@ -185,7 +231,7 @@ def main() -> int:
     result["engine_tokens_per_s"] = round(statistics.median(eng), 2)
     result["generate_tokens_per_s"] = round(statistics.median(gen), 2)
     result["engine_vs_generate"] = round(statistics.median(e / g for e, g in zip(eng, gen)), 3)
-    result["eos_on"] = eos_on(TransformersEngine(engine.model, engine.tokenizer, EngineConfig(), seed=args.seed), args)
+    set_eos_rows(result, eos_on_rows(TransformersEngine(engine.model, engine.tokenizer, EngineConfig(), seed=args.seed), args))
     io.write_json(out / "rollout_speed.json", result)
     plot(result, out / "rollout_speed.png")
     print({k: result[k] for k in ("speedup_w8", "speedup_w16", "saving_w16", "bound_w16", "engine_vs_generate")})

@@ -42,7 +42,7 @@ def test_greedy_tree_leaves_equal_greedy_independent_samples(kind, backend):
 @pytest.mark.parametrize("kind, backend", [("llama", "lean"), ("qwen3", "lean"), ("gpt2", "hf")])
 def test_engine_logprobs_and_entropies_match_a_full_forward(kind, backend):
     eng = engine(kind, temperature=0.8, top_p=0.9, backend=backend)
-    cfg = SamplerConfig(width=6, depth=3, segment_len=6, branching=2, seed=3, answer_policy="none", rep_count=0)
+    cfg = SamplerConfig(width=6, depth=3, segment_len=6, branching=2, budget="transfer", seed=3, answer_policy="none", rep_count=0)
     result = TreeSampler(cfg, eng).rollout(tiny.prompts())
     checked = 0
     for tree in result.trees:
@@ -187,7 +187,7 @@ def test_rollouts_with_frequent_eos_and_fallbacks_keep_exact_logprobs(check_ever
     eng = TransformersEngine(model, tiny.tokenizer(), EngineConfig(temperature=1.0))
     eng._check_every = check_every
     # root fan-out 1, b=2, depth 3 reaches only 4 of 8 leaves: fallbacks must cut at depth 2 and keep a prefix
-    cfg = SamplerConfig(width=8, depth=3, segment_len=4, branching=2, init_divergence=1, seed=5, answer_policy="none",
+    cfg = SamplerConfig(width=8, depth=3, segment_len=4, branching=2, init_divergence=1, budget="transfer", seed=5, answer_policy="none",
                         rep_count=0, fallback_policy="any", fallback_max_backtrack=1, max_response_tokens=10)
     result = TreeSampler(cfg, eng).rollout(tiny.prompts())
     deep_fallbacks = [n for t in result.trees for n in t.nodes.values() if n.fallback and len(n.id) >= 3]

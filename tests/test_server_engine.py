@@ -18,7 +18,7 @@ from treepo.engines.server import ServerEngine
 from treepo.errors import ConfigError, InputError, ServerError
 from treepo.rollout.sampler import TreeSampler
 
-SHAPE = dict(width=4, depth=3, segment_len=5, branching=2, seed=3)
+SHAPE = dict(width=4, depth=3, segment_len=5, branching=2, seed=3, budget="transfer")  # width leaves each
 
 
 def engine(urls, **cfg) -> ServerEngine:

@@ -4,8 +4,9 @@ TRL hands the trainer its generation batch as rows, each prompt repeated `num_ge
 a run of consecutive rows (its RepeatSampler). Here
 
 - `prompt_groups` turns those rows into one prompt per tree (and checks the runs are whole);
-- `completions` turns the trees back into rows: tree g's k-th leaf is row g * width + k, with its
-  token ids (EOS included, as TRL's own generation keeps it) and sampled-token log-probs;
+- `completions` turns the trees back into rows, `width` per tree: each leaf as many rows as the particles
+  it holds (once each without particles), with its token ids (EOS included, as TRL's own generation keeps
+  it) and sampled-token log-probs, so TRL sees `num_generations` exact draws per prompt, some repeated;
 - `row_advantages` gives each row treepo's per-token advantages for the rows' rewards, exactly as
   `treepo train` builds them (`treepo.train.update.build_samples`);
 - `tree_metrics` is what the trainer logs about the trees.
@@ -46,14 +47,20 @@ def prompt_groups(prompt_ids: Sequence[Sequence[int]], width: int) -> list[list[
     return groups
 
 
+def _copies(tree: PromptTree) -> list[int]:
+    """Rows per leaf: its multiplicity (particle trees), else 1."""
+    return tree.multiplicity() or [1] * len(tree.leaves)
+
+
 def completions(trees: Sequence[PromptTree]) -> tuple[list[list[int]], list[list[float]]]:
-    """(completion ids, sampled-token log-probs) per row: each tree's leaves in order, tree after tree."""
+    """(completion ids, sampled-token log-probs) per row: each tree's leaves in order, each leaf repeated
+    for its particles, tree after tree."""
     ids, logps = [], []
     for tree in trees:
-        for leaf in tree.leaves:
+        for leaf, m in zip(tree.leaves, _copies(tree)):
             traj = tree.trajectory(leaf)
-            ids.append(list(traj.token_ids))
-            logps.append(list(traj.logprobs))
+            ids += [list(traj.token_ids) for _ in range(m)]
+            logps += [list(traj.logprobs) for _ in range(m)]
     return ids, logps
 
 
@@ -65,24 +72,34 @@ def row_advantages(trees: Sequence[PromptTree], rewards: Sequence[float], estima
     (estimator, then the batch's whitening), so they equal `treepo train`'s for the same trees. A
     NaN reward (every TRL reward function returned None) takes its group's mean reward for the
     estimator and gets advantage 0, as TRL zeroes an unscorable completion's advantage.
+
+    A leaf repeated for its m particles takes the mean of its rows' rewards, and each of its rows gets
+    the leaf's advantage / m x width / leaves: `build_samples` weighs a leaf by m x leaves / width (mean 1
+    over the leaves), and TRL's loss already counts the m rows, so each row is one particle of weight 1.
     """
-    rows = sum(len(t.leaves) for t in trees)
+    rows = sum(sum(_copies(t)) for t in trees)
     if len(rewards) != rows:
         raise ValueError(f"{len(rewards)} rewards for {rows} completions: give one per completion.")
     unscorable, at = [], 0
     for tree in trees:
-        values = [float(r) for r in rewards[at : at + len(tree.leaves)]]
+        copies = _copies(tree)
+        values = [float(r) for r in rewards[at : at + sum(copies)]]
         known = [r for r in values if not math.isnan(r)]
         fill = sum(known) / len(known) if known else 0.0
-        tree.rewards = {leaf: (fill if math.isnan(r) else r) for leaf, r in zip(tree.leaves, values)}
+        filled = [fill if math.isnan(r) else r for r in values]
+        starts = [sum(copies[:i]) for i in range(len(copies))]
+        tree.rewards = {leaf: sum(filled[a : a + m]) / m for leaf, a, m in zip(tree.leaves, starts, copies)}
         unscorable += [math.isnan(r) for r in values]
-        at += len(tree.leaves)
+        at += sum(copies)
     samples = iter(build_samples(list(trees), estimator, whitening, reduce_sum))
     out = []
     for tree in trees:
-        for leaf in tree.leaves:  # build_samples keeps every leaf with tokens, in this order
+        copies = _copies(tree)
+        for leaf, m in zip(tree.leaves, copies):  # build_samples keeps every leaf with tokens, in this order
             n = len(tree.response_ids(leaf))
-            out.append(list(next(samples).advantages) if n else [])
+            per_row = sum(copies) / (len(tree.leaves) * m)
+            adv = [a * per_row for a in next(samples).advantages] if n else []
+            out += [list(adv) for _ in range(m)]
     return [[0.0] * len(a) if bad else a for a, bad in zip(out, unscorable)]
 
 

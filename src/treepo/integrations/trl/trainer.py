@@ -231,7 +231,7 @@ class TreePOTrainer(GRPOTrainer):
         """The trees' metrics under treepo/, and the completions table's advantage column as the tree's."""
         from accelerate.utils import gather_object
 
-        metrics = tree_metrics(self._treepo_result, self._treepo_sampler(len(self._treepo_trees[0].leaves)).cfg)
+        metrics = tree_metrics(self._treepo_result, self._treepo_sampler(self._treepo_trees[0].group_size).cfg)
         for name, value in metrics.items():
             total = self.accelerator.gather(torch.tensor([value], device=self.accelerator.device))
             reduced = total.max() if name.endswith("_max") else (total.mean() if name in ("saving", "depth_mean")
