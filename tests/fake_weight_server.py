@@ -78,6 +78,8 @@ class FakeWeightServer:
         self.pg = None
         self.started = False  # vLLM: between /start_weight_update and /finish_weight_update
         self.lock = threading.Lock()
+        self.in_collective = 0  # handler threads inside a torch call (joining the group, receiving a broadcast)
+        self.collective_done = threading.Condition()
         self.httpd = _QuietServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -86,7 +88,22 @@ class FakeWeightServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+        # A handler thread (a daemon) may still wait in torch for a trainer that gave up: let its own timeout end
+        # it now, as a torch call that returns while the interpreter finalises aborts the process (see
+        # tests/test_clean_exit.py).
+        with self.collective_done:
+            self.collective_done.wait_for(lambda: self.in_collective == 0, timeout=2 * self.timeout + 5)
         self._leave()
+
+    def _collective(self, fn, *args) -> None:
+        with self.collective_done:
+            self.in_collective += 1
+        try:
+            fn(*args)
+        finally:
+            with self.collective_done:
+                self.in_collective -= 1
+                self.collective_done.notify_all()
 
     def _leave(self) -> None:
         if self.pg is not None:
@@ -200,12 +217,12 @@ class FakeWeightServer:
             self._load_dir(body["kwargs"]["weights_path"])
             return {"results": [None] * self.workers}
         elif route == "/update_weights_from_distributed":
-            self._receive(body["names"], body["dtypes"], body["shapes"])
+            self._collective(self._receive, body["names"], body["dtypes"], body["shapes"])
         else:  # vLLM /update_weights
             if not self.started:
                 raise Refused("update_weights before start_weight_update")
             info = body["update_info"]
-            self._receive(info["names"], info["dtype_names"], info["shapes"])
+            self._collective(self._receive, info["names"], info["dtype_names"], info["shapes"])
             return {"message": "Weights updated"}
         return {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
 
@@ -247,12 +264,13 @@ class FakeWeightServer:
         if route == "/init_weights_update_group":
             if body["backend"] != "gloo":
                 raise Refused("the fake joins over gloo only")
-            self._join(body["master_address"], body["master_port"], body["rank_offset"], body["world_size"],
-                       body["group_name"])
+            self._collective(self._join, body["master_address"], body["master_port"], body["rank_offset"],
+                             body["world_size"], body["group_name"])
             return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
         if route == "/init_weight_transfer_engine":
             i = body["init_info"]
-            self._join(i["master_address"], i["master_port"], i["rank_offset"], i["world_size"], GLOO_GROUP)
+            self._collective(self._join, i["master_address"], i["master_port"], i["rank_offset"], i["world_size"],
+                             GLOO_GROUP)
             return 200, {"message": "Weight transfer initialized"}
         if route == "/destroy_weights_update_group":
             self._leave()

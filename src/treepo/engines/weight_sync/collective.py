@@ -33,7 +33,9 @@ ctypes signatures against a live libnccl, and NCCL version skew between trainer 
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import logging
 import os
 import shutil
 import threading
@@ -48,6 +50,7 @@ import torch.distributed as dist
 from .base import WeightSyncError
 
 Named = Iterable[tuple[str, torch.Tensor]]
+log = logging.getLogger(__name__)
 
 
 def dtype_name(t: torch.Tensor) -> str:
@@ -216,12 +219,40 @@ class PyNcclGroup:
 
 
 # -- running the trainer's half beside the servers' HTTP calls ----------------------------------
+# Halves that `alongside` gave up on, still blocked in a torch call (a TCPStore waiting for its ranks, a
+# gloo or NCCL wait) with the GIL released, each with the time by which that call has surely timed out.
+# Such a call must not return while the interpreter finalises: re-taking the GIL then ends the thread
+# with pthread_exit, whose forced unwinding through pybind11's noexcept gil_scoped_release destructor
+# calls std::terminate ("terminate called without an active exception", exit 134) after the program
+# has finished its work, by chance. `_join_left_halves` (atexit, before finalisation) waits them out.
+_LEFT: dict[threading.Thread, float] = {}
+_LEFT_LOCK = threading.Lock()
+EXIT_GRACE = 5.0  # seconds past a half's own timeout that exit waits for it
+
+
+def _left_deadline(timeout: float) -> float:
+    # a c10d join may wait `timeout` for the ranks (TCPStore), then as long again for gloo's connections
+    return time.monotonic() + 2 * timeout + EXIT_GRACE
+
+
+@atexit.register
+def _join_left_halves() -> None:
+    """Wait (bounded) for every half still blocked in a torch call: see `_LEFT`."""
+    with _LEFT_LOCK:
+        left = list(_LEFT.items())
+    for thread, deadline in left:
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            log.warning("weight sync: %s is still blocked in a collective call at exit", thread.name)
+
+
 def alongside(work: Callable[[], object], calls: dict[str, Callable[[], object]], *, timeout: float, what: str):
     """`work()` (the trainer's half of a rendezvous or broadcast) while every server's blocking HTTP call in
     `calls` (url -> fn) runs in its own thread; returns work's result once all are done.
 
     Raises WeightSyncError at the first failure (a server's refusal names it), or when `timeout` passes:
-    the threads are daemons, so a half that never returns is left to its own timeout, not waited for."""
+    a half that has not returned by then is not waited for here but left to its own timeout (its thread is
+    a daemon), and the interpreter's exit waits for it (`_join_left_halves`), never finalising under it."""
     done = threading.Event()
     results: dict[str, tuple[bool, object]] = {}
     lock = threading.Lock()
@@ -234,10 +265,17 @@ def alongside(work: Callable[[], object], calls: dict[str, Callable[[], object]]
         with lock:
             results[key] = out
         done.set()
+        with _LEFT_LOCK:
+            _LEFT.pop(threading.current_thread(), None)
 
     jobs = {**calls, "": work}
-    for key, fn in jobs.items():
-        threading.Thread(target=run, args=(key, fn), daemon=True, name=f"treepo-sync {key or 'trainer'}").start()
+    threads = {key: threading.Thread(target=run, args=(key, fn), daemon=True,
+                                     name=f"treepo-sync {key or 'trainer'}") for key, fn in jobs.items()}
+    deadline = _left_deadline(timeout)
+    with _LEFT_LOCK:
+        _LEFT.update((t, deadline) for t in threads.values())  # registered first: `run` removes its own
+    for thread in threads.values():
+        thread.start()
     deadline = time.monotonic() + timeout
     while True:
         with lock:
