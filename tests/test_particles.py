@@ -249,3 +249,28 @@ def test_the_particle_policy_gradient_is_unbiased_on_a_tabular_policy():
     z = np.abs(draws.mean(0) - exact) / (draws.std(0, ddof=1) / math.sqrt(len(draws)) + 1e-12)
     assert z.max() < 4.5, (draws.mean(0), exact, z)
     assert torch.tensor(exact).abs().max() > 0.05  # the check has something to find
+
+
+def test_trl_rows_repeat_a_particle_leaf_and_share_its_advantage():
+    """TRL sees num_generations rows per prompt: a leaf holding m particles is m rows; the rows' advantages sum,
+    per leaf, to what treepo train gives the leaf (build_samples), so TRL's loss weighs each particle once."""
+    from treepo.integrations.trl.rollout import completions, row_advantages
+
+    def tree():
+        t = TreeSampler(SamplerConfig(width=4, depth=2, segment_len=3, answer_policy="none", rep_count=0),
+                        HazardEngine(0.0)).rollout([[5]], shape=TreeShape(3, 2, 2, 1)).trees[0]
+        t.leaves, t.particles = [(0, 0), (1, 0), (1, 1)], {(0,): 2, (1,): 2, (0, 0): 2, (1, 0): 1, (1, 1): 1}
+        del t.nodes[(0, 1)]
+        return t
+
+    ids, logps = completions([tree()])
+    assert len(ids) == 4 and ids[0] == ids[1] and len(logps[0]) == len(ids[0]) == 6
+    rows = row_advantages([tree()], [1.0, 1.0, 0.0, 1.0], "grpo", "none")
+    ref = tree()
+    ref.rewards = {(0, 0): 1.0, (1, 0): 0.0, (1, 1): 1.0}
+    leaf_advs = [s.advantages for s in build_samples([ref], "grpo", "none")]
+    assert rows[0] == rows[1] and [a + b for a, b in zip(rows[0], rows[1])] == pytest.approx(
+        [x * 4 / 3 for x in leaf_advs[0]])  # 2 rows = the leaf's advantage x width / leaves
+    assert rows[2] == pytest.approx([x * 4 / 3 for x in leaf_advs[1]])
+    # each row is the GRPO advantage of one of the width draws
+    assert [r[0] for r in rows] == pytest.approx(grpo_advantage([1.0, 1.0, 0.0, 1.0]))
