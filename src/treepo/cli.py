@@ -166,11 +166,18 @@ def _suggest(name: str, known: set[str], prefix: str) -> str:
     return f" (did you mean {' or '.join(prefix + c for c in close)}?)" if close else ""
 
 
+# The config dataclasses behind each command's flags (the docs' CLI reference is generated from these).
+COMMAND_CONFIGS = {
+    "rollout": (EngineConfig, JobSamplerConfig, RolloutConfig),
+    "train": (EngineConfig, TrainSamplerConfig, RewardConfig, TrainConfig, WeightSyncConfig),
+    "eval": (EngineConfig, JobSamplerConfig, RewardConfig, EvalConfig),
+}
+
+
 def _rollout(argv: Sequence[str], console: Console) -> int:
     from .rollout.job import run_rollout
 
-    engine_cfg, sampler_cfg, rollout_cfg = parse_configs((EngineConfig, JobSamplerConfig, RolloutConfig), argv,
-                                                         "treepo rollout")
+    engine_cfg, sampler_cfg, rollout_cfg = parse_configs(COMMAND_CONFIGS["rollout"], argv, "treepo rollout")
     run_rollout(engine_cfg, sampler_cfg, rollout_cfg, console=console)
     return 0
 
@@ -178,8 +185,7 @@ def _rollout(argv: Sequence[str], console: Console) -> int:
 def _train(argv: Sequence[str], console: Console) -> int:
     from .train.trainer import run_train
 
-    *configs, sync_cfg = parse_configs((EngineConfig, TrainSamplerConfig, RewardConfig, TrainConfig, WeightSyncConfig),
-                                       argv, "treepo train")
+    *configs, sync_cfg = parse_configs(COMMAND_CONFIGS["train"], argv, "treepo train")
     run_train(*configs, sync_cfg=sync_cfg, console=console)
     return 0
 
@@ -187,7 +193,7 @@ def _train(argv: Sequence[str], console: Console) -> int:
 def _eval(argv: Sequence[str], console: Console) -> int:
     from .eval.job import run_eval
 
-    configs = parse_configs((EngineConfig, JobSamplerConfig, RewardConfig, EvalConfig), argv, "treepo eval")
+    configs = parse_configs(COMMAND_CONFIGS["eval"], argv, "treepo eval")
     run_eval(*configs, console=console)
     return 0
 
