@@ -30,7 +30,7 @@ if [ -z "$CMAKE" ]; then  # no system cmake: the registry's cmake wheel, into th
 fi
 GENERATOR=()
 command -v ninja >/dev/null 2>&1 && GENERATOR=(-G Ninja)  # else cmake's default (make)
-echo "build_llama_server: building llama-server on $(nproc) cores (about 5-6 minutes on 2)"
+echo "build_llama_server: building llama-server on $(nproc) cores (about 5-10 minutes on 2; once, then cached)"
 "$CMAKE" -S "$SRC" -B "$WORK/build" "${GENERATOR[@]}" -DCMAKE_BUILD_TYPE=Release \
     -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \

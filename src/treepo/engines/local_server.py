@@ -2,13 +2,11 @@
 
     with LlamaCppServer(gguf, parallel=4) as server:       # llama.cpp's C++ llama-server
         engine = load_engine(EngineConfig(engine="server", server_url=[server.url]))
-    with LocalLlamaServer(smollm2_gguf()) as server:       # python -m llama_cpp.server (text prompts only)
 
 `LlamaCppServer` runs the `llama-server` binary that `bash scripts/build_llama_server.sh` builds
 into the cache (`$TREEPO_LLAMA_SERVER` names another binary): token-id prompts, each sampled
 token's id and log-prob, `parallel` slots with continuous batching and a prompt cache per slot.
 `restart(gguf)` brings it back on the same port with other weights (weight sync).
-`LocalLlamaServer` needs `llama-cpp-python[server]` (`bash scripts/setup.sh --server` builds it).
 One decode thread by default: on a machine whose cores are shared, llama.cpp's thread barrier
 makes two threads slower than one whenever another process holds a core.
 """
@@ -16,12 +14,10 @@ makes two threads slower than one whenever another process holds a core.
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -45,10 +41,6 @@ def llama_server_binary() -> Optional[Path]:
     """The llama-server executable ($TREEPO_LLAMA_SERVER, else the built one), or None."""
     path = Path(os.environ.get("TREEPO_LLAMA_SERVER", llama_server_dir() / "llama-server"))
     return path if path.is_file() and os.access(path, os.X_OK) else None
-
-
-def llama_cpp_server_available() -> bool:
-    return importlib.util.find_spec("llama_cpp") is not None and importlib.util.find_spec("uvicorn") is not None
 
 
 def free_port() -> int:
@@ -183,21 +175,6 @@ class LocalServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-class LocalLlamaServer(LocalServerProcess):
-    """`python -m llama_cpp.server` as a child process; `url` once it answers GET /v1/models."""
-
-    def __init__(self, gguf: Path, *, port: Optional[int] = None, n_ctx: int = 2048, threads: int = 1,
-                 startup_timeout: float = 120.0, log_path: Optional[Path] = None):
-        if not llama_cpp_server_available():
-            raise InputError("llama-cpp-python's server is not installed: run `bash scripts/setup.sh --server`.")
-        self.port = port or free_port()
-        command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-                   "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
-                   "--n_threads_batch", str(threads), "--verbose", "false"]
-        super().__init__(command, f"http://127.0.0.1:{self.port}", name="llama_cpp.server",
-                         startup_timeout=startup_timeout, log_path=log_path)
 
 
 class LlamaCppServer(LocalServerProcess):
