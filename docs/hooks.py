@@ -99,7 +99,9 @@ def _default_text(f: dataclasses.Field) -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Text for a table cell: pipes escaped, one line, and `{` as an entity (attr_list would read `{...}` at a
+    cell's end as HTML attributes and drop it)."""
+    return text.replace("|", "\\|").replace("\n", " ").replace("{", "&#123;")
 
 
 def cli_reference() -> str:
@@ -155,6 +157,11 @@ def _times(value: Any) -> str:
     return f"{value:.2f}x" if isinstance(value, (int, float)) else MISSING
 
 
+def _pair(left: dict, right_side: dict, key: str, fmt: str = ",.0f", right: str = "") -> str:
+    """'a / b': `key` of the left dict and (`right` or `key`) of the right one."""
+    return f"{_num(left.get(key), fmt)} / {_num(right_side.get(right or key), fmt)}"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_cell(str(c)) for c in row) + " |" for row in rows]
@@ -172,10 +179,10 @@ def rollout_speed(data: dict) -> str:
     for w in ("w8", "w16"):
         tree, indep = _need(data, w, "tree"), _need(data, w, "independent")
         rows.append([f"w={w[1:]}", _times(data.get(f"speedup_{w}")), _pct(data.get(f"saving_{w}")),
-                     _pct(data.get(f"bound_{w}")), _num(tree.get("decoded_tokens")), _num(indep.get("decoded_tokens")),
-                     _num(tree.get("wall_seconds"), ".1f"), _num(indep.get("wall_seconds"), ".1f")])
-    table = _table(["width", "speedup (tree vs independent)", "decoded-token saving", "structural bound",
-                    "decoded, tree", "decoded, independent", "wall s, tree", "wall s, independent"], rows)
+                     _pct(data.get(f"bound_{w}")), _pair(tree, indep, "decoded_tokens"),
+                     _pair(tree, indep, "wall_seconds", ".1f")])
+    table = _table(["width", "speedup", "decoded-token saving", "structural bound",
+                    "decoded tokens, tree / independent", "wall s, tree / independent"], rows)
     engine = (f"\n\nEmbedded engine vs HF `generate` (batch 16, 128 new tokens): "
               f"{_num(data.get('engine_tokens_per_s'), '.1f')} vs {_num(data.get('generate_tokens_per_s'), '.1f')} "
               f"tokens/s ({_times(data.get('engine_vs_generate'))}).")
@@ -188,25 +195,23 @@ def rollout_speed_eos_on(data: dict) -> str:
     rows = data.get("eos_on_rows")
     if rows is None:  # the older single measurement
         rows = [dict(_need(data, "eos_on"), width=_get(data, "eos_on", "width"))]
-    header = ["task", "answers", "width", "decoded, tree", "decoded, independent", "mean answer tokens, tree",
-              "mean answer tokens, independent", "distinct leaves", "wall s, tree", "wall s, independent",
-              "measured saving", "speedup"]
+    header = ["task", "answers", "width", "decoded tokens, tree / indep.", "mean answer tokens, tree / indep.",
+              "distinct leaves (tree)", "wall s, tree / indep.", "measured saving", "speedup"]
     body = []
     for r in rows:
         tree, indep = r.get("tree", {}), r.get("independent", {})
         body.append([r.get("task", MISSING), r.get("answers", MISSING), r.get("width", MISSING),
-                     _num(tree.get("decoded_tokens")), _num(indep.get("decoded_tokens")),
-                     _num(tree.get("mean_response_tokens"), ".1f"), _num(indep.get("mean_response_tokens"), ".1f"),
-                     _num(tree.get("distinct_leaves"), ".1f"), _num(tree.get("wall_seconds"), ".1f"),
-                     _num(indep.get("wall_seconds"), ".1f"), _pct(r.get("measured_saving")), _times(r.get("speedup"))])
+                     _pair(tree, indep, "decoded_tokens"), _pair(tree, indep, "mean_response_tokens", ".1f"),
+                     _num(tree.get("distinct_leaves"), ".1f"), _pair(tree, indep, "wall_seconds", ".1f"),
+                     _pct(r.get("measured_saving")), _times(r.get("speedup"))])
     command = data.get("command_eos_on")
     return _table(header, body) + _source({"command": command}, "rollout_speed")
 
 
 def treepo_vs_grpo(data: dict) -> str:
     tasks = _need(data, "tasks")
-    header = ["task", "variant", "seeds", "held-out before", "after (mean)", "95% interval", "by seed",
-              "at GRPO's token budget", "decoded tokens", "leaf tokens", "wall s"]
+    header = ["task", "variant", "seeds", "held-out before", "after: mean [95% interval]", "by seed",
+              "at GRPO's token budget", "decoded / leaf tokens", "wall s"]
     body, versus = [], []
     for task, variants in tasks.items():
         for name, v in variants.items():
@@ -220,13 +225,13 @@ def treepo_vs_grpo(data: dict) -> str:
             ci = v.get("acc_after_ci")  # a t interval can reach below 0: shown cut at 0
             interval = (f"[{_pct(max(ci[0], 0.0))}, {_pct(min(ci[1], 1.0))}]"
                         if isinstance(ci, list) and len(ci) == 2 and all(isinstance(c, (int, float)) for c in ci)
-                        else MISSING)
+                        else "")
             by_seed = ", ".join(_pct(a) for a in v.get("acc_after_by_seed") or []) or MISSING
             seeds = v.get("seeds")
             body.append([task, name, len(seeds) if isinstance(seeds, list) else (seeds if seeds is not None else MISSING),
-                         _pct(v.get("acc_before_mean")), _pct(v.get("acc_after_mean")), interval, by_seed,
-                         _pct(v.get("acc_at_grpo_budget_mean")), _num(v.get("decoded_tokens_mean")),
-                         _num(v.get("leaf_tokens_mean")), _num(v.get("wall_seconds_mean"))])
+                         _pct(v.get("acc_before_mean")), f"{_pct(v.get('acc_after_mean'))} {interval}".strip(), by_seed,
+                         _pct(v.get("acc_at_grpo_budget_mean")), _pair(v, v, "decoded_tokens_mean", right="leaf_tokens_mean"),
+                         _num(v.get("wall_seconds_mean"))])
     notes = ("\n\n" + "\n".join(versus)) if versus else ""
     return _table(header, body) + notes + _source(data, "treepo_vs_grpo")
 

@@ -85,13 +85,13 @@ def test_tables_render_new_keys_when_present_and_a_dash_when_an_optional_one_is_
         {"task": "chain_sum", "width": 16, "tree": {}, "independent": {}},
     ]}))
     text = hooks.render_page("<!-- table: rollout_speed_eos_on -->", "docs/b.md", results=tmp_path)
-    assert "| letter_counting | short | 8 | 900 | 1,200 | 40.0 | 41.0 | 6.5 | 10.0 | 15.0 | 25.0% | 1.50x |" in text
-    assert "| chain_sum | — | 16 |" in text
+    assert "| letter_counting | short | 8 | 900 / 1,200 | 40.0 / 41.0 | 6.5 | 10.0 / 15.0 | 25.0% | 1.50x |" in text
+    assert "| chain_sum | — | 16 | — / — | — / — | — |" in text
     (tmp_path / "treepo_vs_grpo.json").write_text(json.dumps({"tasks": {"t": {
         "grpo": {"seeds": [0, 1], "acc_after_mean": 0.5},
         "treepo_unbiased": {"seeds": [0, 1], "acc_after_mean": 0.4, "acc_at_grpo_budget_mean": 0.45}}}}))
     text = hooks.render_page("<!-- table: treepo_vs_grpo -->", "docs/b.md", results=tmp_path)
-    assert "| t | treepo_unbiased | 2 | — | 40.0% | — | — | 45.0% |" in text
+    assert "| t | treepo_unbiased | 2 | — | 40.0% | — | 45.0% | — / — |" in text
     (tmp_path / "seed_table.json").write_text(json.dumps({"rows": [{"seed": 0, "acc": 0.5}, {"seed": 1, "extra": "x"}]}))
     text = hooks.render_page("<!-- table: seed_table -->", "docs/b.md", results=tmp_path)
     assert "| seed | acc | extra |" in text and "| 1 | — | x |" in text
