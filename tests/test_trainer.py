@@ -299,5 +299,5 @@ def test_yaml_skips_other_commands_sections_and_checks_value_types(tmp_path, cap
     with pytest.raises(ConfigError, match="dual_clip is empty"):
         parse_configs(types, ["--config", str(cfg)], "treepo train")
     cfg.write_text("train:\n  steps: 2.5\n")
-    with pytest.raises(ConfigError, match="argument --steps: invalid int value"):  # as for the flag: one line
+    with pytest.raises(ConfigError, match=r"run.yaml': steps: '2.5' is not an integer"):  # the file and its key
         parse_configs(types, ["--config", str(cfg)], "treepo train")
