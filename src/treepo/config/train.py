@@ -11,6 +11,9 @@ from .rollout import DEFAULT_TRAIN_POOL, EasyTaskConfig
 from .sampler import Estimator, Whitening
 
 
+DEFAULT_EVAL_PROMPTS = 32  # enough held-out problems (x width samples) to see a 10-point change
+
+
 @dataclass
 class TrainConfig(EasyTaskConfig):
     """The `treepo train` job: data, optimisation, TreePO loss, logging and checkpoints."""
@@ -82,7 +85,10 @@ class TrainConfig(EasyTaskConfig):
     )
     overlong_factor: float = field(default=1.0, metadata=_help("Largest overlong penalty (at the budget)."))
     eval_prompts: int = field(
-        default=0, metadata=_help("Held-out problems evaluated before training and at the end; 0 = none.")
+        default=-1,
+        metadata=_help(f"Held-out problems of the task (disjoint from training) evaluated before training and at the "
+                       f"end, width samples each, so a run shows what it learned; 0 = none; -1 = {DEFAULT_EVAL_PROMPTS} "
+                       "with a reasoning-gym task, none with --prompts (a file has no held-out split)."),
     )
     eval_every: int = field(default=0, metadata=_help("Also evaluate every N steps; 0 = only before and after."))
     eval_mode: Literal["independent", "tree"] = field(
@@ -122,6 +128,8 @@ class TrainConfig(EasyTaskConfig):
             f"each PPO update takes an equal share of the prompt groups; make prompts_per_step a multiple.",
         )
         _require(self.learning_rate > 0, f"learning_rate={self.learning_rate}: must be > 0.")
+        if self.eval_prompts == -1:
+            self.eval_prompts = 0 if self.prompts else DEFAULT_EVAL_PROMPTS
         for name in ("warmup_steps", "max_resample_rounds", "eval_prompts", "eval_every", "checkpoint_every",
                      "overlong_buffer", "overlong_factor"):
             _require(getattr(self, name) >= 0, f"{name}={getattr(self, name)}: must be >= 0.")

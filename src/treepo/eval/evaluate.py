@@ -18,6 +18,7 @@ from ..rewards.scorers import FailureTally, RewardFunction
 from ..rewards.scoring import score_trees
 from ..rollout.accounting import summarize
 from ..rollout.sampler import RolloutPlan, TreeSampler
+from ..rollout.shape import batches
 from ..rollout.stopping import answer_predicate
 from .metrics import summarize_eval
 
@@ -54,9 +55,9 @@ def evaluate(
         on_plan(plan)
     problems, rows, results, failures = [], [], [], Counter()
     tally = FailureTally()
-    for start in range(0, len(ids), batch_size):
+    for start, end in batches(len(ids), batch_size, sampler.shaper):
         t0 = time.perf_counter()
-        result = sampler.rollout(ids[start : start + batch_size], first_index=start)
+        result = sampler.rollout(ids[start:end], first_index=start)
         scored, fails = score_trees(result.trees, prompts, reward_fn, engine, tally)
         seconds = time.perf_counter() - t0
         failures.update(fails)

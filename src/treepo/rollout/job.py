@@ -31,6 +31,7 @@ from ..progress import Throughput, progress_bar
 from ..prompts import choose_prompts, render
 from .accounting import summarize
 from .sampler import RolloutResult, RoundInfo, TreeSampler
+from .shape import batches, describe_shape
 from .stopping import answer_predicate
 
 log = logging.getLogger(__name__)
@@ -82,10 +83,12 @@ def run_rollout(
             sampler.on_round = on_round
             engine.on_progress = on_progress
             try:
-                for start in range(0, len(ids), size):
+                for start, end in batches(len(ids), size, sampler.shaper):
                     rounds[0] = 0
-                    results.append(sampler.rollout(ids[start : start + size], first_index=start))
+                    results.append(sampler.rollout(ids[start:end], first_index=start))
                     done_before += len(results[-1].trees)
+                    if results[-1].shape is not None:
+                        log.info("prompts %d-%d: %s", start, end - 1, describe_shape(results[-1].shape))
             finally:
                 engine.on_progress = None
 

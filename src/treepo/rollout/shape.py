@@ -39,6 +39,7 @@ from ..config import SamplerConfig
 from ..tree import PromptTree, leaf_weights
 from .particles import level_paths
 
+PILOT_PROMPTS = 2  # a one-shot job's first batch when the adaptive shape has seen no answers yet
 HISTORY_ROLLOUTS = 4  # the last rollouts whose answer lengths the shape is chosen from
 SAVING_TIE = 0.01  # shapes within this of the best expected saving count as equal
 
@@ -166,6 +167,26 @@ class AdaptiveShape:
         if self.history.draws() < 2 * self.cfg.width:
             return independent_shape(self.cfg, "no answer lengths seen yet: independent sampling")
         return choose_shape(self.history.survival(self.cfg.response_budget), self.cfg)
+
+
+def describe_shape(shape: TreeShape) -> str:
+    """One line for a log: the shape and what the length model expects of it."""
+    if shape.expected_saving is None:
+        return f"independent sampling ({shape.reason})"
+    tree = ("independent sampling" if shape.fork_depth == 0 and shape.depth == 1 or shape.reason.startswith("answers")
+            else f"trees of {shape.segment_len}-token segments, root fan-out {shape.root_fanout}, forks from "
+                 f"depth {shape.fork_depth}")
+    return (f"{tree}: expected {shape.expected_saving:.0%} fewer tokens than independent sampling, "
+            f"{shape.expected_distinct:.1f} distinct leaves per group")
+
+
+def batches(count: int, size: int, shaper: Optional[AdaptiveShape]) -> list[tuple[int, int]]:
+    """(start, end) of a one-shot job's prompt batches (`treepo rollout`, `eval`): `size` prompts each, but
+    while the adaptive shape has no lengths the first batch is a pilot of PILOT_PROMPTS prompts, sampled
+    independently, so the rest grow trees chosen from its answers."""
+    first = min(size, PILOT_PROMPTS) if shaper is not None and shaper.history.draws() == 0 else size
+    edges = [0, *range(first, count, size), count] if count > first else [0, count]
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
 def shaped_config(cfg: SamplerConfig, shape: TreeShape) -> SamplerConfig:
