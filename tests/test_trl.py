@@ -74,11 +74,34 @@ def run(tmp_path_factory):
     CALLS.clear()
     model = tiny.model("llama")
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    args = small_args(tmp, treepo_advantage="segment", treepo_whiten="scale")
+    # The paper's rule on a fixed shape: one row per leaf, trees from the first step (the particle rows are below).
+    args = small_args(tmp, treepo_advantage="segment", treepo_whiten="scale", treepo_shape="fixed",
+                      treepo_budget="transfer", treepo_init_divergence=2, treepo_init_divergence_max=-1)
     trainer = Recorder(model=model, reward_funcs=reward_fn, args=args, train_dataset=dataset(),
                        processing_class=tiny.tokenizer())
     trainer.train()
     return trainer, model, before
+
+
+def test_particle_trees_reach_trl_as_num_generations_rows_with_treepos_advantages(tmp_path):
+    """The default budget: a leaf holding m particles is m rows of the completions table, and the advantages TRL's
+    loss gets are row_advantages of the same trees and rewards."""
+    from treepo.integrations.trl.rollout import row_advantages
+
+    args = small_args(tmp_path, treepo_shape="fixed", treepo_depth=3, treepo_init_divergence=1)
+    trainer = Recorder(model=tiny.model("llama"), reward_funcs=reward_fn, args=args, train_dataset=dataset(),
+                       processing_class=tiny.tokenizer())
+    trainer.train()
+    for last, out in trainer.batches:
+        (tree,) = last["trees"]
+        assert sum(tree.multiplicity()) == WIDTH == out["completion_ids"].shape[0]
+        rows = [leaf for leaf, m in zip(tree.leaves, tree.multiplicity()) for _ in range(m)]
+        for row, leaf in enumerate(rows):
+            ids = tree.response_ids(leaf)
+            assert out["completion_ids"][row, : len(ids)].tolist() == ids
+        expected = row_advantages(copy.deepcopy(last["trees"]), last["rewards"], "unbiased", "scale")
+        for row, a in enumerate(expected):
+            assert out["advantages"][row, : len(a)].tolist() == pytest.approx(a, rel=1e-5, abs=1e-6)
 
 
 def test_two_steps_move_the_parameters_and_log_tree_metrics(run):

@@ -26,7 +26,7 @@ DIVERGENCE_POLICIES = ("fixed_avg", "low_prob", "high_prob", "entropy")
 # SamplerConfig's names as a TRL user sets them: the width is TRL's group size, the budget its completion length.
 TRL_NAMES = {"width": "num_generations", "max_response_tokens": "max_completion_length", "seed": "seed"}
 TREEPO_FIELDS = ("depth", "segment_len", "branching", "init_divergence_max", "init_divergence", "divergence_policy",
-                 "budget", "fallback_policy", "answer_policy")
+                 "budget", "shape", "fork_depth", "fallback_policy", "answer_policy")
 
 
 def trl_words(message: str) -> str:
@@ -58,12 +58,13 @@ class TreePOConfig(GRPOConfig):
     )
     treepo_branching: int = field(default=2, metadata=_help("Children a node gets when it forks (b)."))
     treepo_init_divergence: int = field(
-        default=2, metadata=_help("Root fan-out (the low end when treepo_init_divergence_max is set); 0 = branching.")
+        default=0, metadata=_help("Root fan-out (the low end when treepo_init_divergence_max is set); 0 = branching, "
+                                  "or chosen by treepo_shape='adaptive' (set treepo_shape='fixed' to give it).")
     )
     treepo_init_divergence_max: int = field(
-        default=-1,
+        default=0,
         metadata=_help("Root fan-out drawn from [treepo_init_divergence, this]; -1 = up to 8 (at most the width), "
-                       "0 = a fixed fan-out of treepo_init_divergence."),
+                       "0 = a fixed fan-out of treepo_init_divergence (treepo_shape='fixed' only)."),
     )
     treepo_divergence_policy: str = field(
         default="fixed_avg",
@@ -71,9 +72,19 @@ class TreePOConfig(GRPOConfig):
                        choices=DIVERGENCE_POLICIES),
     )
     treepo_budget: str = field(
-        default="transfer",
-        metadata=_help("Where a finished path's unused forks go: 'transfer' (to surviving paths) or 'branch' "
-                       "(new branches cut from finished paths).", choices=("transfer", "branch")),
+        default="particles",
+        metadata=_help("How the num_generations are spent: 'particles' (a fork splits a path's particles, a path "
+                       "that ends keeps them: its completion is repeated that many times, so TRL gets exact draws "
+                       "and the tree never decodes more than independent sampling), 'transfer' (the paper's: a "
+                       "finished path's forks go to the survivors) or 'branch' (new branches cut from finished "
+                       "paths).", choices=("particles", "transfer", "branch")),
+    )
+    treepo_shape: str = field(
+        default="adaptive",
+        metadata=_help("'adaptive': segment length, root fan-out and fork depth chosen each step from the answer "
+                       "lengths of the last steps (max_completion_length stays the budget; the first step samples "
+                       "independently); 'fixed': treepo_depth x treepo_segment_len and the fan-out as given.",
+                       choices=("adaptive", "fixed")),
     )
     treepo_fallback_policy: str = field(
         default="finished",
@@ -189,6 +200,7 @@ class TreePOConfig(GRPOConfig):
             init_divergence_max=self.treepo_init_divergence_max,
             divergence_policy=self.treepo_divergence_policy,
             budget=self.treepo_budget,
+            shape=self.treepo_shape,
             fallback_policy=self.treepo_fallback_policy,
             answer_policy=self.treepo_answer_policy,
             max_response_tokens=self.max_completion_length,
