@@ -48,6 +48,8 @@ def step_row(step: int, results: list, sampler_cfg: SamplerConfig, *, rewards_al
         "decoded_tokens_per_distinct_leaf": roll["decoded_tokens_per_distinct_leaf"],
         "shape": next((r.shape.as_dict() for r in results if getattr(r, "shape", None) is not None), None),
         "fallbacks": roll["fallbacks"],
+        "segments": roll["segments"],  # segment requests the engine served (one per model node)
+        "engine_rounds": roll["engine_steps"],  # batched engine calls
         "decoded_tokens": roll["decoded_tokens"],
         "leaf_tokens": roll["leaf_tokens"],
         "saving_vs_own_leaves": roll["saving_vs_own_leaves"],
