@@ -159,8 +159,12 @@ def test_answers_within_one_segment_make_the_adaptive_sampler_sample_independent
     first = sampler.rollout([[0]] * 8)
     assert first.shape.root_fanout == W and "no answer lengths" in first.shape.reason
     second = sampler.rollout([[0]] * 8)
-    assert second.shape.root_fanout == W and "independent sampling" in second.shape.reason
+    assert second.shape.independent and "independent sampling" in second.shape.reason
     assert all(t.root_fanout == W for t in second.trees)
+    # run as independent sampling: the same draws as an independent run with the same seed, token for token
+    ind = TreeSampler(replace(cfg, mode="independent"), HazardEngine(short, seed=0)).rollout([[0]] * 8)
+    assert [t.decoded_tokens for t in second.trees] == [t.decoded_tokens for t in ind.trees]
+    assert [sorted(t.nodes) for t in second.trees] == [sorted(t.nodes) for t in ind.trees]
 
 
 def test_the_adaptive_sampler_learns_a_tree_for_long_answers():

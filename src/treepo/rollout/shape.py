@@ -55,6 +55,7 @@ class TreeShape:
     expected_saving: Optional[float] = None  # 1 - E[decoded] / E[independent]; None without lengths
     expected_distinct: Optional[float] = None  # distinct leaves per group
     reason: str = ""
+    independent: bool = False  # root fan-out = width: independent sampling, run as such
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -80,8 +81,8 @@ def expected_cost(survival: np.ndarray, width: int, branching: int, segment_len:
 
 
 def independent_shape(cfg: SamplerConfig, reason: str) -> TreeShape:
-    """Independent sampling in one segment: every particle its own path from the root."""
-    return TreeShape(cfg.response_budget, 1, cfg.width, 0, None, None, reason)
+    """Independent sampling: every particle its own path from the root, in the config's own segments."""
+    return TreeShape(cfg.segment_len, cfg.depth, cfg.width, 0, None, None, reason, independent=True)
 
 
 def candidate_segments(budget: int, min_segment_len: int) -> list[int]:
@@ -110,8 +111,10 @@ def choose_shape(survival: np.ndarray, cfg: SamplerConfig) -> TreeShape:
     best = max(x[0] for x in found)
     near = [x for x in found if x[0] >= best - SAVING_TIE]
     saving, distinct, s, depth, k, f = min(near, key=lambda x: (x[3], -x[4], -x[0], x[5]))
-    reason = "answers fit in about one segment: independent sampling" if k == w else "most expected saving"
-    return TreeShape(s, depth, k, f, round(saving, 4), round(distinct, 3), reason)
+    if k == w:
+        return replace(independent_shape(cfg, "answers fit in about one segment: independent sampling"),
+                       expected_saving=0.0, expected_distinct=float(w))
+    return TreeShape(s, depth, k, f, round(saving, 4), round(distinct, 3), "most expected saving")
 
 
 class LengthHistory:
@@ -171,11 +174,10 @@ class AdaptiveShape:
 
 def describe_shape(shape: TreeShape) -> str:
     """One line for a log: the shape and what the length model expects of it."""
-    if shape.expected_saving is None:
+    if shape.independent:
         return f"independent sampling ({shape.reason})"
-    tree = ("independent sampling" if shape.fork_depth == 0 and shape.depth == 1 or shape.reason.startswith("answers")
-            else f"trees of {shape.segment_len}-token segments, root fan-out {shape.root_fanout}, forks from "
-                 f"depth {shape.fork_depth}")
+    tree = (f"trees of {shape.segment_len}-token segments, root fan-out {shape.root_fanout}, forks from "
+            f"depth {shape.fork_depth}")
     return (f"{tree}: expected {shape.expected_saving:.0%} fewer tokens than independent sampling, "
             f"{shape.expected_distinct:.1f} distinct leaves per group")
 
@@ -190,7 +192,12 @@ def batches(count: int, size: int, shaper: Optional[AdaptiveShape]) -> list[tupl
 
 
 def shaped_config(cfg: SamplerConfig, shape: TreeShape) -> SamplerConfig:
-    """The sampler config that grows `shape` with the same response budget, width and stop rules."""
+    """The sampler config that grows `shape` with the same response budget, width and stop rules.
+
+    A shape with root fan-out = width is independent sampling, run as such (`mode='independent'`, the
+    config's own segments), so it draws exactly what an independent run with the same seed draws."""
+    if shape.independent:
+        return replace(cfg, mode="independent", shape="fixed")
     return replace(cfg, shape="fixed", segment_len=shape.segment_len, depth=shape.depth,
                    init_divergence=shape.root_fanout, init_divergence_max=0, fork_depth=shape.fork_depth,
                    max_response_tokens=cfg.response_budget, max_turns=min(cfg.max_turns, shape.depth))

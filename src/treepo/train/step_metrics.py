@@ -68,7 +68,7 @@ def brief(row: dict) -> str:
     weighted = row.get("accuracy_weighted")  # the raw leaf accuracy leans toward long answers
     acc = f"acc {row['accuracy']:.0%}" + ("" if weighted is None else f" (weighted {weighted:.0%})")
     shape = row.get("shape")
-    grown = ("" if not shape else " independently" if shape["root_fanout"] >= row["group_size"]
+    grown = ("" if not shape else " independently" if shape["independent"]
              else f" as trees ({shape['segment_len']}-token segments, fan-out {shape['root_fanout']}, "
                   f"forks from {shape['fork_depth']})")
     return (f"reward {row['reward_mean']:+.2f}, {acc}, {row['distinct_leaves_per_group']:.1f} distinct of "
