@@ -108,6 +108,8 @@ def eos_on_rows(engine, args) -> list[dict]:
     width) then runs tree and independent `--repeats` times (seeds seed, seed + 1, ...), interleaved."""
     rows = []
     for task, task_args, system, answers, depth, segment in EOS_ROWS:
+        if answers not in args.answers.split(","):
+            continue
         parsed = parse_task_args(task_args) if task_args else None
         measured = [render(p, engine.tokenizer, system) for p in load_task(task, args.eos_prompts, args.seed, parsed)]
         warm = [render(p, engine.tokenizer, system) for p in load_task(task, args.eos_prompts, args.seed + 1000, parsed)]
@@ -145,10 +147,15 @@ def eos_on_rows(engine, args) -> list[dict]:
 
 
 def set_eos_rows(result: dict, rows: list[dict]) -> None:
-    """Store the rows, and as `eos_on` (the row earlier runs reported) the short-answer w=8 one."""
-    result["eos_on_rows"] = rows
+    """Store the rows (replacing earlier rows of the same answers and width), and as `eos_on` (the row earlier
+    runs reported) the short-answer w=8 one."""
+    new = {(r["answers"], r["width"]) for r in rows}
+    rows = [r for r in result.get("eos_on_rows", []) if (r["answers"], r["width"]) not in new] + rows
+    result["eos_on_rows"] = sorted(rows, key=lambda r: (r["answers"] != "short", r["width"]))
     result["eos_on"] = next(r for r in rows if r["answers"] == "short" and r["width"] == 8)
-    result["command_eos_on_rows"] = " ".join([".venv/bin/python", *sys.argv])
+    command = " ".join([".venv/bin/python", *sys.argv])
+    result["commands_eos_on_rows"] = [c for c in result.get("commands_eos_on_rows", []) if c != command] + [command]
+    result.pop("command_eos_on_rows", None)
     result.pop("command_eos_on", None)
 
 
@@ -191,6 +198,8 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results", help="folder for rollout_speed.json / .png")
     parser.add_argument("--only", choices=["eos_on_rows"], default=None, help="run just these rows, keep the others")
     parser.add_argument("--eos-prompts", type=int, default=8, help="prompts per task of the eos_on_rows")
+    parser.add_argument("--answers", default="short,long", help="which eos_on_rows to run: short, long or both; "
+                                                                  "rows not run are kept from an existing JSON")
     args = parser.parse_args()
     out = Path(args.out)
     if args.only == "eos_on_rows":
