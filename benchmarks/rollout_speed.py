@@ -152,7 +152,9 @@ def set_eos_rows(result: dict, rows: list[dict]) -> None:
     new = {(r["answers"], r["width"]) for r in rows}
     rows = [r for r in result.get("eos_on_rows", []) if (r["answers"], r["width"]) not in new] + rows
     result["eos_on_rows"] = sorted(rows, key=lambda r: (r["answers"] != "short", r["width"]))
-    result["eos_on"] = next(r for r in rows if r["answers"] == "short" and r["width"] == 8)
+    short = next((r for r in result["eos_on_rows"] if r["answers"] == "short" and r["width"] == 8), None)
+    if short is not None:
+        result["eos_on"] = short
     command = " ".join([".venv/bin/python", *sys.argv])
     result["commands_eos_on_rows"] = [c for c in result.get("commands_eos_on_rows", []) if c != command] + [command]
     result.pop("command_eos_on_rows", None)
@@ -165,7 +167,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(16, 4.4))
     labels, tree_s, ind_s = [], [], []
     for w in (8, 16):
         r = result[f"w{w}"]
@@ -176,13 +178,26 @@ def plot(result: dict, path: Path) -> None:
     ax1.bar([i - 0.2 for i in x], ind_s, 0.4, label="independent", color="#999999")
     ax1.bar([i + 0.2 for i in x], tree_s, 0.4, label="tree (TreePO)", color="#2a7ab9")
     for i, w in enumerate((8, 16)):
-        r = result[f"w{w}"]
-        ax1.annotate(f"{result[f'speedup_w{w}']:.2f}x faster\n{r['tree']['saving_vs_own_leaves']:.0%} fewer tokens",
+        ax1.annotate(f"{result[f'speedup_w{w}']:.2f}x faster\n{result.get(f'saving_w{w}', 0):.0%} fewer tokens",
                      (i + 0.2, tree_s[i]), ha="center", va="bottom", fontsize=9)
     ax1.set_xticks(list(x), labels)
     ax1.set_ylabel("wall seconds (8 prompts, depth 4 x 32 tokens)")
-    ax1.set_title("Tree vs independent rollout, SmolLM2-135M, CPU")
+    ax1.set_title("No early stops (EOS off), SmolLM2-135M, CPU")
     ax1.legend()
+    rows = result.get("eos_on_rows", [])
+    names = [f"{r['answers']}\nw={r['width']}" for r in rows]
+    ax3.bar([i - 0.2 for i in range(len(rows))], [r["independent"]["decoded_tokens"] for r in rows], 0.4,
+            label="independent", color="#999999")
+    ax3.bar([i + 0.2 for i in range(len(rows))], [r["tree"]["decoded_tokens"] for r in rows], 0.4,
+            label="tree (default sampler)", color="#2a7ab9")
+    for i, r in enumerate(rows):
+        ax3.annotate(f"{r['measured_saving']:.0%} fewer\n{r['speedup']:.2f}x faster\n"
+                     f"{r['tree']['distinct_leaves_per_group']:.1f}/{r['width']} distinct",
+                     (i + 0.2, r["tree"]["decoded_tokens"]), ha="center", va="bottom", fontsize=8)
+    ax3.set_xticks(range(len(rows)), names)
+    ax3.set_ylabel("decoded tokens (EOS on, all seeds)")
+    ax3.set_title("EOS on: short and long answers")
+    ax3.legend(fontsize=8)
     ax2.bar(["HF generate", "treepo engine"], [result["generate_tokens_per_s"], result["engine_tokens_per_s"]],
             color=["#999999", "#2a7ab9"])
     ax2.set_ylabel("new tokens / s (batch 16, 128 tokens)")

@@ -37,25 +37,25 @@ def test_largest_remainder_hand_computed():
 def test_probability_policies_favour_the_right_paths():
     rng = random.Random(0)
     scores_lowprob = [1.0, -1.0]  # low_prob policy uses score = -mean logprob: path 0 is less likely
-    cfg = SamplerConfig(divergence_policy="low_prob")
+    cfg = SamplerConfig(budget="transfer", divergence_policy="low_prob")
     # T=0.5: weights e^0=1, e^-4=0.018 -> 6 extra children: quotas [5.89, 0.11] -> [6, 0] -> +1 each
     assert split_children(8, scores_lowprob, cfg, rng, temperature=0.5) == [7, 1]
     # softmax(2/T=1): weights e^0=1, e^-2: extra 6 -> quotas [5.28, 0.71] -> [5, 1] +1 each
-    assert split_children(8, [1.0, -1.0], SamplerConfig(divergence_policy="high_prob"), rng, temperature=1.0) == [6, 2]
-    counts = split_children(7, [0.0, 0.0, 0.0], SamplerConfig(divergence_policy="fixed_avg"), rng, 1.0)
+    assert split_children(8, [1.0, -1.0], SamplerConfig(budget="transfer", divergence_policy="high_prob"), rng, temperature=1.0) == [6, 2]
+    counts = split_children(7, [0.0, 0.0, 0.0], SamplerConfig(budget="transfer", divergence_policy="fixed_avg"), rng, 1.0)
     assert sorted(counts) == [2, 2, 3]
 
 
 def test_divergence_temperature_cosine_schedule():
-    cfg = SamplerConfig(divergence_temperature=2.0, divergence_temperature_end=0.5)
+    cfg = SamplerConfig(budget="transfer", divergence_temperature=2.0, divergence_temperature_end=0.5)
     assert divergence_temperature(cfg, 0.0) == pytest.approx(2.0)
     assert divergence_temperature(cfg, 0.5) == pytest.approx(1.25)
     assert divergence_temperature(cfg, 1.0) == pytest.approx(0.5)
-    assert divergence_temperature(SamplerConfig(), 0.7) == 1.0
+    assert divergence_temperature(SamplerConfig(budget="transfer"), 0.7) == 1.0
 
 
 def test_plan_fallback_is_pure_and_respects_backtrack_limit():
-    cfg = SamplerConfig(width=8, depth=4, segment_len=2, branching=2, fallback_max_backtrack=1)
+    cfg = SamplerConfig(budget="transfer", width=8, depth=4, segment_len=2, branching=2, fallback_max_backtrack=1)
     tree = PromptTree(prompt_index=0, prompt_ids=[65])
     for nid in [(0,), (0, 0), (0, 0, 0)]:
         tree.nodes[nid] = Node(nid, [66], [-0.1], [0.1], text="b")
@@ -63,7 +63,7 @@ def test_plan_fallback_is_pure_and_respects_backtrack_limit():
     tree.leaves = [(0, 0, 0)]
     planned = plan_fallback(tree, 5, cfg, random.Random(0))
     assert planned == [(0, 0, 1), (0, 0, 2), (0, 0, 3), (0, 0, 4), (0, 0, 5)]
-    root_cfg = SamplerConfig(width=8, depth=4, branching=2, fallback_policy="root")
+    root_cfg = SamplerConfig(budget="transfer", width=8, depth=4, branching=2, fallback_policy="root")
     assert plan_fallback(tree, 3, root_cfg, random.Random(0)) == [(1,), (2,), (3,)]
 
 
@@ -86,11 +86,11 @@ def test_plan_fallback_is_pure_and_respects_backtrack_limit():
 )
 def test_bad_sampler_config_names_the_field(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        SamplerConfig(**kwargs)
+        SamplerConfig(budget="transfer", **kwargs)
 
 
 def test_finished_policy_reopens_only_answer_or_eos_paths():
-    cfg = SamplerConfig(width=8, depth=4, branching=2, fallback_policy="finished")
+    cfg = SamplerConfig(budget="transfer", width=8, depth=4, branching=2, fallback_policy="finished")
     tree = PromptTree(prompt_index=0, prompt_ids=[65])
     for nid, reason in [((0,), None), ((0, 0), "depth"), ((1,), None), ((1, 0), "eos")]:
         tree.nodes[nid] = Node(nid, [66], [-0.1], [0.1], finish_reason=reason)
@@ -98,7 +98,7 @@ def test_finished_policy_reopens_only_answer_or_eos_paths():
     under_depth_leaf = lambda plan: any(len(p) >= 2 and p[0] == 0 for p in plan)  # noqa: E731
     for seed in range(20):  # 'finished' never reopens the depth-finished path (0, 0)
         assert not under_depth_leaf(plan_fallback(tree, 6, cfg, random.Random(seed)))
-    any_cfg = SamplerConfig(width=8, depth=4, branching=2, fallback_policy="any")
+    any_cfg = SamplerConfig(budget="transfer", width=8, depth=4, branching=2, fallback_policy="any")
     assert any(under_depth_leaf(plan_fallback(tree, 6, any_cfg, random.Random(seed))) for seed in range(20))
 
 
@@ -107,8 +107,8 @@ def test_path_scores_use_the_configured_statistic():
     tree.nodes[(0,)] = Node((0,), [1, 2], [-1.0, -3.0], [0.5, 1.5])
     tree.nodes[(0, 0)] = Node((0, 0), [3], [-2.0], [4.0])
     node = tree.nodes[(0, 0)]
-    assert path_score(tree, node, SamplerConfig(divergence_policy="high_prob", divergence_score="last_mean")) == -2.0
-    assert path_score(tree, node, SamplerConfig(divergence_policy="high_prob", divergence_score="path_mean")) == -2.0
-    assert path_score(tree, node, SamplerConfig(divergence_policy="high_prob", divergence_score="path_sum")) == -6.0
-    assert path_score(tree, node, SamplerConfig(divergence_policy="low_prob", divergence_score="path_sum")) == 6.0
-    assert path_score(tree, node, SamplerConfig(divergence_policy="entropy")) == 4.0
+    assert path_score(tree, node, SamplerConfig(budget="transfer", divergence_policy="high_prob", divergence_score="last_mean")) == -2.0
+    assert path_score(tree, node, SamplerConfig(budget="transfer", divergence_policy="high_prob", divergence_score="path_mean")) == -2.0
+    assert path_score(tree, node, SamplerConfig(budget="transfer", divergence_policy="high_prob", divergence_score="path_sum")) == -6.0
+    assert path_score(tree, node, SamplerConfig(budget="transfer", divergence_policy="low_prob", divergence_score="path_sum")) == 6.0
+    assert path_score(tree, node, SamplerConfig(budget="transfer", divergence_policy="entropy")) == 4.0

@@ -95,6 +95,10 @@ def test_a_shape_that_cannot_fit_is_refused_with_the_flag_and_the_fix():
         SamplerConfig(depth=4, fork_depth=2, budget="transfer")
     with pytest.raises(ConfigError, match=r"branching=1 with budget 'particles'.*--branching"):
         SamplerConfig(width=4, branching=1)
+    with pytest.raises(ConfigError, match=r"divergence_policy='entropy' does nothing with budget 'particles'.*--budget transfer"):
+        JobSamplerConfig(divergence_policy="entropy")
+    with pytest.raises(ConfigError, match=r"fallback_policy='root' does nothing"):
+        SamplerConfig(fallback_policy="root")
     with pytest.raises(ConfigError, match=r"min_distinct=0"):
         SamplerConfig(min_distinct=0)
     JobSamplerConfig(mode="independent", budget="transfer")  # the baseline ignores the shape
@@ -278,3 +282,26 @@ def test_trl_rows_repeat_a_particle_leaf_and_share_its_advantage():
     assert rows[2] == pytest.approx([x * 4 / 3 for x in leaf_advs[1]])
     # each row is the GRPO advantage of one of the width draws
     assert [r[0] for r in rows] == pytest.approx(grpo_advantage([1.0, 1.0, 0.0, 1.0]))
+
+
+@pytest.mark.parametrize("whitening", ["token", "group"])
+def test_recentring_counts_each_particle_once(whitening):
+    """'token' / 'group' whitening centre each particle's own advantage over the particles' tokens: divided by
+    its leaf's particle factor, the whitened values have weighted mean 0 (per group for 'group') and, for
+    'token', weighted variance 1, where a leaf's tokens count once per particle."""
+    rng = np.random.default_rng(0)
+    trees = TreeSampler(base_cfg(), HazardEngine(1 / 40, seed=2)).rollout([[0]] * 3, shape=TreeShape(32, 8, 2, 2)).trees
+    for t in trees:
+        t.rewards = {leaf: float(rng.integers(0, 2)) for leaf in t.leaves}
+    assert any(max(t.multiplicity()) > 1 for t in trees)
+    samples = build_samples(trees, "average", whitening)
+    per_particle = [np.array(s.advantages) / s.meta["factor"] for s in samples]
+    weights = [np.full(len(a), s.meta["particles"], dtype=float) for a, s in zip(per_particle, samples)]
+    groups = {s.group for s in samples} if whitening == "group" else {None}
+    for g in groups:
+        pick = [i for i, s in enumerate(samples) if g is None or s.group == g]
+        a, w = np.concatenate([per_particle[i] for i in pick]), np.concatenate([weights[i] for i in pick])
+        assert abs(np.average(a, weights=w)) < 1e-9
+    if whitening == "token":
+        a, w = np.concatenate(per_particle), np.concatenate(weights)
+        assert np.average(a ** 2, weights=w) == pytest.approx(1.0, rel=1e-6)

@@ -253,9 +253,10 @@ def turn_configs(draw):
         segment_len=draw(st.integers(4, 12)),
         segment_mode=draw(st.sampled_from(["fixed", "turn"])),
         branching=draw(st.integers(2 if budget == "particles" else 1, 3)),
-        divergence_policy=draw(st.sampled_from(["fixed_avg", "low_prob", "entropy"])),
-        fallback_policy=draw(st.sampled_from(["finished", "any", "root"])),
-        fallback_max_backtrack=draw(st.integers(0, 2)),
+        **({} if budget == "particles" else dict(  # the particle rule has no such knobs
+            divergence_policy=draw(st.sampled_from(["fixed_avg", "low_prob", "entropy"])),
+            fallback_policy=draw(st.sampled_from(["finished", "any", "root"])),
+            fallback_max_backtrack=draw(st.integers(0, 2)))),
         max_turns=draw(st.integers(0, depth)),
         stop_strings=["</c>"],
         env="toy_envs:Always",

@@ -260,6 +260,14 @@ class SamplerConfig:
             f"{self.root_fanout_range[0]} distinct leaves of width={self.width}; raise --branching (e.g. 2) or "
             f"set --init_divergence {self.width} (independent sampling).",
         )
+        if self.mode == "tree" and self.budget == "particles":  # knobs of the transfer / branch rules only
+            defaults = {"divergence_policy": "fixed_avg", "divergence_score": "last_mean", "divergence_temperature": 1.0,
+                        "divergence_temperature_end": None, "fallback_policy": "finished", "fallback_max_backtrack": 0}
+            for name, default in defaults.items():
+                value = getattr(self, name)
+                _require(value == default,
+                         f"{name}={value!r} does nothing with budget 'particles' (it splits a path's particles evenly "
+                         f"and never backtracks): drop --{name}, or add --budget transfer (or branch) to use it.")
         _require(0 < self.min_distinct <= 1,
                  f"min_distinct={self.min_distinct}: must be in (0, 1] (a share of width, e.g. 0.75).")
         _require(isinstance(self.min_segment_len, int) and self.min_segment_len >= 1,

@@ -90,6 +90,9 @@ def evaluate(
         "saving_vs_own_leaves": rollout["saving_vs_own_leaves"],
         "estimated_saving_vs_independent": rollout["estimated_saving_vs_independent"],
         "distinct_leaves_per_group": rollout["distinct_leaves_per_group"],
+        # A particle tree's leaf counts once per particle: exact draws, so mean@k is unbiased, but draws that
+        # share a leaf are one answer repeated, so pass@k and maj@k read lower than k independent samples'.
+        "pass_maj_from_repeated_draws": any(max(t.multiplicity() or [1]) > 1 for r in results for t in r.trees),
         "shapes": [r.shape.as_dict() for r in results if r.shape is not None],
         "reward_failures": dict(failures),
         "reward_samples": tally.samples,

@@ -42,6 +42,7 @@ from ..config import SamplerConfig
 from ..engines.simulated import HazardEngine
 from ..tree import leaf_weights
 from .sampler import RolloutResult, TreeSampler
+from .shape import shaped_config
 
 BOUND_SEEDS = 32
 
@@ -54,7 +55,7 @@ def bound_saving_ratio(cfg: SamplerConfig) -> float:
     """
     if cfg.mode == "independent":
         return 0.0
-    ideal = replace(cfg, answer_policy="none", answer_predicate=None, rep_count=0, segment_mode="fixed",
+    ideal = replace(cfg, shape="fixed", answer_policy="none", answer_predicate=None, rep_count=0, segment_mode="fixed",
                     segment_len=cfg.segment_cap, max_turn_tokens=0, stop_strings=[], env=None, env_args=None,
                     max_turns=0)
     return _bound(json.dumps(asdict(ideal), sort_keys=True))
@@ -70,6 +71,15 @@ def _bound(ideal_json: str) -> float:
         tree = TreeSampler(replace(ideal, seed=seed), HazardEngine(0.0)).rollout([[0]]).trees[0]
         savings.append(1.0 - tree.decoded_tokens / tree.particle_tokens)  # = leaf_tokens without particles
     return sum(savings) / len(savings)
+
+
+def _grown_bound(results: list[RolloutResult], cfg: SamplerConfig) -> float:
+    """The structural bound of the shapes the rollouts grew (an adaptive shape's, per rollout), weighted by trees."""
+    trees = sum(len(r.trees) for r in results)
+    if not trees:
+        return bound_saving_ratio(cfg)
+    return sum(len(r.trees) * bound_saving_ratio(shaped_config(cfg, r.shape) if r.shape is not None else cfg)
+               for r in results) / trees
 
 
 def summarize(results: Iterable[RolloutResult], cfg: SamplerConfig) -> dict:
@@ -103,13 +113,13 @@ def summarize(results: Iterable[RolloutResult], cfg: SamplerConfig) -> dict:
         "computed_decode_rows": engine.get("computed_decode_rows", 0),
         "wall_seconds": round(wall, 3),
         "saving_vs_own_leaves": round(1.0 - decoded / leaf, 6) if leaf else 0.0,
-        "bound_saving_ratio": round(bound_saving_ratio(cfg), 6),
+        "bound_saving_ratio": round(_grown_bound(results, cfg), 6),
         "trajectories_per_second": round(n_traj / wall, 3) if wall else 0.0,
         "decoded_tokens_per_second": round(decoded / wall, 2) if wall else 0.0,
         "leaf_tokens_per_second": round(leaf / wall, 2) if wall else 0.0,
         "mean_response_tokens": round(leaf / n_traj, 2) if n_traj else 0.0,
         "weighted_response_tokens": round(sum(
-            sum(w * len(t.response_ids(x)) for w, x in zip(leaf_weights(t.leaves, t.multiplicity()), t.leaves))
+            sum(w * t.model_tokens(x) for w, x in zip(leaf_weights(t.leaves, t.multiplicity()), t.leaves))
             for t in trees
         ) / len(trees), 2) if trees else 0.0,
         "shared_tokens": shared,

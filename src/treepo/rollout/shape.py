@@ -61,6 +61,12 @@ class TreeShape:
         return asdict(self)
 
 
+def answer_budget(cfg: SamplerConfig) -> int:
+    """The most tokens an answer can have under the config: max_response_tokens, or sooner depth x segment_len
+    (fixed segments end a path at depth first). The adaptive shape keeps exactly this budget."""
+    return min(cfg.response_budget, cfg.depth * cfg.segment_len)
+
+
 def expected_cost(survival: np.ndarray, width: int, branching: int, segment_len: int, root_fanout: int,
                   fork_depth: int) -> tuple[float, float]:
     """(expected saving against independent sampling, expected distinct leaves per group) of a shape.
@@ -75,7 +81,8 @@ def expected_cost(survival: np.ndarray, width: int, branching: int, segment_len:
     for j, n in enumerate(paths, start=1):
         a, b = (j - 1) * segment_len, min(j * segment_len, budget)
         decoded += n * float(survival[a:b].sum())
-        distinct += n * (alive[a] - (alive[b] if j < depth else 0.0))
+        reached = 1.0 if j == 1 else alive[a]  # a first segment always exists (even an empty answer is a leaf)
+        distinct += n * (reached - (alive[b] if j < depth else 0.0))
     independent = width * float(survival.sum())
     return (1.0 - decoded / independent if independent > 0 else 0.0), float(distinct)
 
@@ -98,7 +105,8 @@ def choose_shape(survival: np.ndarray, cfg: SamplerConfig) -> TreeShape:
     """The shape with the largest expected saving whose expected distinct leaves reach min_distinct x width."""
     w, b = cfg.width, cfg.branching
     need = cfg.min_distinct * w
-    fanouts = sorted({min(2 ** i, w) for i in range(w.bit_length() + 1)} | {w})
+    # With b = 1 a path never forks, so only independent sampling keeps distinct leaves apart.
+    fanouts = sorted({min(2 ** i, w) for i in range(w.bit_length() + 1)} | {w}) if b > 1 else [w]
     found: list[tuple[float, float, int, int, int, int]] = []  # (saving, distinct, segment, depth, fanout, fork)
     for s in candidate_segments(len(survival), cfg.min_segment_len):
         depth = math.ceil(len(survival) / s)
@@ -106,7 +114,7 @@ def choose_shape(survival: np.ndarray, cfg: SamplerConfig) -> TreeShape:
             forks = range(1, depth) if k < w and depth > 1 else [0]
             for f in forks:
                 saving, distinct = expected_cost(survival, w, b, s, k, f)
-                if distinct >= need - 1e-9:
+                if distinct >= need - 1e-9 or k == w:  # independent sampling always qualifies
                     found.append((saving, distinct, s, depth, k, f))
     best = max(x[0] for x in found)
     near = [x for x in found if x[0] >= best - SAVING_TIE]
@@ -169,7 +177,7 @@ class AdaptiveShape:
     def next_shape(self) -> TreeShape:
         if self.history.draws() < 2 * self.cfg.width:
             return independent_shape(self.cfg, "no answer lengths seen yet: independent sampling")
-        return choose_shape(self.history.survival(self.cfg.response_budget), self.cfg)
+        return choose_shape(self.history.survival(answer_budget(self.cfg)), self.cfg)
 
 
 def describe_shape(shape: TreeShape) -> str:
@@ -200,4 +208,4 @@ def shaped_config(cfg: SamplerConfig, shape: TreeShape) -> SamplerConfig:
         return replace(cfg, mode="independent", shape="fixed")
     return replace(cfg, shape="fixed", segment_len=shape.segment_len, depth=shape.depth,
                    init_divergence=shape.root_fanout, init_divergence_max=0, fork_depth=shape.fork_depth,
-                   max_response_tokens=cfg.response_budget, max_turns=min(cfg.max_turns, shape.depth))
+                   max_response_tokens=answer_budget(cfg), max_turns=min(cfg.max_turns, shape.depth))

@@ -158,39 +158,47 @@ def token_advantages(
 
 
 def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, *, mean: Optional[float] = None,
-           var: Optional[float] = None) -> torch.Tensor:
+           var: Optional[float] = None, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) over the tokens where mask is true; masked-out entries become 0.
 
     values, mask: [B, T] (or any shape, the same for both). Population variance, no per-group std.
     `mean` and `var` may be given (e.g. over the tokens of all ranks); by default they are the
-    masked tokens'.
+    masked tokens'. `weight` (same shape) counts a token that many times in the moments (a particle
+    leaf's tokens count once per particle).
     """
-    m = mask.to(values.dtype)
+    keep = mask.to(values.dtype)
+    m = keep * weight.to(values.dtype) if weight is not None else keep  # [same] each token's count in the moments
     n = m.sum().clamp_min(1.0)
     if mean is None:
         mean = (values * m).sum() / n
     if var is None:
-        var = (((values - mean) * m) ** 2).sum() / n
-    return (values - mean) * torch.rsqrt(torch.as_tensor(var + eps, dtype=values.dtype)) * m
+        var = (m * (values - mean) ** 2).sum() / n
+    return (values - mean) * torch.rsqrt(torch.as_tensor(var + eps, dtype=values.dtype)) * keep
 
 
-def scale(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, *, var: Optional[float] = None) -> torch.Tensor:
+def scale(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, *, var: Optional[float] = None,
+          weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x / sqrt(var + eps) over the tokens where mask is true (masked-out entries 0): no re-centring, so no
-    advantage changes sign. `var` (the masked tokens' population variance by default) may be given."""
-    m = mask.to(values.dtype)
+    advantage changes sign. `var` (the masked tokens' population variance by default, each token counted
+    `weight` times) may be given."""
+    keep = mask.to(values.dtype)
     if var is None:
+        m = keep * weight.to(values.dtype) if weight is not None else keep
         n = m.sum().clamp_min(1.0)
         mean = (values * m).sum() / n
-        var = (((values - mean) * m) ** 2).sum() / n
-    return values * torch.rsqrt(torch.as_tensor(var + eps, dtype=values.dtype)) * m
+        var = (m * (values - mean) ** 2).sum() / n
+    return values * torch.rsqrt(torch.as_tensor(var + eps, dtype=values.dtype)) * keep
 
 
-def center_groups(values: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Each group's masked tokens minus that group's token mean (masked-out entries 0). values, mask, groups: [N]."""
-    m = mask.to(values.dtype)
+def center_groups(values: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor,
+                  weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Each group's masked tokens minus that group's token mean (masked-out entries 0). values, mask, groups: [N].
+    `weight` [N] counts a token that many times in its group's mean."""
+    keep = mask.to(values.dtype)
+    m = keep * weight.to(values.dtype) if weight is not None else keep  # [N] each token's count in its group's mean
     out = torch.zeros_like(values)
     for g in torch.unique(groups):
-        sel = (groups == g).to(values.dtype) * m
-        mean = (values * sel).sum() / sel.sum().clamp_min(1.0)
-        out += (values - mean) * sel
+        in_g = (groups == g).to(values.dtype)
+        mean = (values * in_g * m).sum() / (in_g * m).sum().clamp_min(1.0)
+        out += (values - mean) * in_g * keep
     return out

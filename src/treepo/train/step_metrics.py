@@ -19,7 +19,7 @@ def step_row(step: int, results: list, sampler_cfg: SamplerConfig, *, rewards_al
     """The metrics row of one step (all ranks' rollouts; `weighted` holds per tree (reward, accuracy))."""
     roll = summarize(results, sampler_cfg)
     depths = [len(t.model_path(leaf)[0]) for r in results for t in r.trees for leaf in t.leaves]  # model segments
-    lengths = [len(t.response_ids(leaf)) for r in results for t in r.trees for leaf in t.leaves]
+    lengths = [t.model_tokens(leaf) for r in results for t in r.trees for leaf in t.leaves]  # answer tokens
     ents = [e for r in results for t in r.trees for n in t.nodes.values() if not n.env for e in n.entropies]
     return {
         "step": step,
@@ -83,7 +83,8 @@ def run_summary(steps: int, rows: list[dict], evals: list[dict], configs: dict) 
         "steps": steps,
         "reward_first": train_rows[0]["reward_mean"] if train_rows else None,
         "reward_last": train_rows[-1]["reward_mean"] if train_rows else None,
-        "accuracy_by_step": [r["accuracy"] for r in train_rows],
+        "accuracy_by_step": [r["accuracy"] for r in train_rows],  # raw, over distinct leaves
+        "accuracy_weighted_by_step": [r.get("accuracy_weighted") for r in train_rows],  # the policy's (unbiased)
         "decoded_tokens": sum(r["decoded_tokens"] for r in train_rows),
         "leaf_tokens": sum(r["leaf_tokens"] for r in train_rows),
         "shared_tokens": sum(r.get("shared_tokens", 0) for r in train_rows),

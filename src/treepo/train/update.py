@@ -42,30 +42,43 @@ def build_samples(trees, advantage: str, whitening: str, reduce_sum=None) -> lis
         leaves = list(tree.leaves)
         rewards = [tree.rewards[leaf] for leaf in leaves]
         ids, seg_lengths = zip(*(tree.model_path(leaf) for leaf in leaves))  # env levels dropped (tree.py)
-        advs = token_advantages(advantage, ids, rewards, seg_lengths, tree.multiplicity())
-        for leaf, adv in zip(leaves, advs):
+        counts = tree.multiplicity()
+        advs = token_advantages(advantage, ids, rewards, seg_lengths, counts)
+        # A particle leaf's advantages carry the factor m x leaves / width; re-centring must see each particle once.
+        factors = [m * len(leaves) / sum(counts) for m in counts] if counts is not None else [1.0] * len(leaves)
+        for leaf, adv, m, f in zip(leaves, advs, counts or [1] * len(leaves), factors):
             traj = tree.trajectory(leaf)
             if traj.token_ids:
                 samples.append(Sample(tree.prompt_ids, traj.token_ids, adv, traj.logprobs, group=g,
-                                      meta={"prompt": tree.prompt_index}, loss_mask=traj.loss_mask))
+                                      meta={"prompt": tree.prompt_index, "particles": m, "factor": f},
+                                      loss_mask=traj.loss_mask))
     if whitening == "none":
         return samples  # (every other mode joins the all-reduce below, even on a rank without samples)
     flat = torch.tensor([a for s in samples for a in s.advantages], dtype=torch.float64)  # [N] every token
     mask = torch.tensor([m for s in samples for m in (s.loss_mask or [True] * len(s.advantages))],
                         dtype=torch.bool)  # [N] the trained ones
+    # Re-centring ('token', 'group') works on each particle's own advantage, counted once per particle, and
+    # puts the particle factor back after; 'scale' divides by a positive constant, so it reads the values as given.
+    factor = torch.tensor([s.meta["factor"] for s in samples for _ in s.advantages], dtype=torch.float64)  # [N]
+    weight = torch.tensor([s.meta["particles"] for s in samples for _ in s.advantages], dtype=torch.float64)  # [N]
+    if whitening in ("token", "group"):
+        flat = flat / factor
     if whitening == "group":  # centre each prompt group first; the scale is then the batch's
         groups = torch.tensor([s.group for s in samples for _ in s.advantages])
-        flat = center_groups(flat, mask, groups)
+        flat = center_groups(flat, mask, groups, weight)
     mean = var = None
-    if reduce_sum is not None:  # the moments of all ranks' trained tokens
+    if reduce_sum is not None:  # the moments of all ranks' trained tokens (each particle's once)
+        w = weight[mask] if whitening in ("token", "group") else torch.ones_like(flat[mask])
         kept = flat[mask]
-        moments = reduce_sum(torch.stack([kept.new_tensor(float(len(kept))), kept.sum(), (kept ** 2).sum()]))
+        moments = reduce_sum(torch.stack([w.sum(), (w * kept).sum(), (w * kept ** 2).sum()]))
         n, total, squares = moments.tolist()
         mean = total / max(n, 1.0)
         var = max(squares / max(n, 1.0) - mean * mean, 0.0)
     if whitening == "token":
-        out = whiten(flat, mask, mean=mean, var=var)
-    elif whitening in ("scale", "group"):
+        out = whiten(flat, mask, mean=mean, var=var, weight=weight) * factor
+    elif whitening == "group":
+        out = scale(flat, mask, var=var, weight=weight) * factor
+    elif whitening == "scale":
         out = scale(flat, mask, var=var)
     else:
         raise ValueError(f"whitening={whitening!r}: use token, scale, group or none.")

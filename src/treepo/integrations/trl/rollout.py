@@ -109,8 +109,11 @@ def tree_metrics(result: RolloutResult, cfg: SamplerConfig) -> dict[str, float]:
     depths = [len(t.model_path(leaf)[0]) for t in result.trees for leaf in t.leaves]
     return {
         "decoded_tokens": float(s["decoded_tokens"]),  # unique tokens the engine sampled
-        "leaf_tokens": float(s["leaf_tokens"]),  # what independent sampling would have decoded
-        "saving": float(s["saving_vs_own_leaves"]),  # 1 - decoded / leaf
+        "leaf_tokens": float(s["leaf_tokens"]),  # the distinct leaves' answer tokens
+        "particle_tokens": float(s["particle_tokens"]),  # num_generations draws with these answers would decode this
+        "saving_vs_own_leaves": float(s["saving_vs_own_leaves"]),  # 1 - decoded / leaf
+        "estimated_saving_vs_independent": float(s["estimated_saving_vs_independent"]),
+        "distinct_leaves_per_group": float(s["distinct_leaves_per_group"]),
         "depth_mean": sum(depths) / len(depths) if depths else 0.0,
         "depth_max": float(max(depths, default=0)),
         "fallbacks": float(s["fallbacks"]),

@@ -68,6 +68,9 @@ def check_hooks(cls=GRPOTrainer) -> None:
 check_hooks()
 
 
+MEAN_METRICS = ("saving_vs_own_leaves", "estimated_saving_vs_independent", "depth_mean", "distinct_leaves_per_group")
+
+
 class TreePOTrainer(GRPOTrainer):
     """GRPOTrainer whose completions are TreePO trees and whose advantages are tree advantages.
 
@@ -234,8 +237,7 @@ class TreePOTrainer(GRPOTrainer):
         metrics = tree_metrics(self._treepo_result, self._treepo_sampler(self._treepo_trees[0].group_size).cfg)
         for name, value in metrics.items():
             total = self.accelerator.gather(torch.tensor([value], device=self.accelerator.device))
-            reduced = total.max() if name.endswith("_max") else (total.mean() if name in ("saving", "depth_mean")
-                                                                   else total.sum())
+            reduced = total.max() if name.endswith("_max") else total.mean() if name in MEAN_METRICS else total.sum()
             self._metrics[mode][f"treepo/{name}"].append(float(reduced))
         self._metrics[mode]["treepo/trl_generation"].append(0.0)
         # TRL logged its own per-completion advantages for the completions table; show the tree's (token mean).
