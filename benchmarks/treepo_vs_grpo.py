@@ -232,7 +232,8 @@ def main(argv=None) -> int:
             task_args, system, _ = TASKS[task]
             base = TrainConfig(task=task, task_args=task_args, steps=args.max_steps,
                                prompts_per_step=args.prompts_per_step, learning_rate=args.lr, checkpoint_every=0,
-                               keep_checkpoints=1, tensorboard=False, **({"system_prompt": system} if system else {}))
+                               keep_checkpoints=1, tensorboard=False, eval_prompts=0,  # held out here, below
+                               **({"system_prompt": system} if system else {}))
             pool = {p.question for p in load_task(task, base.num_prompts, 0, parse_task_args(task_args))}
             heldout = load_heldout(task, args.eval_prompts, 0, parse_task_args(task_args), pool)
             key = fingerprint([task, task_args, base.system_prompt, args.eval_prompts, args.eval_k])

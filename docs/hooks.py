@@ -37,7 +37,7 @@ OTHER_FLAGS = {
     "max_png_trees", "terminal_trees", "out",  # treepo show's own
     "server",  # scripts/setup.sh --server
     "cpu_dry_run",  # scripts/gpu_check.sh
-    "repeats", "only", "tasks", "seeds",  # benchmarks/*.py
+    "repeats", "only", "tasks", "seeds", "eos_prompts", "answers", "max_runs", "budget_scale",  # benchmarks/*.py
     "tiny",  # examples/trl_treepo.py
     "no_deps",  # pip install --no-deps
     "strict", "site_dir",  # mkdocs build
@@ -195,23 +195,24 @@ def rollout_speed_eos_on(data: dict) -> str:
     rows = data.get("eos_on_rows")
     if rows is None:  # the older single measurement
         rows = [dict(_need(data, "eos_on"), width=_get(data, "eos_on", "width"))]
-    header = ["task", "answers", "width", "decoded tokens, tree / indep.", "mean answer tokens, tree / indep.",
-              "distinct leaves (tree)", "wall s, tree / indep.", "measured saving", "speedup"]
+    header = ["task", "answers", "width", "decoded tokens, tree / indep.", "mean answer tokens, tree (raw) / indep.",
+              "weighted, tree", "distinct leaves (tree)", "wall s, tree / indep.", "measured saving", "speedup"]
     body = []
     for r in rows:
         tree, indep = r.get("tree", {}), r.get("independent", {})
         body.append([r.get("task", MISSING), r.get("answers", MISSING), r.get("width", MISSING),
                      _pair(tree, indep, "decoded_tokens"), _pair(tree, indep, "mean_response_tokens", ".1f"),
-                     _num(tree.get("distinct_leaves"), ".1f"), _pair(tree, indep, "wall_seconds", ".1f"),
-                     _pct(r.get("measured_saving")), _times(r.get("speedup"))])
-    command = data.get("command_eos_on")
-    return _table(header, body) + _source({"command": command}, "rollout_speed")
+                     _num(tree.get("weighted_response_tokens"), ".1f"),
+                     _num(tree.get("distinct_leaves_per_group", tree.get("distinct_leaves")), ".1f"),
+                     _pair(tree, indep, "wall_seconds", ".1f"), _pct(r.get("measured_saving")), _times(r.get("speedup"))])
+    commands = data.get("commands_eos_on_rows") or [data.get("command_eos_on")]
+    return _table(header, body) + _source({"command": " ; ".join(c for c in commands if c) or None}, "rollout_speed")
 
 
 def treepo_vs_grpo(data: dict) -> str:
     tasks = _need(data, "tasks")
     header = ["task", "variant", "seeds", "held-out before", "after: mean [95% interval]", "by seed",
-              "at GRPO's token budget", "decoded / leaf tokens", "wall s"]
+              "at GRPO's token budget", "decoded tokens", "steps", "distinct leaves / group", "wall s"]
     body, versus = [], []
     for task, variants in tasks.items():
         for name, v in variants.items():
@@ -219,8 +220,9 @@ def treepo_vs_grpo(data: dict) -> str:
                 saving = v.get("decoded_saving")
                 tokens = (f"{_pct(abs(saving))} {'fewer' if saving >= 0 else 'more'} decoded tokens"
                           if isinstance(saving, (int, float)) else f"decoded tokens {MISSING}")
-                versus.append(f"- {task}: the default against GRPO: {tokens}, held-out accuracy "
-                              f"{_num(_times100(v.get('acc_after_difference')), '+.1f')} points.")
+                diff = v.get("acc_at_grpo_budget_difference", v.get("acc_after_difference"))
+                versus.append(f"- {task}: the default against GRPO: {tokens}, held-out accuracy at GRPO's token "
+                              f"budget {_num(_times100(diff), '+.1f')} points.")
                 continue
             ci = v.get("acc_after_ci")  # a t interval can reach below 0: shown cut at 0
             interval = (f"[{_pct(max(ci[0], 0.0))}, {_pct(min(ci[1], 1.0))}]"
@@ -230,7 +232,8 @@ def treepo_vs_grpo(data: dict) -> str:
             seeds = v.get("seeds")
             body.append([task, name, len(seeds) if isinstance(seeds, list) else (seeds if seeds is not None else MISSING),
                          _pct(v.get("acc_before_mean")), f"{_pct(v.get('acc_after_mean'))} {interval}".strip(), by_seed,
-                         _pct(v.get("acc_at_grpo_budget_mean")), _pair(v, v, "decoded_tokens_mean", right="leaf_tokens_mean"),
+                         _pct(v.get("acc_at_grpo_budget_mean")), _num(v.get("decoded_tokens_mean")),
+                         _num(v.get("steps_mean"), ".1f"), _num(v.get("distinct_leaves_per_group_mean"), ".1f"),
                          _num(v.get("wall_seconds_mean"))])
     notes = ("\n\n" + "\n".join(versus)) if versus else ""
     return _table(header, body) + notes + _source(data, "treepo_vs_grpo")

@@ -55,19 +55,11 @@ class _QuietServer(ThreadingHTTPServer):
         pass  # a dropped connection is the point of some tests, not news
 
 
-class FakeServer:
-    def __init__(self, tokenizer, *, models: Optional[list[str]] = ("fake-model",), faults=(), slow_seconds=1.0,
-                 tokenizer_shift: bool = False, max_model_len: Optional[int] = None, delay: float = 0.0):
-        self.tokenizer = tokenizer
-        self.vocab = len(tokenizer)
-        self.models = list(models) if models is not None else None
-        self.faults = list(faults)
-        self.slow_seconds, self.delay = slow_seconds, delay
-        self.tokenizer_shift, self.max_model_len = tokenizer_shift, max_model_len
-        self.completions: list[dict] = []  # bodies of the completion requests answered
-        self.received = 0  # completion requests received, faulty or not
-        self.seen_prompts: list[tuple[int, ...]] = []
-        self.lock = threading.Lock()
+class LoopbackServer:
+    """A fake server's plumbing: `_serve()` answers with `self._handler()` on a free loopback port in a daemon
+    thread (`url`); `stop()` or the end of a with-block shuts it."""
+
+    def _serve(self) -> None:
         self.httpd = _QuietServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -82,6 +74,22 @@ class FakeServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class FakeServer(LoopbackServer):
+    def __init__(self, tokenizer, *, models: Optional[list[str]] = ("fake-model",), faults=(), slow_seconds=1.0,
+                 tokenizer_shift: bool = False, max_model_len: Optional[int] = None, delay: float = 0.0):
+        self.tokenizer = tokenizer
+        self.vocab = len(tokenizer)
+        self.models = list(models) if models is not None else None
+        self.faults = list(faults)
+        self.slow_seconds, self.delay = slow_seconds, delay
+        self.tokenizer_shift, self.max_model_len = tokenizer_shift, max_model_len
+        self.completions: list[dict] = []  # bodies of the completion requests answered
+        self.received = 0  # completion requests received, faulty or not
+        self.seen_prompts: list[tuple[int, ...]] = []
+        self.lock = threading.Lock()
+        self._serve()
 
     # -- answers ----------------------------------------------------------------------------
     def complete(self, body: dict) -> dict:

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from fake_server import JSONHandler, _QuietServer
+from fake_server import JSONHandler, LoopbackServer
 
 COMPLETION_FIELDS = {  # llama-cpp-python 0.3.36 CreateCompletionRequest
     "model", "prompt", "suffix", "max_tokens", "min_tokens", "temperature", "top_p", "min_p", "echo", "stop",
@@ -40,7 +40,7 @@ COMPLETION_FIELDS = {  # llama-cpp-python 0.3.36 CreateCompletionRequest
 }
 
 
-class FakeLlamaCppPython:
+class FakeLlamaCppPython(LoopbackServer):
     def __init__(self, model, tokenizer, *, model_name: str = "fake-gguf", bos: Optional[int] = None):
         self.model, self.tokenizer, self.model_name, self.bos = model.eval(), tokenizer, model_name, bos
         self.eos = tokenizer.eos_token_id
@@ -48,20 +48,7 @@ class FakeLlamaCppPython:
         self.routes: list[str] = []
         self.ignored_fields: set[str] = set()
         self.lock = threading.Lock()
-        self.httpd = _QuietServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
+        self._serve()
 
     # -- the model's side ---------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
 
-from fake_server import JSONHandler, _QuietServer
+from fake_server import JSONHandler, LoopbackServer
 from treepo.engines.weight_sync.vllm import GLOO_GROUP
 
 ROUTES = {  # route -> (kind, event)
@@ -62,7 +62,7 @@ class Refused(Exception):
     pass
 
 
-class FakeWeightServer:
+class FakeWeightServer(LoopbackServer):
     def __init__(self, kind: str, model, *, mode: str = "ok", model_name: str = "fake-model", workers: int = 1,
                  dev_mode: bool = True, timeout: float = 10.0, tokenizer=None):
         assert kind in ("sglang", "vllm") and mode in ("ok", "refuse", "pretend")
@@ -80,14 +80,10 @@ class FakeWeightServer:
         self.lock = threading.Lock()
         self.in_collective = 0  # handler threads inside a torch call (joining the group, receiving a broadcast)
         self.collective_done = threading.Condition()
-        self.httpd = _QuietServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+        self._serve()
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().stop()
         # A handler thread (a daemon) may still wait in torch for a trainer that gave up: let its own timeout end
         # it now, as a torch call that returns while the interpreter finalises aborts the process (see
         # tests/test_clean_exit.py).

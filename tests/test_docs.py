@@ -80,18 +80,20 @@ def test_a_missing_benchmark_json_or_key_fails_naming_the_page(tmp_path):
 def test_tables_render_new_keys_when_present_and_a_dash_when_an_optional_one_is_missing(tmp_path):
     (tmp_path / "rollout_speed.json").write_text(json.dumps({"eos_on_rows": [
         {"task": "letter_counting", "answers": "short", "width": 8, "measured_saving": 0.25, "speedup": 1.5,
-         "tree": {"decoded_tokens": 900, "wall_seconds": 10.0, "mean_response_tokens": 40.0, "distinct_leaves": 6.5},
+         "tree": {"decoded_tokens": 900, "wall_seconds": 10.0, "mean_response_tokens": 40.0,
+                  "weighted_response_tokens": 42.5, "distinct_leaves_per_group": 6.5},
          "independent": {"decoded_tokens": 1200, "wall_seconds": 15.0, "mean_response_tokens": 41.0}},
         {"task": "chain_sum", "width": 16, "tree": {}, "independent": {}},
     ]}))
     text = hooks.render_page("<!-- table: rollout_speed_eos_on -->", "docs/b.md", results=tmp_path)
-    assert "| letter_counting | short | 8 | 900 / 1,200 | 40.0 / 41.0 | 6.5 | 10.0 / 15.0 | 25.0% | 1.50x |" in text
-    assert "| chain_sum | — | 16 | — / — | — / — | — |" in text
+    assert "| letter_counting | short | 8 | 900 / 1,200 | 40.0 / 41.0 | 42.5 | 6.5 | 10.0 / 15.0 | 25.0% | 1.50x |" in text
+    assert "| chain_sum | — | 16 | — / — | — / — | — | — |" in text
     (tmp_path / "treepo_vs_grpo.json").write_text(json.dumps({"tasks": {"t": {
         "grpo": {"seeds": [0, 1], "acc_after_mean": 0.5},
-        "treepo_unbiased": {"seeds": [0, 1], "acc_after_mean": 0.4, "acc_at_grpo_budget_mean": 0.45}}}}))
+        "treepo_default": {"seeds": [0, 1], "acc_after_mean": 0.4, "acc_at_grpo_budget_mean": 0.45,
+                           "decoded_tokens_mean": 6100.0, "steps_mean": 9.5}}}}))
     text = hooks.render_page("<!-- table: treepo_vs_grpo -->", "docs/b.md", results=tmp_path)
-    assert "| t | treepo_unbiased | 2 | — | 40.0% | — | 45.0% | — / — |" in text
+    assert "| t | treepo_default | 2 | — | 40.0% | — | 45.0% | 6,100 | 9.5 | — | — |" in text
     (tmp_path / "seed_table.json").write_text(json.dumps({"rows": [{"seed": 0, "acc": 0.5}, {"seed": 1, "extra": "x"}]}))
     text = hooks.render_page("<!-- table: seed_table -->", "docs/b.md", results=tmp_path)
     assert "| seed | acc | extra |" in text and "| 1 | — | x |" in text

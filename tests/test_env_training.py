@@ -86,7 +86,11 @@ def test_env_tokens_are_masked_in_the_loss_and_its_normaliser(prompts, tmp_path,
     assert any((~m).any() for m in masks), "no env tokens in the step"
     adv = torch.tensor([a for s in samples for a in s.advantages], dtype=torch.float64)
     trained = torch.cat(masks)
-    assert abs(adv[trained].mean()) < 1e-6 and abs(adv[trained].var(unbiased=False) - 1) < 1e-4  # whitened on them
+    # whitened on them, each particle once: a leaf's own advantage (over its particle factor), counted per particle
+    own = torch.tensor([a / s.meta["factor"] for s in samples for a in s.advantages], dtype=torch.float64)[trained]
+    count = torch.tensor([s.meta["particles"] for s in samples for _ in s.advantages], dtype=torch.float64)[trained]
+    mean = (count * own).sum() / count.sum()
+    assert abs(mean) < 1e-6 and abs((count * (own - mean) ** 2).sum() / count.sum() - 1) < 1e-4
     assert (adv[~trained] == 0).all()
 
 

@@ -74,7 +74,7 @@ def test_tree_rollout_sends_token_ids_and_reads_back_ids_and_logprobs(server, em
     report = eng.server_report()
     stats = report["servers"][0]
     segments = [n for t in result.trees for n in t.nodes.values() if n.id]
-    assert [len(t.leaves) for t in result.trees] == [4, 4]
+    assert [t.group_size for t in result.trees] == [4, 4]
     assert report["retokenized_contexts"] == 0 and report["unmappable_tokens"] == 0
     assert stats["requests"] == len(segments) and stats["failures"] == 0
     assert stats["completion_tokens"] == sum(len(n.token_ids) for n in segments)

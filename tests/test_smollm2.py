@@ -32,7 +32,7 @@ def test_default_model_runs_a_tree_rollout_with_exact_logprobs(engine, prompt_id
     cfg = SamplerConfig(width=4, depth=3, segment_len=12, seed=1)
     result = TreeSampler(cfg, engine).rollout(prompt_ids)
     for tree in result.trees:
-        assert len(tree.leaves) == 4
+        assert tree.group_size == 4 and sum(tree.multiplicity()) == 4
         traj = tree.trajectory(tree.leaves[0])
         ids = torch.tensor([tree.prompt_ids + traj.token_ids])
         with torch.no_grad():
@@ -61,9 +61,12 @@ def test_default_model_trains_one_step_and_eval_reads_it(tmp_path):
 
     out = tmp_path / "run"
     assert cli.main(["train", "--steps", "1", "--prompts_per_step", "2", "--width", "4", "--depth", "2",
-                     "--segment_len", "16", "--out", str(out), "--tensorboard", "false"]) == 0
-    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert row["trajectories_per_prompt"] == 4 and row["reward_failures"] == 0
+                     "--segment_len", "16", "--out", str(out), "--tensorboard", "false", "--eval_prompts", "2"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    row = next(r for r in rows if "reward_mean" in r)
+    assert [r["eval_step"] for r in rows if "eval_step" in r] == [0, 1]  # held-out before and after
+    # the first step has seen no answer lengths: the adaptive shape samples independently
+    assert row["shape"]["independent"] and row["trajectories_per_prompt"] == 4 and row["reward_failures"] == 0
     assert row["groups_trained"] == 0 or row["grad_norm"] > 0
     assert cli.main(["eval", "--model", str(out / "model"), "--num_prompts", "2", "--width", "2", "--depth", "1",
                      "--segment_len", "16", "--out", str(tmp_path / "eval")]) == 0
