@@ -22,7 +22,7 @@ pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     echo "setup: installing torch==2.13.0 (CPU)"
     pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
-    .venv/bin/python -c "import torch"
+    .venv/bin/python -W ignore -c "import torch"  # (numpy comes next: torch would warn that it is missing)
 fi
 echo "setup: installing treepo and its dependencies"
 pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
