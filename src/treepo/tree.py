@@ -224,11 +224,14 @@ class PromptTree:
         """Per leaf (in `leaves` order), the particles it stands for; None when the tree has no particles."""
         return [self.particles[leaf] for leaf in self.leaves] if self.particles else None
 
+    def leaf_counts(self) -> list[int]:
+        """Per leaf, the trajectories it stands for: its multiplicity, or 1 in a tree without particles."""
+        return self.multiplicity() or [1] * len(self.leaves)
+
     @property
     def group_size(self) -> int:
         """Trajectories the group stands for: the particles (width) of a particle tree, else its leaves."""
-        counts = self.multiplicity()
-        return sum(counts) if counts is not None else len(self.leaves)
+        return sum(self.leaf_counts())
 
     # -- accounting ------------------------------------------------------------------------
     def model_tokens(self, leaf: NodeId) -> int:
@@ -239,17 +242,15 @@ class PromptTree:
     def particle_tokens(self) -> int:
         """sum over leaves of multiplicity x answer length: what `group_size` independent draws with exactly
         these answers would decode (= `leaf_tokens` for a tree without particles)."""
-        counts = self.multiplicity() or [1] * len(self.leaves)
-        return sum(m * self.model_tokens(leaf) for m, leaf in zip(counts, self.leaves))
+        return sum(m * self.model_tokens(leaf) for m, leaf in zip(self.leaf_counts(), self.leaves))
 
     @property
     def shared_tokens(self) -> int:
         """S: tokens that shared prefixes saved, sum over model nodes of (paths through it - 1) x its length,
         where a node's paths are the multiplicities of the leaves under it. decoded_tokens =
         particle_tokens - shared_tokens exactly (every node has a leaf below it)."""
-        counts = self.multiplicity() or [1] * len(self.leaves)
         through: dict[NodeId, int] = {}
-        for leaf, m in zip(self.leaves, counts):
+        for leaf, m in zip(self.leaves, self.leaf_counts()):
             for k in range(1, len(leaf) + 1):
                 through[leaf[:k]] = through.get(leaf[:k], 0) + m
         return sum((through.get(i, 1) - 1) * len(n) for i, n in self.nodes.items() if not n.env)

@@ -66,7 +66,7 @@ def evaluate(
             s = scored[j]
             # A particle tree's leaf stands for `multiplicity` of the width draws (each an exact draw from the
             # policy), so the metrics count it that many times: mean@k is then unbiased for the policy's accuracy.
-            counts = tree.multiplicity() or [1] * len(tree.leaves)
+            counts = tree.leaf_counts()
             problems.append({"correct": [ok for ok, m in zip(s["correct"], counts) for _ in range(m)],
                              "answers": [a for a, m in zip(s["answers"], counts) for _ in range(m)],
                              "decoded_tokens": tree.decoded_tokens, "distinct_leaves": len(tree.leaves),

@@ -96,9 +96,10 @@ def summarize(results: Iterable[RolloutResult], cfg: SamplerConfig) -> dict:
     n_traj = sum(len(t.leaves) for t in trees)
     shared = sum(t.shared_tokens for t in trees)
     particle = sum(t.particle_tokens for t in trees)
-    # Per group: width x the weighted mean answer length (model tokens), the expected cost of independent sampling.
-    independent_est = sum(t.group_size * sum(w * t.model_tokens(x) for w, x in zip(leaf_weights(t.leaves, t.multiplicity()), t.leaves))
-                          for t in trees)
+    # Per group, the weighted mean answer length (model tokens): the policy's; x width = independent sampling's cost.
+    weighted = [sum(w * t.model_tokens(x) for w, x in zip(leaf_weights(t.leaves, t.multiplicity()), t.leaves))
+                for t in trees]
+    independent_est = sum(t.group_size * mean for t, mean in zip(trees, weighted))
     env_nodes = [n for t in trees for n in t.nodes.values() if n.env]
     turns = sum(1 + sum(n.env for n in t.path(leaf_id)) for t in trees for leaf_id in t.leaves)
     return {
@@ -118,10 +119,7 @@ def summarize(results: Iterable[RolloutResult], cfg: SamplerConfig) -> dict:
         "decoded_tokens_per_second": round(decoded / wall, 2) if wall else 0.0,
         "leaf_tokens_per_second": round(leaf / wall, 2) if wall else 0.0,
         "mean_response_tokens": round(leaf / n_traj, 2) if n_traj else 0.0,
-        "weighted_response_tokens": round(sum(
-            sum(w * t.model_tokens(x) for w, x in zip(leaf_weights(t.leaves, t.multiplicity()), t.leaves))
-            for t in trees
-        ) / len(trees), 2) if trees else 0.0,
+        "weighted_response_tokens": round(sum(weighted) / len(trees), 2) if trees else 0.0,
         "shared_tokens": shared,
         "particle_tokens": particle,
         "estimated_saving_vs_independent": round(1.0 - decoded / independent_est, 6) if independent_est else 0.0,

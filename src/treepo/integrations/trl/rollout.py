@@ -47,17 +47,12 @@ def prompt_groups(prompt_ids: Sequence[Sequence[int]], width: int) -> list[list[
     return groups
 
 
-def _copies(tree: PromptTree) -> list[int]:
-    """Rows per leaf: its multiplicity (particle trees), else 1."""
-    return tree.multiplicity() or [1] * len(tree.leaves)
-
-
 def completions(trees: Sequence[PromptTree]) -> tuple[list[list[int]], list[list[float]]]:
     """(completion ids, sampled-token log-probs) per row: each tree's leaves in order, each leaf repeated
     for its particles, tree after tree."""
     ids, logps = [], []
     for tree in trees:
-        for leaf, m in zip(tree.leaves, _copies(tree)):
+        for leaf, m in zip(tree.leaves, tree.leaf_counts()):
             traj = tree.trajectory(leaf)
             ids += [list(traj.token_ids) for _ in range(m)]
             logps += [list(traj.logprobs) for _ in range(m)]
@@ -77,12 +72,12 @@ def row_advantages(trees: Sequence[PromptTree], rewards: Sequence[float], estima
     the leaf's advantage / m x width / leaves: `build_samples` weighs a leaf by m x leaves / width (mean 1
     over the leaves), and TRL's loss already counts the m rows, so each row is one particle of weight 1.
     """
-    rows = sum(sum(_copies(t)) for t in trees)
+    rows = sum(sum(t.leaf_counts()) for t in trees)
     if len(rewards) != rows:
         raise ValueError(f"{len(rewards)} rewards for {rows} completions: give one per completion.")
     unscorable, at = [], 0
     for tree in trees:
-        copies = _copies(tree)
+        copies = tree.leaf_counts()
         values = [float(r) for r in rewards[at : at + sum(copies)]]
         known = [r for r in values if not math.isnan(r)]
         fill = sum(known) / len(known) if known else 0.0
@@ -94,7 +89,7 @@ def row_advantages(trees: Sequence[PromptTree], rewards: Sequence[float], estima
     samples = iter(build_samples(list(trees), estimator, whitening, reduce_sum))
     out = []
     for tree in trees:
-        copies = _copies(tree)
+        copies = tree.leaf_counts()
         for leaf, m in zip(tree.leaves, copies):  # build_samples keeps every leaf with tokens, in this order
             n = len(tree.response_ids(leaf))
             per_row = sum(copies) / (len(tree.leaves) * m)
