@@ -14,6 +14,7 @@ To go back to GRPO, undo the two lines: the import, and the treepo_ fields of th
 from __future__ import annotations
 
 import argparse
+import copy
 import random
 import re
 
@@ -56,7 +57,7 @@ def main(argv=None) -> GRPOTrainer:
     if a.tiny:
         from treepo import tiny
 
-        model, tokenizer = tiny.model("llama"), tiny.tokenizer()
+        model, tokenizer = tiny.model("llama"), copy.deepcopy(tiny.tokenizer())  # the shared one stays template-free
         tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
                                    "{% if add_generation_prompt %}Answer: {% endif %}")
     elif a.model == "smollm2":
