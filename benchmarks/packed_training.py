@@ -7,10 +7,13 @@ and at width 8 (depth 4, segment 32, the default stopping rules), then, for each
 training pass of its trajectories (forward, `ppo_loss`, backward) run two ways:
 
 - flat: one padded row per trajectory (`train.logprobs.collate`), the trainer's micro-batch of one tree;
-- packed: one row of the tree's unique tokens with the tree mask (`packing.pack_samples`).
+- packed: one row of the tree's unique tokens with the dense [1, 1, N, N] tree mask (`packing.pack_samples`);
+- blocks: the same row with the tree mask as a FlexAttention BlockMask, run by treepo's block-sparse
+  kernel (`train.tree_attention`; memory that grows with N, see benchmarks/packed_scale.py).
 
 The pairs run interleaved, `--repeats` times; the reported speedup is the median over trees and
-repeats of flat seconds / packed seconds (ratios within one run: this machine is noisy). Also
+repeats of flat seconds / packed seconds (ratios within one run: this machine is noisy), and blocks
+against packed (dense) the same way. Also
 reported: unique / flat tokens, the largest log-prob difference, and peak memory of one pass of
 the largest tree per mode (CUDA: max allocated; CPU: peak RSS growth, each mode in a fresh
 process). Writes benchmarks/results/packed_training.json and .png.
@@ -60,7 +63,8 @@ def train_pass(model, samples: list[Sample], mode: str, pad_id: int) -> tuple[fl
         batch = collate(samples, pad_id).to(device)
         logp, _ = response_logprobs(model, batch)
     else:
-        packed = pack_samples(samples, pad_id, dtype=next(model.parameters()).dtype).to(device)
+        packed = pack_samples(samples, pad_id, dtype=next(model.parameters()).dtype,
+                              attention="blocks" if mode == "blocks" else "dense").to(device)
         batch = packed.flat
         logp, _ = packed_logprobs(model, packed)
     normaliser = float(batch.response_mask.sum())
@@ -170,7 +174,7 @@ def main() -> int:
                     "python": platform.python_version()},
     }
     largest = None
-    max_diff = 0.0
+    max_diff = max_block_diff = 0.0
     for w in result["widths"]:
         cfg = SamplerConfig(width=w, depth=4, segment_len=32, seed=args.seed)
         t0 = time.perf_counter()
@@ -178,7 +182,7 @@ def main() -> int:
         print(f"w={w}: rolled out {len(trees)} trees in {time.perf_counter() - t0:.0f} s", flush=True)
         model.train()  # dropout is 0 in this model; train mode as the trainer runs it
         train_pass(model, tree_samples(trees[0], 0), "packed", pad_id)  # warm-up
-        flat_s, packed_s, ratios, flat_tok, packed_tok = [], [], [], 0, 0
+        flat_s, packed_s, blocks_s, ratios, block_ratios, flat_tok, packed_tok = [], [], [], [], [], 0, 0
         for k, tree in enumerate(trees):
             samples = tree_samples(tree, k)
             packed = pack_samples(samples, pad_id)
@@ -187,11 +191,15 @@ def main() -> int:
             for _ in range(args.repeats):
                 tf, lf = train_pass(model, samples, "flat", pad_id)
                 tp, lp = train_pass(model, samples, "packed", pad_id)
+                tb, lb = train_pass(model, samples, "blocks", pad_id)
                 mask = collate(samples, pad_id).response_mask
                 max_diff = max(max_diff, float((lf - lp).abs()[mask].max()))
+                max_block_diff = max(max_block_diff, float((lf - lb).abs()[mask].max()))
                 flat_s.append(tf)
                 packed_s.append(tp)
+                blocks_s.append(tb)
                 ratios.append(tf / tp)
+                block_ratios.append(tp / tb)
             print(f"  tree {k}: {len(samples)} trajectories, {packed.flat_tokens} flat -> {packed.packed_tokens} "
                   f"unique tokens; flat {statistics.median(flat_s[-args.repeats:]):.2f} s, packed "
                   f"{statistics.median(packed_s[-args.repeats:]):.2f} s", flush=True)
@@ -201,15 +209,23 @@ def main() -> int:
         result[f"w{w}"] = {"trees": len(trees), "trajectories": sum(len(t.leaves) for t in trees),
                            "flat_tokens": flat_tok, "packed_tokens": packed_tok,
                            "flat_seconds_median": round(statistics.median(flat_s), 3),
-                           "packed_seconds_median": round(statistics.median(packed_s), 3), "speedups": ratios}
+                           "packed_seconds_median": round(statistics.median(packed_s), 3), "speedups": ratios,
+                           "blocks_seconds_median": round(statistics.median(blocks_s), 3),
+                           "blocks_vs_dense_speedups": block_ratios}
         result[f"speedup_w{w}"] = round(statistics.median(ratios), 3)
+        result[f"blocks_vs_dense_speedup_w{w}"] = round(statistics.median(block_ratios), 3)
         result[f"token_ratio_w{w}"] = round(packed_tok / flat_tok, 4)
     result["max_logprob_diff"] = max_diff
+    result["blocks_max_logprob_diff"] = max_block_diff  # block-mask packing vs flat rows
     result.update(measure_memory(largest[0], args.device), memory_tree_width=16)
     out = Path(args.out)
+    old = out / "packed_training.json"
+    if old.exists():  # keep what benchmarks/packed_scale.py measured
+        result.update({k: v for k, v in json.loads(old.read_text()).items() if k.startswith(("scale", "flex_"))})
     io.write_json(out / "packed_training.json", result)
     plot(result, out / "packed_training.png")
-    print({k: result[k] for k in ("speedup_w16", "speedup_w8", "token_ratio_w16", "token_ratio_w8",
+    print({k: result[k] for k in ("speedup_w16", "speedup_w8", "blocks_vs_dense_speedup_w16",
+                                  "blocks_vs_dense_speedup_w8", "blocks_max_logprob_diff", "token_ratio_w16", "token_ratio_w8",
                                   "max_logprob_diff", "peak_memory_mb_flat", "peak_memory_mb_packed")})
     return 0
 

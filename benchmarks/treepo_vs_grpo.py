@@ -92,7 +92,8 @@ def fingerprint(obj) -> str:
 
 
 RUN_ONLY = ("out", "resume", "tensorboard", "checkpoint_every", "keep_checkpoints", "eval_prompts", "eval_every",
-            "eval_mode", "steps")  # train settings that do not change what a run learns (steps: the budget ends it)
+            "eval_mode", "steps", "packed_attention")  # train settings that do not change what a run learns (steps: the
+# budget ends it; packed_attention: how the same log-probs are computed)
 
 
 def run_fingerprint(sampler_cfg, train_cfg, before_key: str, budget: int) -> str:

@@ -296,7 +296,21 @@ def packed_training(data: dict) -> str:
         ["unique / flat tokens"] + [_num(data.get(f"token_ratio_{w}"), ".3f") for w in ws],
         ["trajectories"] + [_num(data[w].get("trajectories")) for w in ws],
     ]
-    return _table(header, body) + _source(data, "packed_training")
+    if all(f"blocks_vs_dense_speedup_{w}" in data for w in ws):
+        body.insert(2, ["block mask vs dense mask speed"] + [_times(data[f"blocks_vs_dense_speedup_{w}"]) for w in ws])
+    text = _table(header, body) + _source(data, "packed_training")
+    scale = data.get("scale")
+    if scale:
+        rows = [[path, _num(scale[path].get("max_tokens")), _num(scale[path].get("peak_gb"), ".1f"),
+                 _num(scale[path].get("seconds"), ".0f"), _num(scale[path].get("first_failure_tokens"))]
+                for path in ("flex", "dense", "flat") if path in scale]
+        text += (f"\n\nAt scale (`benchmarks/packed_scale.py`; {scale.get('model', MISSING)}; memory capped at "
+                 f"{_num(scale.get('cap_gb'), 'g')} GB; 'flex': {scale.get('flex_path', MISSING)}); largest packed "
+                 f"log-prob difference of flex against dense or flat: {_num(data.get('flex_max_logprob_diff'), '.2g')}:"
+                 "\n\n" + _table(["path", "largest tree run (unique tokens)", "its peak memory (GB)",
+                                  "its forward + backward (s)", "first size that failed"], rows)
+                 + f"\n\nCommand: `{data.get('scale_command', MISSING)}`")
+    return text
 
 
 def sampler_bias(data: dict) -> str:

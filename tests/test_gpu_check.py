@@ -89,6 +89,11 @@ def test_cpu_dry_run_reports_every_part_without_the_packages_the_gpu_image_lacks
         train = parts[f"speed.{model}.training_pass"]
         assert train["packed_tokens_largest"] < train["flat_tokens_largest"] and "peak_memory_mib" in train["flat_memory"]
     assert parts["speed.qwen2.5-1.5b.rollout"]["model"]["config"]["model_type"] == "qwen2"
+    scale = parts["speed.packed_scale"]  # toy segments on the CPU; no FlexAttention backward there
+    assert scale["unique_tokens"] < scale["flat_tokens"] and set(scale["forms"]) == {"blocks", "dense", "flat"}
+    assert all("seconds" in f and "error" not in f for f in scale["forms"].values()), scale
+    assert set(scale["max_logprob_diff_vs_flat_or_dense"]) == {"blocks", "dense"}
+    assert max(scale["max_logprob_diff_vs_flat_or_dense"].values()) < 0.1  # bfloat16
 
 
 def test_the_check_imports_nothing_the_gpu_image_lacks():

@@ -12,8 +12,10 @@ from treepo.config import EngineConfig, SamplerConfig
 from treepo.engines.transformers_engine import TransformersEngine
 from treepo.errors import InputError
 from treepo.gpu_check.correctness import flat_and_packed, random_samples
-from treepo.train.packing import (PackingError, pack_samples, pack_sequences, packed_logprobs, sliding_window,
-                                  tree_attention, unsupported_reason)
+from treepo.errors import ConfigError
+from treepo.train import tree_attention as ta
+from treepo.train.packing import (PackingError, choose_attention, pack_samples, pack_sequences, packed_logprobs,
+                                  sliding_window, tree_attention, unsupported_reason)
 from treepo.train.update import build_samples
 from treepo.train.logprobs import Sample, collate, response_logprobs
 from treepo.rollout.sampler import TreeSampler
@@ -196,7 +198,8 @@ def test_trainer_falls_back_to_flat_with_a_logged_reason(caplog, tmp_path):
         upd = PolicyUpdate(TrainConfig(out=str(tmp_path), num_prompts=4), accelerator=Accelerator(cpu=True),
                            model=model, optimizer=opt, scheduler=None)
     assert not upd.packed
-    assert "packing is off for this run: attention implementation 'flash_attention_2'" in caplog.text
+    assert "packing is off for this run: blocks: " in caplog.text
+    assert "dense: attention implementation 'flash_attention_2' cannot take a dense tree mask" in caplog.text
 
 
 def test_a_micro_batch_beyond_the_row_limit_runs_flat_and_is_counted(tmp_path):
@@ -215,3 +218,114 @@ def test_a_micro_batch_beyond_the_row_limit_runs_flat_and_is_counted(tmp_path):
     packed, flat, counts = upd._prepare(samples)
     assert packed is None and counts["packing_fallbacks"] == 1 and counts["forward_tokens"] == counts["flat_tokens"]
     assert flat.response_ids.shape[0] == len(samples)
+
+
+# -- the block-mask forms (memory that grows with the tokens) ----------------------------------
+
+def _random_row(kind: str, seed: int):
+    """A packed row of a random tree: 'deep' (one long chain with short side branches), 'narrow' (two
+    long paths), 'wide' (many short leaves off one prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda n: torch.randint(2, 300, (n,), generator=g).tolist()  # noqa: E731
+    if kind == "deep":
+        spine = draw(150)
+        seqs = [spine] + [spine[: int(c)] + draw(3) for c in torch.randint(1, 150, (6,), generator=g)]
+    elif kind == "narrow":
+        prompt = draw(20)
+        seqs = [prompt + draw(90), prompt + draw(70)]
+    else:
+        prompt = draw(10)
+        seqs = [prompt + draw(int(n)) for n in torch.randint(1, 8, (40,), generator=g)]
+    return pack_sequences(seqs)
+
+
+@pytest.mark.parametrize("kind", ["deep", "narrow", "wide"])
+@pytest.mark.parametrize("block", [4, 16])
+def test_block_mask_keeps_every_allowed_pair_and_only_fills_full_blocks(kind, block):
+    row = _random_row(kind, 0)
+    n = len(row) + 3  # padding columns too
+    ends = ta.tree_ends([row.size], n)
+    allowed = tree_attention([row], n)[0]  # [N, N]
+    bm = ta.tree_block_mask(ends, block)
+    nb = -(-n // block)
+    partial, full = torch.zeros(nb, nb, dtype=torch.bool), torch.zeros(nb, nb, dtype=torch.bool)
+    for i in range(nb):
+        partial[i, bm.kv_indices[0, 0, i, : bm.kv_num_blocks[0, 0, i]].long()] = True
+        full[i, bm.full_kv_indices[0, 0, i, : bm.full_kv_num_blocks[0, 0, i]].long()] = True
+    assert not (partial & full).any()
+    q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    assert torch.equal(bm.mask_mod(torch.tensor(0), None, q, k), allowed)  # the rule itself, pair by pair
+    pad = torch.zeros(nb * block, nb * block, dtype=torch.bool)
+    pad[:n, :n] = allowed
+    tiles = pad.view(nb, block, nb, block).permute(0, 2, 1, 3)  # [nb(q), nb(kv), block, block]
+    assert torch.equal(partial | full, tiles.any(-1).any(-1))  # exactly the blocks some pair needs
+    inside = torch.zeros(nb * block, dtype=torch.bool)
+    inside[:n] = True
+    whole = (tiles | ~inside.view(nb, block)[:, None, :, None] | ~inside.view(nb, block)[None, :, None, :])
+    assert torch.equal(full, whole.all(-1).all(-1) & (torch.arange(nb)[:, None] > torch.arange(nb)[None, :]))
+    assert partial.sum() + full.sum() < nb * (nb + 1) // 2 or kind == "narrow"  # blocks are skipped
+
+
+@pytest.mark.parametrize("kind", ["deep", "narrow", "wide"])
+def test_block_sparse_kernel_equals_dense_attention_forward_and_backward(kind, monkeypatch):
+    monkeypatch.setattr(ta, "Q_TILE", 2)  # several query tiles even on a small tree
+    row = _random_row(kind, 1)
+    n = len(row)
+    bm = ta.tree_block_mask(ta.tree_ends([row.size], n), 8)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 3, n, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = ta.BlockSparseAttention.apply(q, k, v, bm, 8 ** -0.5)  # [1, 3, N, 8]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=tree_attention([row], n)[:, None])
+    assert (out - ref).abs().max() < 1e-5
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    mine, theirs = torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)
+    for a, b in zip(mine, theirs):
+        assert (a - b).abs().max() < 1e-4 * b.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_block_mask_packing_equals_flat_logprobs_and_gradients(kind, monkeypatch):
+    monkeypatch.setattr(ta, "BLOCK", 16)  # rows of ~100 tokens: several blocks, some skipped
+    monkeypatch.setattr(ta, "Q_TILE", 2)
+    model = tiny.model(kind)
+    trees = _rollout_trees(model) + [hand_tree(7)]
+    flat, packed, (lp_f, ent_f, loss_f, g_f), (lp_p, ent_p, loss_p, g_p) = flat_and_packed(
+        model, _samples(trees), attention="blocks")
+    assert packed.input_ids.shape[0] > 1 and packed.attention == "blocks"
+    assert model.config._attn_implementation == "sdpa"  # switched for the packed pass only
+    m = flat.response_mask
+    assert (lp_f - lp_p).abs()[m].max() < 1e-4
+    assert (ent_f - ent_p).abs()[m].max() < 1e-4
+    assert torch.allclose(loss_f, loss_p, rtol=1e-5, atol=1e-7)
+    assert g_f.keys() == g_p.keys() and g_f
+    for k in g_f:
+        assert ((g_f[k] - g_p[k]).abs().max() / g_f[k].abs().max().clamp_min(1e-8)) < 1e-4, k
+
+
+def test_the_run_picks_the_block_mask_on_cpu_and_says_why_not_flex():
+    model = tiny.model("llama")
+    form, refused = choose_attention(model)
+    assert form == "blocks" and refused == []  # 'flex' is tried on CUDA only
+    form, refused = choose_attention(model, "flex")
+    assert form is None and "no backward pass off CUDA" in refused[0]
+    assert choose_attention(model, "dense") == ("dense", [])
+    # transformers' GPT-2 reads `attention_mask.ndim`, which a BlockMask lacks: the probe refuses it, dense serves
+    form, refused = choose_attention(tiny.model("gpt2"))
+    assert form == "dense" and len(refused) == 1 and refused[0].startswith("blocks: a packed forward pass failed")
+
+
+def test_trainer_logs_and_records_the_mask_form(caplog, tmp_path):
+    from accelerate import Accelerator
+
+    from treepo.config import TrainConfig
+    from treepo.train.update import PolicyUpdate
+
+    model = tiny.model("llama")
+    opt = torch.optim.AdamW(model.parameters())
+    with caplog.at_level(logging.INFO):
+        upd = PolicyUpdate(TrainConfig(out=str(tmp_path), num_prompts=4), accelerator=Accelerator(cpu=True),
+                           model=model, optimizer=opt, scheduler=None)
+    assert upd.packed and upd.attention == "blocks"
+    assert "packed training: tree mask as blocks" in caplog.text
+    with pytest.raises(ConfigError, match="packed_attention='sparse'.*--packed_attention auto"):
+        TrainConfig(out=str(tmp_path), num_prompts=4, packed_attention="sparse")

@@ -112,3 +112,30 @@ def letter_share(prompts, completions, **columns):
         high = sum("n" <= ch <= "z" for ch in c.lower())
         out.append(1.0 if low > high else -1.0)
     return out
+
+
+PAPER_SHAPE = dict(prompt=256, leaves=16, depth=14, fork_levels=4)  # TreePO's training trees (w=16, 14 segments)
+
+
+def paper_shape_tokens(seg: int, prompt: int = 256, leaves: int = 16, depth: int = 14, fork_levels: int = 4) -> int:
+    """Unique tokens of `paper_shape_samples(seg, ...)`'s tree."""
+    return prompt + seg * sum(min(2 ** min(level + 1, fork_levels), leaves) for level in range(depth))
+
+
+def paper_shape_samples(seg: int, vocab: int, prompt: int = 256, leaves: int = 16, depth: int = 14,
+                        fork_levels: int = 4, seed: int = 0):
+    """A synthetic tree of TreePO's shape as training samples: a `prompt`-token prompt, `depth` segments
+    of `seg` random tokens per path, every path forking in two at each of the first `fork_levels`
+    segments (so 2^fork_levels = `leaves` paths), random advantages and old log-probs."""
+    from .train.logprobs import Sample
+
+    assert 2 ** fork_levels == leaves, "leaves must be 2 ** fork_levels"
+    g = torch.Generator().manual_seed(seed * 100003 + seg)
+    draw = lambda n: torch.randint(2, vocab, (n,), generator=g).tolist()  # noqa: E731
+    head = draw(prompt)
+    responses: list[list[int]] = [[]]
+    for level in range(depth):
+        copies = 2 if level < fork_levels else 1
+        responses = [r + draw(seg) for r in responses for _ in range(copies)]
+    return [Sample(head, r, torch.randn(len(r), generator=g).tolist(), (-torch.rand(len(r), generator=g)).tolist(),
+                   group=0) for r in responses]

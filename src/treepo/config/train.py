@@ -11,6 +11,7 @@ from .rollout import DEFAULT_TRAIN_POOL, EasyTaskConfig
 from .sampler import Estimator, Whitening
 
 
+PackedAttention = Literal["auto", "flex", "blocks", "dense"]
 DEFAULT_EVAL_PROMPTS = 32  # enough held-out problems (x width samples) to see a 10-point change
 
 
@@ -39,6 +40,13 @@ class TrainConfig(EasyTaskConfig):
         metadata=_help("Tree-packed training: each micro-batch's trajectories run as one sequence of their unique "
                        "tokens with a tree attention mask, so shared prefixes are computed once (exactly equal "
                        "log-probs); models it cannot pack fall back to flat rows with a logged reason."),
+    )
+    packed_attention: PackedAttention = field(
+        default="auto",
+        metadata=_help("How packed rows attend: 'flex' (FlexAttention block mask, CUDA), 'blocks' (the same block "
+                       "mask through treepo's block-sparse kernel, any device; memory grows with the tokens), "
+                       "'dense' (an N x N mask; memory grows with their square), 'auto' (the first of these "
+                       "that gives flat-equal log-probs on a probe tree; the run logs which one ran)."),
     )
     learning_rate: float = field(default=2e-5, metadata=_help("AdamW peak learning rate [paper: 1e-6 on 7B; small models need more]."))
     warmup_steps: int = field(default=2, metadata=_help("Linear learning-rate warm-up, in optimizer updates."))
@@ -117,6 +125,9 @@ class TrainConfig(EasyTaskConfig):
                  f"whiten={self.whiten!r}: use one of {', '.join(get_args(Whitening))} (e.g. --whiten scale).")
         _require(self.advantage in get_args(Estimator),
                  f"advantage={self.advantage!r}: use one of {', '.join(get_args(Estimator))} (e.g. --advantage unbiased).")
+        _require(self.packed_attention in get_args(PackedAttention),
+                 f"packed_attention={self.packed_attention!r}: use one of {', '.join(get_args(PackedAttention))} "
+                 "(e.g. --packed_attention auto).")
         _require(self.eval_mode in ("independent", "tree"),
                  f"eval_mode={self.eval_mode!r}: use independent or tree.")
         positive = ("steps", "prompts_per_step", "mini_batches", "ppo_epochs", "micro_batch_size")

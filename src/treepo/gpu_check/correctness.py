@@ -223,12 +223,14 @@ def engine_logprobs_match_forward(device, dtype, report: dict, check_every: Opti
         report["by_model"][name] = round(worst, 7)
 
 
-def flat_and_packed(model, samples: list[Sample], *, device="cpu", dtype=torch.float32, max_tokens: int = 150):
+def flat_and_packed(model, samples: list[Sample], *, device="cpu", dtype=torch.float32, max_tokens: int = 150,
+                    attention: str = "dense"):
     """(flat batch, packed batch, flat pass, packed pass): each pass is (log-probs, entropies, PPO loss,
-    gradients) of the same samples, one padded row each vs tree-packed rows of at most `max_tokens`."""
+    gradients) of the same samples, one padded row each vs tree-packed rows of at most `max_tokens`
+    whose tree mask takes the form `attention` (packing.ATTENTION)."""
     normaliser = float(sum(len(s.response_ids) for s in samples))
     flat = collate(samples, 0).to(device)
-    packed = pack_samples(samples, 0, dtype=dtype, max_tokens=max_tokens).to(device)
+    packed = pack_samples(samples, 0, dtype=dtype, max_tokens=max_tokens, attention=attention).to(device)
 
     def run_flat():
         lp, ent = response_logprobs(model, flat, with_entropy=True)
@@ -263,14 +265,19 @@ def packed_equals_flat(device, dtype, report: dict, check_every: Optional[int] =
     tol = tolerance(device, dtype)
     report.update(tolerance_logprob=tol.logprob, tolerance_grad=tol.grad, min_grad_cosine=tol.grad_cosine,
                   by_model={})
-    for kind, attn in PACKING_MODELS:
-        name = f"{kind}/{attn}"
+    # the dense mask on every model; the block-mask forms (FlexAttention's kernel on CUDA, treepo's
+    # block-sparse kernel anywhere) on the first, as packed training picks them first
+    block_forms = ("flex", "blocks") if torch.device(device).type == "cuda" else ("blocks",)
+    runs = [(kind, attn, "dense") for kind, attn in PACKING_MODELS]
+    runs += [(*PACKING_MODELS[0], form) for form in block_forms]
+    for kind, attn, form in runs:
+        name = f"{kind}/{attn}" + ("" if form == "dense" else f"/{form}")
         model = tiny_model(kind, device, dtype, attn_implementation=attn)
         engine = make_engine(model, check_every, seed=1, temperature=1.0)
         trees = TreeSampler(SamplerConfig(width=6, depth=4, segment_len=5, seed=2), engine).rollout(
             tiny.prompts()).trees
         flat, packed, (lp_f, ent_f, loss_f, g_f), (lp_p, ent_p, loss_p, g_p) = flat_and_packed(
-            model, random_samples(trees), device=device, dtype=dtype)
+            model, random_samples(trees), device=device, dtype=dtype, attention=form)
         m = flat.response_mask
         if g_f.keys() != g_p.keys() or not g_f:
             raise CheckFailed(f"{name}: packed and flat passes reached different parameters")

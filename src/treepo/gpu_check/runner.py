@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import correctness
+from . import correctness, scale
 from .models import SPEED_MODELS
 from .speed import TOY, SpeedBench, SpeedSizes, sizes_dict
 
@@ -114,6 +114,9 @@ def plan(device: torch.device, dry_run: bool, only: Optional[list[str]] = None, 
         parts += [(f"speed.{spec.name}.rollout", bench.rollout, None),
                   (f"speed.{spec.name}.decode", bench.decode, None),
                   (f"speed.{spec.name}.training_pass", bench.training_pass, bench.close)]
+    # packed training at the paper's tree shape (97,536 unique tokens; toy segments on the CPU dry run)
+    parts.append(("speed.packed_scale", lambda report: scale.packed_scale(device, report, seg=8 if dry_run else scale.SEG),
+                  None))
     if only:
         parts = [p for p in parts if any(p[0].startswith(prefix) for prefix in only)]
     return parts

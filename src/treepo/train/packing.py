@@ -18,10 +18,14 @@ trajectory) and applies `ppo_loss` unchanged: a shared token's loss is the sum o
 trajectories that carry it, each with its own advantage, normalised as the flat token-mean is.
 The gather's backward adds the copies' gradients, so gradients equal the flat computation's.
 
-The mask is a dense additive `[B, 1, N, N]` tensor, which HF models pass straight to eager and
-sdpa attention; models it cannot serve (flash-attention kernels, a model that ignores custom
-masks) are found by `unsupported_reason` and trained flat, and a micro-batch whose sequences pass
-a sliding attention window runs flat.
+The mask takes one of three forms (`ATTENTION`), chosen per run by `choose_attention`:
+- `flex`: a FlexAttention BlockMask run by transformers' `flex_attention` (CUDA);
+- `blocks`: the same BlockMask run by treepo's block-sparse kernel (`tree_attention`; any device);
+- `dense`: an additive `[B, 1, N, N]` tensor, which HF models pass straight to eager and sdpa.
+The first two grow with N (blocks of the mask that no pair needs are skipped); the dense mask
+grows with N^2 and is the fallback. Models no form can serve (flash-attention kernels, a model
+that ignores custom masks) are found by a probe against flat log-probs and trained flat, and a
+micro-batch whose sequences pass a sliding attention window runs flat.
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import InputError
+from . import tree_attention as ta
 from .logprobs import Batch, Sample, collate, token_distribution
 
 log = logging.getLogger(__name__)
 
-PACKABLE_ATTENTION = ("eager", "sdpa")
+PACKABLE_ATTENTION = ("eager", "sdpa")  # implementations that take the dense mask
+ATTENTION = ("flex", "blocks", "dense")  # the forms of the tree mask, memory-lean first
 
 
 class PackingError(InputError):
@@ -100,15 +106,13 @@ def pack_sequences(sequences: Sequence[Sequence[int]]) -> PackedRow:
 
 def tree_attention(rows: Sequence[PackedRow], length: int) -> torch.Tensor:
     """[B, N, N] bool: q sees k iff k is q or an ancestor of q. Padding sees only itself."""
-    allowed = torch.zeros(len(rows), length, length, dtype=torch.bool)
-    for b, row in enumerate(rows):
-        n = len(row)
-        idx = torch.arange(n)
-        end = idx + torch.tensor(row.size)  # [n] one past each subtree
-        q, k = idx[:, None], idx[None, :]
-        allowed[b, :n, :n] = (k <= q) & (q < end[None, :])  # [n, n]
-    allowed |= torch.eye(length, dtype=torch.bool)  # padding rows attend to themselves, never NaN
-    return allowed
+    return dense_allowed(ta.tree_ends([r.size for r in rows], length))
+
+
+def dense_allowed(ends: torch.Tensor) -> torch.Tensor:
+    """[B, N, N] bool from ends [B, N] (k + size(k)): allowed[b, q, k] = k <= q < ends[b, k]."""
+    idx = torch.arange(ends.shape[1], device=ends.device)
+    return (idx[None, None, :] <= idx[None, :, None]) & (idx[None, :, None] < ends[:, None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +125,9 @@ class PackedBatch:
     """Packed rows plus the flat layout the loss uses.
 
     input_ids / position_ids   [B, N]
-    attention_mask             [B, 1, N, N]  additive: 0 where allowed, dtype-min elsewhere
+    ends                       [B, N]        k + size(k): token q sees k iff k <= q < ends[b, k]
+    attention                  the mask's form (`ATTENTION`): 'dense' builds an additive [B, 1, N, N]
+                               mask, 'flex' and 'blocks' a BlockMask (`mask()` builds it once)
     keep                       [K]           row columns whose logits are needed (predictors)
     row                        [S]           packed row of each trajectory
     pred / target              [S, R]        index into `keep` of each response token's predictor;
@@ -131,28 +137,46 @@ class PackedBatch:
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    ends: torch.Tensor
     keep: torch.Tensor
     row: torch.Tensor
     pred: torch.Tensor
     flat: Batch
     packed_tokens: int  # unique tokens in all rows (no padding)
     flat_tokens: int  # tokens the flat layout would run (prompt + response per trajectory, no padding)
+    attention: str = "dense"
+    dtype: torch.dtype = torch.float32  # of the dense additive mask (the model's)
 
     def to(self, device) -> "PackedBatch":
-        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()
+                 if k != "_mask"}
         moved["flat"] = self.flat.to(device)
         return PackedBatch(**moved)
 
+    def mask(self):
+        """The attention mask in this batch's form, built on first use and kept (epochs, reference passes)."""
+        if getattr(self, "_mask", None) is None:
+            if self.attention == "dense":
+                allowed = dense_allowed(self.ends)[:, None]  # [B, 1, N, N]
+                self._mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.ends.device).masked_fill_(
+                    ~allowed, torch.finfo(self.dtype).min)
+            else:
+                self._mask = ta.tree_block_mask(self.ends)  # BlockMask, O(N) memory
+        return self._mask
+
 
 def pack_samples(samples: Sequence[Sample], pad_id: int, dtype: torch.dtype = torch.float32,
-                 max_tokens: Optional[int] = None, window: Optional[int] = None) -> PackedBatch:
+                 max_tokens: Optional[int] = None, window: Optional[int] = None,
+                 attention: str = "dense") -> PackedBatch:
     """Pack samples into rows; the samples of one `group` (prompt) always share a row.
 
+    `attention` is the mask's form (`ATTENTION`); `dtype` that of a dense mask.
     Groups fill a row in order until its unique tokens would pass `max_tokens` (None: a single
     row). A group whose own tree passes `max_tokens`, or a sequence longer than a sliding
     attention `window`, raises `PackingError` naming its prompt.
     """
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
     if window:
         longest = max(samples, key=lambda s: len(s.prompt_ids) + len(s.response_ids))
         if len(longest.prompt_ids) + len(longest.response_ids) > window:
@@ -189,8 +213,6 @@ def pack_samples(samples: Sequence[Sample], pad_id: int, dtype: torch.dtype = to
     for b, r in enumerate(rows):
         ids[b, : len(r)] = torch.tensor(r.tokens)
         pos[b, : len(r)] = torch.tensor(r.depth)
-    allowed = tree_attention(rows, N)  # [B, N, N]
-    mask = torch.zeros((B, 1, N, N), dtype=dtype).masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
 
     S, R = flat.response_ids.shape
     row = torch.zeros(S, dtype=torch.long)
@@ -206,9 +228,10 @@ def pack_samples(samples: Sequence[Sample], pad_id: int, dtype: torch.dtype = to
     keep = torch.unique(col[real])  # [K]
     lookup = torch.zeros(N, dtype=torch.long)
     lookup[keep] = torch.arange(len(keep))
-    return PackedBatch(ids, pos, mask, keep, row, lookup[col], flat,
+    return PackedBatch(ids, pos, ta.tree_ends([r.size for r in rows], N), keep, row, lookup[col], flat,
                        packed_tokens=sum(len(r) for r in rows),
-                       flat_tokens=sum(len(s.prompt_ids) + len(s.response_ids) for s in samples))
+                       flat_tokens=sum(len(s.prompt_ids) + len(s.response_ids) for s in samples),
+                       attention=attention, dtype=dtype)
 
 
 def _pack(samples: Sequence[Sample], idx: Sequence[int]) -> PackedRow:
@@ -219,13 +242,17 @@ def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0, with_en
                     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(log-probs [S, R], entropies [S, R] or None) of every trajectory's response tokens, in the
     flat layout of `batch.flat`, from one packed forward pass (see `logprobs.response_logprobs`)."""
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-        logits_to_keep=batch.keep,
-    )
+    implementation = {"flex": "flex_attention", "blocks": ta.IMPLEMENTATION}.get(batch.attention)
+    if batch.attention == "blocks":
+        ta.register()
+    with ta.attention_implementation(model, implementation):
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.mask(),
+            position_ids=batch.position_ids,
+            use_cache=False,
+            logits_to_keep=batch.keep,
+        )
     logits, lse, ent = token_distribution(out.logits, temperature, with_entropy)  # [B, K, V], [B, K], [B, K]
     rows = batch.row[:, None].expand_as(batch.pred)  # [S, R]
     logp = logits[rows, batch.pred, batch.flat.response_ids] - lse[rows, batch.pred]  # [S, R]
@@ -251,21 +278,54 @@ def sliding_window(model) -> Optional[int]:
     return int(window)
 
 
+def choose_attention(model, want: str = "auto", reference=None) -> tuple[Optional[str], list[str]]:
+    """(the tree mask's form this run uses, or None to train flat; why each form tried first was refused).
+
+    `want` 'auto' tries `ATTENTION` in order ('flex' only on CUDA); a named form is tried alone.
+    A form is taken when a packed forward pass through it equals flat log-probs on a probe tree.
+    A `reference` model must take the same form (checked without a probe).
+    """
+    device = next(model.parameters()).device
+    forms = [f for f in ATTENTION if f != "flex" or device.type == "cuda"] if want == "auto" else [want]
+    refused = []
+    for form in forms:
+        reason = _static_reason(model, form) or (_static_reason(reference, form) if reference is not None else None)
+        reason = reason or _probe(model, form)
+        if reason is None:
+            return form, refused
+        refused.append(f"{form}: {reason}")
+    return None, refused
+
+
 def unsupported_reason(model, probe: bool = True) -> Optional[str]:
-    """None if packed log-probs of `model` equal flat ones; otherwise why the trainer must go flat."""
-    config = getattr(model, "config", None)
-    impl = getattr(config, "_attn_implementation", None)
-    if impl not in PACKABLE_ATTENTION:
-        return (f"attention implementation {impl!r} cannot take a tree mask (packing needs one of "
-                f"{', '.join(PACKABLE_ATTENTION)}; load the model with attn_implementation='sdpa')")
+    """None if some form of the tree mask gives `model` packed log-probs equal to flat ones; otherwise why not."""
     if not probe:
+        reasons = [_static_reason(model, f) for f in ATTENTION if f != "flex"]
+        return None if None in reasons else "; ".join(r for r in reasons if r)
+    form, refused = choose_attention(model)
+    return None if form else "; ".join(refused)
+
+
+def _static_reason(model, form: str) -> Optional[str]:
+    """Why `model` cannot take this form of the mask, judged from its config alone (None: try it)."""
+    if form in ("flex", "blocks"):
+        if not ta.available():
+            return "this torch has no FlexAttention BlockMask"
+        if form == "flex" and next(model.parameters()).device.type != "cuda":
+            return "FlexAttention has no backward pass off CUDA (use 'blocks', the same mask through treepo's kernel)"
+        if form == "blocks" and not ta.register():
+            return "this transformers has no AttentionInterface to register the block-sparse kernel with"
         return None
-    return _probe(model)
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl not in PACKABLE_ATTENTION:
+        return (f"attention implementation {impl!r} cannot take a dense tree mask (it needs one of "
+                f"{', '.join(PACKABLE_ATTENTION)}; load the model with attn_implementation='sdpa')")
+    return None
 
 
 @torch.no_grad()
-def _probe(model) -> Optional[str]:
-    """Compare packed and flat log-probs on a small random tree (prompt, two forks)."""
+def _probe(model, form: str = "dense") -> Optional[str]:
+    """Compare packed (through `form`) and flat log-probs on a small random tree (prompt, two forks)."""
     from .logprobs import response_logprobs
 
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -276,11 +336,11 @@ def _probe(model) -> Optional[str]:
     samples = [Sample(prompt, r, [0.0] * len(r), [0.0] * len(r)) for r in responses]
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    batch = pack_samples(samples, 0, dtype).to(device)
+    batch = pack_samples(samples, 0, dtype, attention=form).to(device)
     try:
         flat, _ = response_logprobs(model, batch.flat)
         packed, _ = packed_logprobs(model, batch)
-    except Exception as exc:  # a model that rejects 4D masks, position ids or index logits_to_keep
+    except Exception as exc:  # a model that rejects 4D masks, block masks, position ids or index logits_to_keep
         return f"a packed forward pass failed on this model ({type(exc).__name__}: {exc})"
     diff = float((flat - packed).abs()[batch.flat.response_mask].max())
     tol = 1e-3 if dtype == torch.float32 else 5e-2

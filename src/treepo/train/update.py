@@ -27,7 +27,7 @@ from ..tree import check_tree
 from .advantages import center_groups, scale, token_advantages, whiten
 from .logprobs import Batch, Sample, collate, response_logprobs
 from .loss import ppo_loss
-from .packing import PackedBatch, PackingError, pack_samples, packed_logprobs, sliding_window, unsupported_reason
+from .packing import PackedBatch, PackingError, choose_attention, pack_samples, packed_logprobs, sliding_window
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +98,18 @@ class PolicyUpdate:
         self.pad_id, self.temperature = pad_id, temperature
         self.policy = accelerator.unwrap_model(model)
         self.packed = False
+        self.attention: Optional[str] = None  # the packed rows' mask form (packing.ATTENTION), None: flat
         self.pack_limit: Optional[int] = getattr(self.policy.config, "max_position_embeddings", None)
         self.window = sliding_window(self.policy)
         if cfg.packing:
-            reason = unsupported_reason(self.policy)
-            if reason is None and reference is not None:
-                reason = unsupported_reason(reference, probe=False)
-            if reason:
-                log.warning("packing is off for this run: %s; training runs flat (each trajectory its own row)", reason)
-            self.packed = reason is None
+            self.attention, refused = choose_attention(self.policy, cfg.packed_attention, reference)
+            if self.attention is None:
+                log.warning("packing is off for this run: %s; training runs flat (each trajectory its own row)",
+                            "; ".join(refused))
+            else:
+                log.info("packed training: tree mask as %s%s", self.attention,
+                         f" (not {'; '.join(refused)})" if refused else "")
+            self.packed = self.attention is not None
         self.step = 0  # for log messages
 
     # -- the step -----------------------------------------------------------------------------
@@ -152,6 +155,7 @@ class PolicyUpdate:
             "skipped_updates": len(norms) - len(finite),
             "trained_tokens": int(totals["tokens"] / epochs),
             "packed": self.packed,
+            "packed_attention": self.attention or "flat",  # the tree mask's form this run (packing.ATTENTION)
             "forward_tokens": int(totals["forward_tokens"] / epochs),  # tokens the model ran (packed: unique)
             "flat_tokens": int(totals["flat_tokens"] / epochs),  # what flat rows would have run
             "packing_fallbacks": int(totals["packing_fallbacks"]),  # packed run's micro-batches that ran flat
@@ -201,7 +205,8 @@ class PolicyUpdate:
         if self.packed:
             try:
                 packed = pack_samples(chunk, self.pad_id, dtype=next(self.policy.parameters()).dtype,
-                                      max_tokens=self.pack_limit, window=self.window).to(device)
+                                      max_tokens=self.pack_limit, window=self.window,
+                                      attention=self.attention).to(device)
             except PackingError as e:
                 log.warning("step %d: %s; this micro-batch runs flat", self.step + 1, e)
             else:
