@@ -91,9 +91,10 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-RUN_ONLY = ("out", "resume", "tensorboard", "checkpoint_every", "keep_checkpoints", "eval_prompts", "eval_every",
-            "eval_mode", "steps", "packed_attention")  # train settings that do not change what a run learns (steps: the
-# budget ends it; packed_attention: how the same log-probs are computed)
+# train settings that do not change what a run learns (steps: the budget ends it; packed_attention: how the
+# same log-probs are computed; the held-out evaluation here is the benchmark's own)
+RUN_ONLY = ("out", "resume", "tensorboard", "checkpoint_every", "keep_checkpoints", "eval_prompts", "eval_samples",
+            "eval_every", "eval_mode", "steps", "packed_attention")
 
 
 def run_fingerprint(sampler_cfg, train_cfg, before_key: str, budget: int) -> str:

@@ -15,7 +15,7 @@ from treepo.gpu_check.correctness import flat_and_packed, random_samples
 from treepo.errors import ConfigError
 from treepo.train import tree_attention as ta
 from treepo.train.packing import (PackingError, choose_attention, pack_samples, pack_sequences, packed_logprobs,
-                                  sliding_window, tree_attention, unsupported_reason)
+                                  sliding_window, tree_attention)
 from treepo.train.update import build_samples
 from treepo.train.logprobs import Sample, collate, response_logprobs
 from treepo.rollout.sampler import TreeSampler
@@ -148,12 +148,13 @@ def test_a_tree_beyond_the_row_limit_names_the_prompt_and_the_fix():
 
 
 def test_models_that_cannot_be_packed_say_why():
-    assert unsupported_reason(tiny.model("llama")) is None
+    assert choose_attention(tiny.model("llama"))[0] == "blocks"
     model = tiny.model("llama")
-    model.config._attn_implementation = "flash_attention_2"
-    assert "flash_attention_2" in unsupported_reason(model)
+    model.config._attn_implementation = "flash_attention_2"  # the dense form needs eager or sdpa
+    form, refused = choose_attention(model, "dense")
+    assert form is None and "flash_attention_2" in refused[0]
 
-    class IgnoresMask(torch.nn.Module):  # a model that drops the tree mask: plain causal attention
+    class IgnoresMask(torch.nn.Module):  # a model that drops the tree mask (4D tensor or BlockMask): causal only
         def __init__(self, inner):
             super().__init__()
             self.inner, self.config = inner, inner.config
@@ -162,12 +163,42 @@ def test_models_that_cannot_be_packed_say_why():
             return self.inner.get_input_embeddings()
 
         def forward(self, attention_mask=None, **kw):
-            if attention_mask is not None and attention_mask.dim() == 4:
+            if attention_mask is not None and len(attention_mask.shape) == 4:
+                self.config._attn_implementation = "sdpa"  # and its attention is plain causal sdpa
                 attention_mask = None
             return self.inner(attention_mask=attention_mask, **kw)
 
-    assert unsupported_reason(IgnoresMask(tiny.model("llama")), probe=False) is None  # only the probe sees it
-    assert "differ from flat" in unsupported_reason(IgnoresMask(tiny.model("llama")))
+    form, refused = choose_attention(IgnoresMask(tiny.model("llama")))
+    assert form is None and [r.split(":")[0] for r in refused] == ["blocks", "dense"]
+    assert all("differ from flat" in r for r in refused)
+
+
+def test_a_model_with_activation_checkpointing_packs_with_the_dense_mask():
+    model = tiny.model("llama")
+    model.gradient_checkpointing_enable()
+    form, refused = choose_attention(model)
+    assert form == "dense" and "activation checkpointing" in refused[0]
+
+
+def test_a_reference_model_that_ignores_the_block_mask_is_caught():
+    class NoBlockMask(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def parameters(self, recurse=True):
+            return self.inner.parameters(recurse)
+
+        def get_input_embeddings(self):
+            return self.inner.get_input_embeddings()
+
+        def forward(self, attention_mask=None, **kw):
+            if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+                raise TypeError("this model takes tensor masks only")
+            return self.inner(attention_mask=attention_mask, **kw)
+
+    form, refused = choose_attention(tiny.model("llama"), reference=NoBlockMask(tiny.model("llama")))
+    assert form == "dense" and refused[0].startswith("blocks: the reference model: a packed pass failed")
 
 
 def test_sliding_window_models_pack_only_within_the_window():
@@ -311,7 +342,7 @@ def test_the_run_picks_the_block_mask_on_cpu_and_says_why_not_flex():
     assert choose_attention(model, "dense") == ("dense", [])
     # transformers' GPT-2 reads `attention_mask.ndim`, which a BlockMask lacks: the probe refuses it, dense serves
     form, refused = choose_attention(tiny.model("gpt2"))
-    assert form == "dense" and len(refused) == 1 and refused[0].startswith("blocks: a packed forward pass failed")
+    assert form == "dense" and len(refused) == 1 and refused[0].startswith("blocks: a packed pass failed")
 
 
 def test_trainer_logs_and_records_the_mask_form(caplog, tmp_path):
@@ -329,3 +360,58 @@ def test_trainer_logs_and_records_the_mask_form(caplog, tmp_path):
     assert "packed training: tree mask as blocks" in caplog.text
     with pytest.raises(ConfigError, match="packed_attention='sparse'.*--packed_attention auto"):
         TrainConfig(out=str(tmp_path), num_prompts=4, packed_attention="sparse")
+
+
+def _two_rows_gqa(dtype=torch.float32):
+    """Two packed rows of different trees (the shorter padded), q with 4 heads, k and v with 2 (GQA)."""
+    rows = [_random_row("deep", 2), _random_row("wide", 3)]
+    n = max(len(r) for r in rows)
+    bm = ta.tree_block_mask(ta.tree_ends([r.size for r in rows], n), 8)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, n, 8, generator=g).to(dtype).requires_grad_()
+    k, v = (torch.randn(2, 2, n, 8, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    return rows, n, bm, q, k, v
+
+
+def _dense_reference(rows, n, q, k, v):
+    k2, v2 = (t.float().repeat_interleave(2, dim=1) for t in (k, v))  # transformers' repeat_kv layout
+    return torch.nn.functional.scaled_dot_product_attention(q.float(), k2, v2,
+                                                            attn_mask=tree_attention(rows, n)[:, None])
+
+
+def test_block_sparse_kernel_with_grouped_heads_padding_and_two_rows(monkeypatch):
+    monkeypatch.setattr(ta, "Q_TILE", 3)
+    rows, n, bm, q, k, v = _two_rows_gqa()
+    out = ta.BlockSparseAttention.apply(q, k, v, bm, 8 ** -0.5)
+    ref = _dense_reference(rows, n, q, k, v)
+    assert (out - ref).abs().max() < 1e-5
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        assert (a - b).abs().max() < 1e-4 * b.abs().max()
+
+
+def test_block_sparse_kernel_under_autocast_keeps_float32_softmax():
+    """accelerate's bf16 mixed precision runs the forward in autocast and the backward outside it: the kernel
+    must recompute the same probabilities in the backward (it turns autocast off inside)."""
+    rows, n, bm, q, k, v = _two_rows_gqa(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ta.BlockSparseAttention.apply(q, k, v, bm, 8 ** -0.5)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    mine = torch.autograd.grad(out, (q, k, v), grad)
+    ref = _dense_reference(rows, n, q, k, v)  # float32 from the same bf16 inputs
+    theirs = torch.autograd.grad(ref, (q, k, v), grad.float())
+    assert (out.float() - ref).abs().max() < 2e-2
+    for a, b in zip(mine, theirs):
+        assert (a.float() - b).abs().max() < 2e-2 * b.abs().max()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a backward inside autocast runs too
+        ta.BlockSparseAttention.apply(q, k, v, bm, 8 ** -0.5).float().sum().backward()
+
+
+def test_moving_a_packed_batch_rebuilds_its_mask():
+    model = tiny.model("llama")
+    samples = _samples(_rollout_trees(model, n=1))
+    batch = pack_samples(samples, 0, attention="blocks")
+    first = batch.mask()
+    assert batch.mask() is first  # kept for the reference pass
+    moved = batch.to("cpu")
+    assert moved.mask() is not first and torch.equal(moved.mask().kv_indices, first.kv_indices)

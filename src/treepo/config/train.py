@@ -95,8 +95,13 @@ class TrainConfig(EasyTaskConfig):
     eval_prompts: int = field(
         default=-1,
         metadata=_help(f"Held-out problems of the task (disjoint from training) evaluated before training and at the "
-                       f"end, width samples each, so a run shows what it learned; 0 = none; -1 = {DEFAULT_EVAL_PROMPTS} "
+                       f"end, --eval_samples samples each, so a run shows what it learned; 0 = none; -1 = {DEFAULT_EVAL_PROMPTS} "
                        "with a reasoning-gym task, none with --prompts (a file has no held-out split)."),
+    )
+    eval_samples: int = field(
+        default=4, metadata=_help("Independent samples per held-out problem: the k of mean@k, pass@k and maj@k "
+                                  "(4 x 32 problems keeps the main job's two evaluations to about a minute each); "
+                                  "0 = the training width."),
     )
     eval_every: int = field(default=0, metadata=_help("Also evaluate every N steps; 0 = only before and after."))
     eval_mode: Literal["independent", "tree"] = field(
@@ -141,7 +146,7 @@ class TrainConfig(EasyTaskConfig):
         _require(self.learning_rate > 0, f"learning_rate={self.learning_rate}: must be > 0.")
         if self.eval_prompts == -1:
             self.eval_prompts = 0 if self.prompts else DEFAULT_EVAL_PROMPTS
-        for name in ("warmup_steps", "max_resample_rounds", "eval_prompts", "eval_every", "checkpoint_every",
+        for name in ("warmup_steps", "max_resample_rounds", "eval_prompts", "eval_samples", "eval_every", "checkpoint_every",
                      "overlong_buffer", "overlong_factor"):
             _require(getattr(self, name) >= 0, f"{name}={getattr(self, name)}: must be >= 0.")
         _require(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints}: must be >= 1.")

@@ -23,9 +23,11 @@ The mask takes one of three forms (`ATTENTION`), chosen per run by `choose_atten
 - `blocks`: the same BlockMask run by treepo's block-sparse kernel (`tree_attention`; any device);
 - `dense`: an additive `[B, 1, N, N]` tensor, which HF models pass straight to eager and sdpa.
 The first two grow with N (blocks of the mask that no pair needs are skipped); the dense mask
-grows with N^2 and is the fallback. Models no form can serve (flash-attention kernels, a model
-that ignores custom masks) are found by a probe against flat log-probs and trained flat, and a
-micro-batch whose sequences pass a sliding attention window runs flat.
+grows with N^2 and is the fallback. The block forms switch the model's attention implementation
+for the packed pass, so they serve a model loaded with any implementation whose flat pass runs;
+the dense form needs eager or sdpa. Models no form can serve (a model that ignores custom masks)
+are found by a probe against flat log-probs and trained flat, and a micro-batch whose sequences
+pass a sliding attention window runs flat.
 """
 
 from __future__ import annotations
@@ -154,7 +156,8 @@ class PackedBatch:
         return PackedBatch(**moved)
 
     def mask(self):
-        """The attention mask in this batch's form, built on first use and kept (epochs, reference passes)."""
+        """The attention mask in this batch's form, built on first use and kept (the reference model's pass
+        and the policy's share it); `to()` drops it, so it is rebuilt on the new device."""
         if getattr(self, "_mask", None) is None:
             if self.attention == "dense":
                 allowed = dense_allowed(self.ends)[:, None]  # [B, 1, N, N]
@@ -208,6 +211,8 @@ def pack_samples(samples: Sequence[Sample], pad_id: int, dtype: torch.dtype = to
     rows = [alone[m[0]] if len(m) == len(groups[samples[m[0]].group]) else _pack(samples, m) for m in members]
 
     B, N = len(rows), max(len(r) for r in rows)
+    if attention == "flex":  # whole blocks: fewer distinct shapes for FlexAttention's compiled kernels
+        N = -(-N // ta.BLOCK) * ta.BLOCK
     ids = torch.full((B, N), pad_id, dtype=torch.long)
     pos = torch.zeros((B, N), dtype=torch.long)
     for b, r in enumerate(rows):
@@ -282,28 +287,23 @@ def choose_attention(model, want: str = "auto", reference=None) -> tuple[Optiona
     """(the tree mask's form this run uses, or None to train flat; why each form tried first was refused).
 
     `want` 'auto' tries `ATTENTION` in order ('flex' only on CUDA); a named form is tried alone.
-    A form is taken when a packed forward pass through it equals flat log-probs on a probe tree.
-    A `reference` model must take the same form (checked without a probe).
+    A form is taken when a packed forward and backward pass through it runs and its log-probs equal
+    flat ones on a probe tree of more than one 128-token block (and, for a `reference` model, a
+    packed forward pass equals its flat one).
     """
     device = next(model.parameters()).device
     forms = [f for f in ATTENTION if f != "flex" or device.type == "cuda"] if want == "auto" else [want]
     refused = []
     for form in forms:
         reason = _static_reason(model, form) or (_static_reason(reference, form) if reference is not None else None)
-        reason = reason or _probe(model, form)
+        reason = reason or _probe(model, form, backward=True)
+        if reason is None and reference is not None:
+            reason = _probe(reference, form, backward=False)
+            reason = reason and f"the reference model: {reason}"
         if reason is None:
             return form, refused
         refused.append(f"{form}: {reason}")
     return None, refused
-
-
-def unsupported_reason(model, probe: bool = True) -> Optional[str]:
-    """None if some form of the tree mask gives `model` packed log-probs equal to flat ones; otherwise why not."""
-    if not probe:
-        reasons = [_static_reason(model, f) for f in ATTENTION if f != "flex"]
-        return None if None in reasons else "; ".join(r for r in reasons if r)
-    form, refused = choose_attention(model)
-    return None if form else "; ".join(refused)
 
 
 def _static_reason(model, form: str) -> Optional[str]:
@@ -315,6 +315,9 @@ def _static_reason(model, form: str) -> Optional[str]:
             return "FlexAttention has no backward pass off CUDA (use 'blocks', the same mask through treepo's kernel)"
         if form == "blocks" and not ta.register():
             return "this transformers has no AttentionInterface to register the block-sparse kernel with"
+        if getattr(model, "is_gradient_checkpointing", False):
+            return ("activation checkpointing re-runs attention in the backward pass, after packing has switched "
+                    "the attention implementation back (use 'dense')")
         return None
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if impl not in PACKABLE_ATTENTION:
@@ -323,26 +326,33 @@ def _static_reason(model, form: str) -> Optional[str]:
     return None
 
 
-@torch.no_grad()
-def _probe(model, form: str = "dense") -> Optional[str]:
-    """Compare packed (through `form`) and flat log-probs on a small random tree (prompt, two forks)."""
+def _probe(model, form: str = "dense", backward: bool = True) -> Optional[str]:
+    """Compare packed (through `form`) and flat log-probs on a random tree (a prompt, two forks, two
+    blocks' worth of tokens); with `backward`, also run the packed pass's backward (then drop the grads)."""
     from .logprobs import response_logprobs
 
     vocab = model.get_input_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)
     draw = lambda n: torch.randint(2, vocab, (n,), generator=g).tolist()  # noqa: E731
-    prompt, a, b = draw(5), draw(4), draw(3)
-    responses = [a + draw(3), a + draw(2), b + draw(4), b]
+    prompt, a, b = draw(40), draw(60), draw(30)
+    responses = [a + draw(50), a + draw(20), b + draw(40), b]
     samples = [Sample(prompt, r, [0.0] * len(r), [0.0] * len(r)) for r in responses]
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     batch = pack_samples(samples, 0, dtype, attention=form).to(device)
     try:
-        flat, _ = response_logprobs(model, batch.flat)
-        packed, _ = packed_logprobs(model, batch)
+        with torch.no_grad():
+            flat, _ = response_logprobs(model, batch.flat)
+        with torch.set_grad_enabled(backward):
+            packed, _ = packed_logprobs(model, batch)
+            if backward and packed.requires_grad:
+                packed[batch.flat.response_mask].sum().backward()
     except Exception as exc:  # a model that rejects 4D masks, block masks, position ids or index logits_to_keep
-        return f"a packed forward pass failed on this model ({type(exc).__name__}: {exc})"
-    diff = float((flat - packed).abs()[batch.flat.response_mask].max())
+        return f"a packed pass failed on this model ({type(exc).__name__}: {exc})"
+    finally:
+        if backward:
+            model.zero_grad(set_to_none=True)
+    diff = float((flat - packed.detach()).abs()[batch.flat.response_mask].max())
     tol = 1e-3 if dtype == torch.float32 else 5e-2
     if not diff <= tol:
         return f"packed log-probs differ from flat ones by {diff:.2g} on a probe tree (the model ignores the tree mask?)"

@@ -24,8 +24,9 @@ from . import checkpoint
 log = logging.getLogger(__name__)
 
 # Settings a resumed run may change; every other one must match the checkpoint's.
-RESUMABLE = {"steps", "eval_prompts", "eval_every", "eval_mode", "checkpoint_every", "keep_checkpoints", "resume", "tensorboard",
-             "out", "threads", "device",
+RESUMABLE = {"steps", "eval_prompts", "eval_samples", "eval_every", "eval_mode", "checkpoint_every", "keep_checkpoints",
+             "resume", "tensorboard", "out", "threads", "device",
+             "packed_attention",  # how the same log-probs are computed
              # where and how patiently the servers are reached, and how the weight sync is checked
              "server_url", "server_timeout", "server_retries", "server_concurrency", "server_routing",
              "server_parallel", "server_threads", "sync_dir", "sync_tolerance", "sync_timeout", "probe_tokens",

@@ -333,7 +333,8 @@ class Trainer:
             return {}
         state = self.engine.rng_state()  # evaluation must not shift training's random stream
         # Independent sampling by default, so the curve means the same thing whatever the training sampler.
-        eval_cfg = replace(self.sampler_cfg, seed=EVAL_SEED, mode=self.cfg.eval_mode)
+        eval_cfg = replace(self.sampler_cfg, seed=EVAL_SEED, mode=self.cfg.eval_mode,
+                           width=self.cfg.eval_samples or self.sampler_cfg.width)
         summary, _ = evaluate(self.engine, eval_cfg, self.heldout, self.reward_fn,
                               system_prompt=self.cfg.system_prompt, batch_size=self.cfg.prompt_batch_size, strict=False)
         self.engine.set_rng_state(state)

@@ -5,7 +5,7 @@ A packed row (see `packing`) holds a tree's unique tokens in depth-first pre-ord
     token q sees token k   iff   k <= q < k + size(k)   (k is q or an ancestor: a subtree is a contiguous run)
 
 The dense path writes that rule out as an additive `[B, 1, N, N]` mask: at the paper's shape
-(w=16, depth 14 x 512, N ~ 60,000 unique tokens) 3.6e9 entries per row. Here the same rule is a
+(w=16, depth 14 x 512: about 60,000 to 100,000 unique tokens) 3.6e9 to 1e10 entries per row. Here the same rule is a
 FlexAttention `BlockMask`:
 
     mask_mod(b, h, q, k) = (k <= q) & (q < end[b, k])         end[b, k] = k + size(k)   [B, N]
@@ -21,6 +21,10 @@ through transformers' attention interface, so no model code is patched:
   the implementation "treepo_blocks", reads the same BlockMask and runs block-sparse attention
   tile by tile with a FlashAttention-style backward (it keeps q, k, v, the output and one
   log-sum-exp per query; scores exist for one tile of queries at a time).
+
+The implementation is switched for the forward call only (`attention_implementation`), so a model
+that re-runs its forward in the backward pass (activation checkpointing) cannot use these forms:
+`packing.choose_attention` refuses them for such a model.
 
 `packing.choose_attention` picks the path per run and logs it; the dense mask stays the fallback.
 """
@@ -110,20 +114,26 @@ def _tile_keys(block_mask: "BlockMask", b: int, first: int, last: int, n: int) -
     return keys[keys < n]
 
 
-def _tiles(block_mask: "BlockMask", q: torch.Tensor) -> Iterator[tuple[int, slice, torch.Tensor, torch.Tensor]]:
-    """(row, query slice, key positions [M], allowed [T, M]) per tile of Q_TILE query blocks."""
-    B, _, N, _ = q.shape
+def _tiles(block_mask: "BlockMask", n: int, device) -> list[tuple[int, slice, torch.Tensor, torch.Tensor]]:
+    """(row, query slice, key positions [M], allowed [T, M]) per tile of Q_TILE query blocks of an N = n
+    row. The same for every layer and for the backward pass: computed once per BlockMask and kept on it."""
+    cached = getattr(block_mask, "_treepo_tiles", None)
+    if cached is not None and cached[0] == (n, Q_TILE, str(device)):
+        return cached[1]
+    tiles = []
     q_block = block_mask.BLOCK_SIZE[0]
-    nb = -(-N // q_block)
-    for b in range(B):
+    nb = -(-n // q_block)
+    for b in range(block_mask.kv_num_blocks.shape[0]):
         for first in range(0, nb, Q_TILE):
             last = min(first + Q_TILE, nb)
-            rows = slice(first * q_block, min(last * q_block, N))
-            keys = _tile_keys(block_mask, b, first, last, N).to(q.device)
-            q_idx = torch.arange(rows.start, rows.stop, device=q.device)
-            bb = torch.full((), b, device=q.device, dtype=torch.long)
+            rows = slice(first * q_block, min(last * q_block, n))
+            keys = _tile_keys(block_mask, b, first, last, n).to(device)
+            q_idx = torch.arange(rows.start, rows.stop, device=device)
+            bb = torch.full((), b, device=device, dtype=torch.long)
             allowed = block_mask.mask_mod(bb, None, q_idx[:, None], keys[None, :])  # [T, M]
-            yield b, rows, keys, allowed
+            tiles.append((b, rows, keys, allowed))
+    block_mask._treepo_tiles = ((n, Q_TILE, str(device)), tiles)
+    return tiles
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,21 +144,30 @@ def _tiles(block_mask: "BlockMask", q: torch.Tensor) -> Iterator[tuple[int, slic
 class BlockSparseAttention(torch.autograd.Function):
     """softmax(q k^T * scale + mask) v over the blocks a BlockMask keeps, one tile of queries at a time.
 
-    q, k, v [B, H, N, D] (k, v already repeated to H heads); returns [B, H, N, D]. Saves q, k, v,
-    the output and the log-sum-exp [B, H, N] (float32); the backward recomputes each tile's scores.
+    q [B, H, N, D]; k, v [B, Hkv, N, D] with H = Hkv * rep (grouped-query attention: query head h
+    reads kv head h // rep, as transformers' repeat_kv lays them out); returns [B, H, N, D]. Saves
+    q, k, v, the output and the log-sum-exp [B, H, N]; the backward recomputes each tile's scores.
+    Scores, softmax and accumulations run in float32 with autocast off (under accelerate's mixed
+    precision the forward runs inside autocast, the backward outside: both must compute the same p).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, block_mask, scale):
+        B, H, N, D = q.shape
+        hkv = k.shape[1]
+        rep = H // hkv
         out = torch.empty_like(q)  # [B, H, N, D]
-        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)  # [B, H, N]
-        for b, rows, keys, allowed in _tiles(block_mask, q):
-            s = torch.matmul(q[b, :, rows].float(), k[b, :, keys].float().transpose(-1, -2)) * scale  # [H, T, M]
-            s = s.masked_fill(~allowed, float("-inf"))
-            m = torch.logsumexp(s, dim=-1)  # [H, T]
-            p = torch.exp(s - m[..., None])  # [H, T, M]
-            out[b, :, rows] = torch.matmul(p, v[b, :, keys].float()).to(q.dtype)  # [H, T, D]
-            lse[b, :, rows] = m
+        lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)  # [B, H, N]
+        with torch.autocast(q.device.type, enabled=False):
+            for b, rows, keys, allowed in _tiles(block_mask, N, q.device):
+                qt = q[b, :, rows].float().view(hkv, rep, -1, D)  # [Hkv, rep, T, D]
+                kt, vt = k[b, :, keys].float()[:, None], v[b, :, keys].float()[:, None]  # [Hkv, 1, M, D]
+                s = torch.matmul(qt, kt.transpose(-1, -2)) * scale  # [Hkv, rep, T, M]
+                s = s.masked_fill(~allowed, float("-inf"))
+                m = torch.logsumexp(s, dim=-1)  # [Hkv, rep, T]
+                p = torch.exp(s - m[..., None])  # [Hkv, rep, T, M]
+                out[b, :, rows] = torch.matmul(p, vt).view(H, -1, D).to(q.dtype)  # [H, T, D]
+                lse[b, :, rows] = m.view(H, -1)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.block_mask, ctx.scale = block_mask, scale
         return out
@@ -157,20 +176,26 @@ class BlockSparseAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         scale = ctx.scale
-        dq = torch.zeros_like(q, dtype=torch.float32)
-        dk = torch.zeros_like(k, dtype=torch.float32)
-        dv = torch.zeros_like(v, dtype=torch.float32)
-        delta = (grad_out.float() * out.float()).sum(-1)  # [B, H, N] = rowsum(dO * O)
-        for b, rows, keys, allowed in _tiles(ctx.block_mask, q):
-            qt, kt, vt = q[b, :, rows].float(), k[b, :, keys].float(), v[b, :, keys].float()  # [H, T|M, D]
-            do = grad_out[b, :, rows].float()  # [H, T, D]
-            s = torch.matmul(qt, kt.transpose(-1, -2)) * scale  # [H, T, M]
-            p = torch.exp(s.masked_fill(~allowed, float("-inf")) - lse[b, :, rows, None])  # [H, T, M]
-            dv[b].index_add_(1, keys, torch.matmul(p.transpose(-1, -2), do))  # [H, M, D]
-            dp = torch.matmul(do, vt.transpose(-1, -2))  # [H, T, M]
-            ds = p * (dp - delta[b, :, rows, None]) * scale  # [H, T, M]
-            dq[b, :, rows] = torch.matmul(ds, kt)  # [H, T, D]
-            dk[b].index_add_(1, keys, torch.matmul(ds.transpose(-1, -2), qt))  # [H, M, D]
+        B, H, N, D = q.shape
+        hkv = k.shape[1]
+        rep = H // hkv
+        with torch.autocast(q.device.type, enabled=False):
+            dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+            dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+            delta = (grad_out.float() * out.float()).sum(-1)  # [B, H, N] = rowsum(dO * O)
+            for b, rows, keys, allowed in _tiles(ctx.block_mask, N, q.device):
+                qt = q[b, :, rows].float().view(hkv, rep, -1, D)  # [Hkv, rep, T, D]
+                kt, vt = k[b, :, keys].float()[:, None], v[b, :, keys].float()[:, None]  # [Hkv, 1, M, D]
+                do = grad_out[b, :, rows].float().view(hkv, rep, -1, D)  # [Hkv, rep, T, D]
+                s = torch.matmul(qt, kt.transpose(-1, -2)) * scale  # [Hkv, rep, T, M]
+                lse_t = lse[b, :, rows].view(hkv, rep, -1, 1)
+                p = torch.exp(s.masked_fill(~allowed, float("-inf")) - lse_t)  # [Hkv, rep, T, M]
+                dv[b].index_add_(1, keys, torch.matmul(p.transpose(-1, -2), do).sum(1))  # [Hkv, M, D]
+                dp = torch.matmul(do, vt.transpose(-1, -2))  # [Hkv, rep, T, M]
+                ds = p * (dp - delta[b, :, rows].view(hkv, rep, -1, 1)) * scale  # [Hkv, rep, T, M]
+                dq[b, :, rows] = torch.matmul(ds, kt).view(H, -1, D)  # [H, T, D]
+                dk[b].index_add_(1, keys, torch.matmul(ds.transpose(-1, -2), qt).sum(1))  # [Hkv, M, D]
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
@@ -182,9 +207,8 @@ def tree_attention_forward(module, query, key, value, attention_mask, scaling: O
         raise TypeError(f"{IMPLEMENTATION} attention needs a FlexAttention BlockMask, got {type(attention_mask).__name__}")
     if dropout or softcap is not None or s_aux is not None or kwargs.get("sliding_window"):
         raise ValueError(f"{IMPLEMENTATION} attention has no dropout, logit softcap, attention sinks or sliding window")
-    rep = query.shape[1] // key.shape[1]
-    if rep > 1:  # grouped-query attention: one k/v head per `rep` query heads
-        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)  # [B, H, N, D]
+    if query.shape[1] % key.shape[1]:
+        raise ValueError(f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} key-value heads")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = BlockSparseAttention.apply(query, key, value, attention_mask, scale)  # [B, H, N, D]
     return out.transpose(1, 2).contiguous(), None
@@ -208,14 +232,19 @@ def register() -> bool:
 
 @contextmanager
 def attention_implementation(model, name: Optional[str]) -> Iterator[None]:
-    """Run `model` (or the module inside a DDP wrapper) with attention implementation `name` for a while."""
+    """Run `model` (or the module inside a DDP wrapper) with attention implementation `name` for a while;
+    then restore what it had, sub-config by sub-config (a composite model may mix implementations)."""
     config = getattr(getattr(model, "module", model), "config", None)
     if name is None or config is None:
         yield
         return
-    before = config._attn_implementation
+    before = {"": config._attn_implementation}
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None:
+            before[key] = getattr(sub, "_attn_implementation", None)
     config._attn_implementation = name
     try:
         yield
     finally:
-        config._attn_implementation = before
+        config._attn_implementation = before if len(before) > 1 else before[""]
