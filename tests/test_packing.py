@@ -415,3 +415,42 @@ def test_moving_a_packed_batch_rebuilds_its_mask():
     assert batch.mask() is first  # kept for the reference pass
     moved = batch.to("cpu")
     assert moved.mask() is not first and torch.equal(moved.mask().kv_indices, first.kv_indices)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_the_output_layer_in_chunks_gives_the_same_logprobs_entropies_and_gradients(kind, monkeypatch):
+    """Past BIG_LOGITS the head runs in chunks (log-sum-exp per chunk, recomputed in the backward pass;
+    target logit = hidden . output row): flat and packed passes equal the whole-logits ones."""
+    from treepo.train import logprobs
+
+    model = tiny.model(kind)
+    assert logprobs.chunkable_head(model) is model.get_output_embeddings()
+    samples = _samples(_rollout_trees(model, n=2))
+    whole = flat_and_packed(model, samples)
+    monkeypatch.setattr(logprobs, "BIG_LOGITS", 0)
+    monkeypatch.setattr(logprobs, "HEAD_CHUNK", 7)  # several chunks, the last one partial
+    chunked = flat_and_packed(model, samples)
+    m = whole[0].response_mask
+    for (lp_a, ent_a, loss_a, g_a), (lp_b, ent_b, loss_b, g_b) in zip(whole[2:], chunked[2:]):
+        assert (lp_a - lp_b).abs()[m].max() < 1e-5 and (ent_a - ent_b).abs()[m].max() < 1e-5
+        assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-7) and g_a.keys() == g_b.keys()
+        for k in g_a:
+            assert ((g_a[k] - g_b[k]).abs().max() / g_a[k].abs().max().clamp_min(1e-8)) < 1e-4, k
+    with torch.no_grad():  # the sampling temperature divides the logits on both routes
+        lp_t, _ = response_logprobs(model, whole[0], temperature=0.7)
+        monkeypatch.setattr(logprobs, "BIG_LOGITS", 2**40)
+        lp_w, _ = response_logprobs(model, whole[0], temperature=0.7)
+    assert (lp_t - lp_w).abs()[m].max() < 1e-5
+
+
+def test_logits_scaled_after_the_head_are_never_chunked():
+    model = tiny.model("llama")
+    model.config.final_logit_softcapping = 30.0
+    from treepo.train.logprobs import chunkable_head
+    assert chunkable_head(model) is None
+    class Wrapped(torch.nn.Module):  # as DistributedDataParallel holds the model: its own forward must run
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+    assert chunkable_head(Wrapped(tiny.model("llama"))) is None

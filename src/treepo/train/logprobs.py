@@ -89,18 +89,85 @@ def response_logprobs(
     Logits are divided by the sampling temperature, so the log-probs are those of the
     distribution the engine sampled from (before top-p/top-k truncation), as the engine reports.
     """
-    R = batch.response_len
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-        logits_to_keep=R + 1,
-    )
-    logits = out.logits[:, -(R + 1) : -1, :]  # [B, R, V]: column t predicts response token t
-    logits, lse, entropy = token_distribution(logits, temperature, with_entropy)
-    picked = logits.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)  # [B, R]
-    return picked - lse, entropy
+    B, R = batch.response_ids.shape
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    # kept column t (of the last R + 1) predicts response token t
+    index = (torch.arange(B, device=batch.input_ids.device)[:, None].expand(B, R),
+             torch.arange(R, device=batch.input_ids.device)[None, :].expand(B, R))
+    return token_logprobs(model, inputs, R + 1, index, batch.response_ids, temperature, with_entropy)
+
+
+# ---------------------------------------------------------------------------------------------
+# From the model's output layer to per-token log-probs, whole or in chunks
+# ---------------------------------------------------------------------------------------------
+
+BIG_LOGITS = 2**28  # kept positions x vocabulary above which the output layer runs in chunks (1 GiB of float32)
+HEAD_CHUNK = 1024  # positions per chunk
+
+
+def token_logprobs(model, inputs: dict, keep, index: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor,
+                   temperature: float = 1.0, with_entropy: bool = False
+                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(log-probs [S, R] of `targets`, entropies [S, R] or None), each predicted at kept position
+    (index[0][s, r], index[1][s, r]) of the model's output on `inputs`.
+
+    keep    `logits_to_keep`: an int (the last `keep` columns) or a [K] tensor of columns
+    index   rows [S, R] and kept columns [S, R]
+    targets [S, R] token ids
+
+    When the kept logits [B, K, V] would pass BIG_LOGITS elements and the model's output layer is a
+    plain linear map of its base model's last hidden states (`chunkable_head`), the logits are never
+    held whole: the log-sum-exp (and entropy) run over chunks of HEAD_CHUNK positions, each
+    recomputed in the backward pass, and a target's logit is its hidden state times its output
+    row. Memory for the head then grows with the positions times the hidden size, not the vocabulary.
+    """
+    rows, cols = index
+    B = inputs["input_ids"].shape[0]
+    K = keep if isinstance(keep, int) else len(keep)
+    head = chunkable_head(model)
+    if head is None or B * K * head.weight.shape[0] <= BIG_LOGITS:
+        out = model(**inputs, use_cache=False, logits_to_keep=keep)
+        logits = out.logits[:, -keep:] if isinstance(keep, int) else out.logits  # [B, K, V]
+        logits, lse, ent = token_distribution(logits, temperature, with_entropy)  # [B, K, V], [B, K], [B, K]
+        logp = logits[rows, cols, targets] - lse[rows, cols]  # [S, R]
+        return logp, (ent[rows, cols] if ent is not None else None)
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # [B, L, H]
+    hidden = hidden[:, -keep:] if isinstance(keep, int) else hidden[:, keep]  # [B, K, H]
+
+    def stats(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, c, H] -> lse [B, c], entropy [B, c]
+        _, lse, ent = token_distribution(torch.nn.functional.linear(h, head.weight, head.bias), temperature,
+                                         with_entropy)
+        return lse, (ent if ent is not None else torch.zeros_like(lse))
+
+    from torch.utils.checkpoint import checkpoint
+
+    parts = [checkpoint(stats, hidden[:, i: i + HEAD_CHUNK], use_reentrant=False) for i in range(0, K, HEAD_CHUNK)]
+    lse = torch.cat([p[0] for p in parts], dim=1)  # [B, K]
+    picked = (hidden[rows, cols].float() * head.weight[targets].float()).sum(-1)  # [S, R]: h . w_target
+    if head.bias is not None:
+        picked = picked + head.bias[targets].float()
+    if temperature > 0 and temperature != 1.0:
+        picked = picked / temperature
+    ent = torch.cat([p[1] for p in parts], dim=1)[rows, cols] if with_entropy else None
+    return picked - lse[rows, cols], ent
+
+
+POST_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def chunkable_head(model) -> Optional[torch.nn.Linear]:
+    """The output layer when the logits are exactly `head(base_model(...).last_hidden_state)`, else None:
+    not through a DDP wrapper (its forward must run), not for configs that scale or cap logits after it."""
+    if hasattr(model, "module") or not hasattr(model, "get_output_embeddings"):
+        return None
+    config = getattr(model, "config", None)
+    if any(getattr(config, name, None) is not None for name in POST_HEAD):
+        return None
+    head = model.get_output_embeddings()
+    base = getattr(model, "base_model", None)
+    if not isinstance(head, torch.nn.Linear) or base is None or base is model:
+        return None
+    return head
 
 
 def token_distribution(logits: torch.Tensor, temperature: float, with_entropy: bool = False

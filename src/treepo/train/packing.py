@@ -40,7 +40,7 @@ import torch
 
 from ..errors import InputError
 from . import tree_attention as ta
-from .logprobs import Batch, Sample, collate, token_distribution
+from .logprobs import Batch, Sample, collate, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -250,18 +250,11 @@ def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0, with_en
     implementation = {"flex": "flex_attention", "blocks": ta.IMPLEMENTATION}.get(batch.attention)
     if batch.attention == "blocks":
         ta.register()
-    with ta.attention_implementation(model, implementation):
-        out = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.mask(),
-            position_ids=batch.position_ids,
-            use_cache=False,
-            logits_to_keep=batch.keep,
-        )
-    logits, lse, ent = token_distribution(out.logits, temperature, with_entropy)  # [B, K, V], [B, K], [B, K]
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.mask(), position_ids=batch.position_ids)
     rows = batch.row[:, None].expand_as(batch.pred)  # [S, R]
-    logp = logits[rows, batch.pred, batch.flat.response_ids] - lse[rows, batch.pred]  # [S, R]
-    return logp, (ent[rows, batch.pred] if ent is not None else None)  # [S, R]
+    with ta.attention_implementation(model, implementation):
+        return token_logprobs(model, inputs, batch.keep, (rows, batch.pred), batch.flat.response_ids, temperature,
+                              with_entropy)
 
 
 # ---------------------------------------------------------------------------------------------
