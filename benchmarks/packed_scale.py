@@ -106,9 +106,12 @@ def main() -> int:
     segs = [int(s) for s in args.segs.split(",")]
     logdir = Path("benchmarks/results/.scale_logprobs")
     logdir.mkdir(parents=True, exist_ok=True)
+    cap = f"/{args.memory_gb:g}"
     for path in PATHS:
         for seg in segs:
-            key = f"{path}/{seg}/{args.memory_gb:g}"
+            key = f"{path}/{seg}{cap}"
+            if any(k.endswith(cap) and p["path"] == path and p["seg"] < seg and not p["ok"] for k, p in points.items()):
+                break  # a smaller tree already ran out of memory on this path
             if key not in points:
                 lp = logdir / f"{path}-{seg}.pt"
                 t0 = time.perf_counter()
@@ -129,7 +132,7 @@ def main() -> int:
     scale: dict = {"cap_gb": args.memory_gb, "model": "SmolLM2-135M width, 2 layers, float32, CPU",
                    "flex_path": "FlexAttention BlockMask; on CPU run by treepo's block-sparse kernel (FlexAttention "
                                 "has no CPU backward in torch 2.13)", "points": sorted(
-                                    (p for p in points.values() if p.get("seg") in segs), key=lambda p: (p["path"], p["tokens"]))}
+                                    (p for k, p in points.items() if k.endswith(cap)), key=lambda p: (p["path"], p["tokens"]))}
     for path in PATHS:
         done = [p for p in scale["points"] if p["path"] == path and p["ok"]]
         best = max(done, key=lambda p: p["tokens"]) if done else None
@@ -138,7 +141,7 @@ def main() -> int:
                        "seconds": best["seconds"] if best else None,
                        "first_failure_tokens": failed[0]["tokens"] if failed else None}
     diffs = []
-    for seg in segs:
+    for seg in sorted({p["seg"] for p in scale["points"]}):
         flex = logdir / f"flex-{seg}.pt"
         for other in ("dense", "flat"):
             ref = logdir / f"{other}-{seg}.pt"
