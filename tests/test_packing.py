@@ -175,7 +175,7 @@ def test_models_that_cannot_be_packed_say_why():
 
 def test_a_model_with_activation_checkpointing_packs_with_the_dense_mask():
     model = tiny.model("llama")
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     form, refused = choose_attention(model)
     assert form == "dense" and "activation checkpointing" in refused[0]
 

@@ -308,7 +308,9 @@ def _static_reason(model, form: str) -> Optional[str]:
             return "FlexAttention has no backward pass off CUDA (use 'blocks', the same mask through treepo's kernel)"
         if form == "blocks" and not ta.register():
             return "this transformers has no AttentionInterface to register the block-sparse kernel with"
-        if getattr(model, "is_gradient_checkpointing", False):
+        newer = hasattr(type(model), "is_activation_checkpointing")  # transformers 5 warns on the older name
+        checkpointing = getattr(model, "is_activation_checkpointing" if newer else "is_gradient_checkpointing", False)
+        if checkpointing:
             return ("activation checkpointing re-runs attention in the backward pass, after packing has switched "
                     "the attention implementation back (use 'dense')")
         return None
