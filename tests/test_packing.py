@@ -14,8 +14,8 @@ from treepo.errors import InputError
 from treepo.gpu_check.correctness import flat_and_packed, random_samples
 from treepo.errors import ConfigError
 from treepo.train import tree_attention as ta
-from treepo.train.packing import (PackingError, choose_attention, pack_samples, pack_sequences, packed_logprobs,
-                                  sliding_window, tree_attention)
+from treepo.train.packing import (DENSE_UP_TO, PackingError, choose_attention, pack_samples, pack_sequences,
+                                  packed_logprobs, sliding_window, tree_attention)
 from treepo.train.update import build_samples
 from treepo.train.logprobs import Sample, collate, response_logprobs
 from treepo.rollout.sampler import TreeSampler
@@ -356,8 +356,17 @@ def test_trainer_logs_and_records_the_mask_form(caplog, tmp_path):
     with caplog.at_level(logging.INFO):
         upd = PolicyUpdate(TrainConfig(out=str(tmp_path), num_prompts=4), accelerator=Accelerator(cpu=True),
                            model=model, optimizer=opt, scheduler=None)
-    assert upd.packed and upd.attention == "blocks"
-    assert "packed training: tree mask as blocks" in caplog.text
+    assert upd.packed and upd.attention == "blocks" and upd.dense_up_to == DENSE_UP_TO
+    assert f"packed training: tree mask as blocks (rows of up to {DENSE_UP_TO} tokens: dense" in caplog.text
+    samples = _samples(_rollout_trees(model, n=1))
+    _, _, counts = upd._prepare(samples)  # a small row: the dense mask
+    assert counts["block_mask_batches"] == 0
+    upd.dense_up_to = 0
+    packed, _, counts = upd._prepare(samples)
+    assert counts["block_mask_batches"] == 1 and packed.attention == "blocks"
+    named = PolicyUpdate(TrainConfig(out=str(tmp_path), num_prompts=4, packed_attention="blocks"),
+                         accelerator=Accelerator(cpu=True), model=model, optimizer=opt, scheduler=None)
+    assert named.attention == "blocks" and named.dense_up_to == 0  # a named form is used at every size
     with pytest.raises(ConfigError, match="packed_attention='sparse'.*--packed_attention auto"):
         TrainConfig(out=str(tmp_path), num_prompts=4, packed_attention="sparse")
 

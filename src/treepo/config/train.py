@@ -24,7 +24,7 @@ class TrainConfig(EasyTaskConfig):
     )
     out: str = field(default="runs/train", metadata=_help("Run folder: metrics, checkpoints, final model, plots."))
     steps: int = field(
-        default=12, metadata=_help("Training steps: each rolls out prompts_per_step groups and updates the policy.")
+        default=10, metadata=_help("Training steps: each rolls out prompts_per_step groups and updates the policy.")
     )
     prompts_per_step: int = field(default=4, metadata=_help("Prompt groups (of width trajectories) per step."))
     mini_batches: int = field(

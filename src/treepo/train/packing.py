@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 PACKABLE_ATTENTION = ("eager", "sdpa")  # implementations that take the dense mask
 ATTENTION = ("flex", "blocks", "dense")  # the forms of the tree mask, memory-lean first
+# Under `--packed_attention auto`, rows up to this many tokens take the dense mask when the model can (16 MiB of
+# float32 per row): at a few hundred to a thousand tokens sdpa's fused kernel beats the block-sparse loop by
+# ~10% (benchmarks/packed_training.py), from a few thousand on the block mask is faster and far smaller.
+DENSE_UP_TO = 2048
 
 
 class PackingError(InputError):
@@ -170,10 +174,11 @@ class PackedBatch:
 
 def pack_samples(samples: Sequence[Sample], pad_id: int, dtype: torch.dtype = torch.float32,
                  max_tokens: Optional[int] = None, window: Optional[int] = None,
-                 attention: str = "dense") -> PackedBatch:
+                 attention: str = "dense", dense_up_to: int = 0) -> PackedBatch:
     """Pack samples into rows; the samples of one `group` (prompt) always share a row.
 
-    `attention` is the mask's form (`ATTENTION`); `dtype` that of a dense mask.
+    `attention` is the mask's form (`ATTENTION`); `dtype` that of a dense mask. Rows of at most
+    `dense_up_to` tokens take the dense mask whatever `attention` says (it is faster there).
     Groups fill a row in order until its unique tokens would pass `max_tokens` (None: a single
     row). A group whose own tree passes `max_tokens`, or a sequence longer than a sliding
     attention `window`, raises `PackingError` naming its prompt.
@@ -211,6 +216,8 @@ def pack_samples(samples: Sequence[Sample], pad_id: int, dtype: torch.dtype = to
     rows = [alone[m[0]] if len(m) == len(groups[samples[m[0]].group]) else _pack(samples, m) for m in members]
 
     B, N = len(rows), max(len(r) for r in rows)
+    if N <= dense_up_to:
+        attention = "dense"
     if attention == "flex":  # whole blocks: fewer distinct shapes for FlexAttention's compiled kernels
         N = -(-N // ta.BLOCK) * ta.BLOCK
     ids = torch.full((B, N), pad_id, dtype=torch.long)

@@ -27,7 +27,8 @@ from ..tree import check_tree
 from .advantages import center_groups, scale, token_advantages, whiten
 from .logprobs import Batch, Sample, collate, response_logprobs
 from .loss import ppo_loss
-from .packing import PackedBatch, PackingError, choose_attention, pack_samples, packed_logprobs, sliding_window
+from .packing import (DENSE_UP_TO, PackedBatch, PackingError, choose_attention, pack_samples, packed_logprobs,
+                      sliding_window)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class PolicyUpdate:
         self.policy = accelerator.unwrap_model(model)
         self.packed = False
         self.attention: Optional[str] = None  # the packed rows' mask form (packing.ATTENTION), None: flat
+        self.dense_up_to = 0  # rows this short take the dense mask (auto, when the model can)
         self.pack_limit: Optional[int] = getattr(self.policy.config, "max_position_embeddings", None)
         self.window = sliding_window(self.policy)
         if cfg.packing:
@@ -107,7 +109,11 @@ class PolicyUpdate:
                 log.warning("packing is off for this run: %s; training runs flat (each trajectory its own row)",
                             "; ".join(refused))
             else:
-                log.info("packed training: tree mask as %s%s", self.attention,
+                if cfg.packed_attention == "auto" and self.attention != "dense" and \
+                        choose_attention(self.policy, "dense", reference)[0] == "dense":
+                    self.dense_up_to = DENSE_UP_TO
+                log.info("packed training: tree mask as %s%s%s", self.attention,
+                         f" (rows of up to {self.dense_up_to} tokens: dense, faster there)" if self.dense_up_to else "",
                          f" (not {'; '.join(refused)})" if refused else "")
             self.packed = self.attention is not None
         self.step = 0  # for log messages
@@ -156,6 +162,7 @@ class PolicyUpdate:
             "trained_tokens": int(totals["tokens"] / epochs),
             "packed": self.packed,
             "packed_attention": self.attention or "flat",  # the tree mask's form this run (packing.ATTENTION)
+            "block_mask_batches": int(totals["block_mask_batches"] / epochs),  # micro-batches past dense_up_to
             "forward_tokens": int(totals["forward_tokens"] / epochs),  # tokens the model ran (packed: unique)
             "flat_tokens": int(totals["flat_tokens"] / epochs),  # what flat rows would have run
             "packing_fallbacks": int(totals["packing_fallbacks"]),  # packed run's micro-batches that ran flat
@@ -206,12 +213,12 @@ class PolicyUpdate:
             try:
                 packed = pack_samples(chunk, self.pad_id, dtype=next(self.policy.parameters()).dtype,
                                       max_tokens=self.pack_limit, window=self.window,
-                                      attention=self.attention).to(device)
+                                      attention=self.attention, dense_up_to=self.dense_up_to).to(device)
             except PackingError as e:
                 log.warning("step %d: %s; this micro-batch runs flat", self.step + 1, e)
             else:
-                return packed, packed.flat, Counter(forward_tokens=packed.packed_tokens,
-                                                    flat_tokens=packed.flat_tokens)
+                return packed, packed.flat, Counter(forward_tokens=packed.packed_tokens, flat_tokens=packed.flat_tokens,
+                                                    block_mask_batches=int(packed.attention != "dense"))
         flat_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in chunk)
         return None, collate(chunk, self.pad_id).to(device), Counter(
             forward_tokens=flat_tokens, flat_tokens=flat_tokens, packing_fallbacks=int(self.packed))
