@@ -67,6 +67,7 @@ def main() -> int:
     trainer.train()
     torch.save({k: v.detach().cpu() for k, v in trainer.policy.state_dict().items()},
                os.path.join(args.out, f"params-rank{trainer.rank}.pt"))
+    trainer.accelerator.end_training()  # close the process group (as run_train does) before the process exits
     return 0
 
 

@@ -44,6 +44,9 @@ def main() -> None:
                                                             "trees": trees}))
     if rank == 0:
         (out / "log.json").write_text(json.dumps(trainer.state.log_history))
+    # As a multi-process script should: close the process group, or a gloo rank may abort at exit
+    # ("terminate called without an active exception") after its work is done.
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

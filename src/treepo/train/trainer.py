@@ -423,5 +423,9 @@ def run_train(engine_cfg: EngineConfig, sampler_cfg: SamplerConfig, reward_cfg: 
               *, sync_cfg: Optional[WeightSyncConfig] = None, model=None, tokenizer=None,
               console: Optional[Console] = None) -> dict:
     """The `treepo train` job; returns the run summary."""
-    return Trainer(engine_cfg, sampler_cfg, reward_cfg, train_cfg, sync_cfg=sync_cfg, model=model, tokenizer=tokenizer,
-                   console=console).train()
+    trainer = Trainer(engine_cfg, sampler_cfg, reward_cfg, train_cfg, sync_cfg=sync_cfg, model=model,
+                      tokenizer=tokenizer, console=console)
+    summary = trainer.train()
+    if trainer.accelerator.num_processes > 1:  # close the process group: a gloo rank can abort at exit otherwise
+        trainer.accelerator.end_training()
+    return summary
