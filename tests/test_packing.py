@@ -92,6 +92,18 @@ def _rollout_trees(model, n=3):
     return TreeSampler(cfg, engine).rollout(tiny.prompts()[:n]).trees
 
 
+def assert_same_pass(a, b, mask, tol: float = 1e-4):
+    """Two (log-probs, entropies, PPO loss, gradients) passes of the same samples agree: log-probs and
+    entropies within `tol`, the loss within 1e-5 relative, each gradient within 1e-4 of its largest entry."""
+    (lp_a, ent_a, loss_a, g_a), (lp_b, ent_b, loss_b, g_b) = a, b
+    assert (lp_a - lp_b).abs()[mask].max() < tol
+    assert (ent_a - ent_b).abs()[mask].max() < tol
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-7)
+    assert g_a.keys() == g_b.keys() and g_a
+    for k in g_a:
+        assert ((g_a[k] - g_b[k]).abs().max() / g_a[k].abs().max().clamp_min(1e-8)) < 1e-4, k
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gpt2"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_packed_equals_flat_logprobs_and_gradients(kind, attn):
@@ -99,17 +111,10 @@ def test_packed_equals_flat_logprobs_and_gradients(kind, attn):
     trees = _rollout_trees(model) + [hand_tree(7)]
     assert any(len(leaf) < 4 for t in trees for leaf in t.leaves)  # paths of different depths
     # several packed rows (max_tokens=150), one or more groups each
-    flat, packed, (lp_f, ent_f, loss_f, g_f), (lp_p, ent_p, loss_p, g_p) = flat_and_packed(model, _samples(trees))
+    flat, packed, flat_pass, packed_pass = flat_and_packed(model, _samples(trees))
     assert packed.input_ids.shape[0] > 1
     assert packed.packed_tokens < packed.flat_tokens
-    m = flat.response_mask
-    assert (lp_f - lp_p).abs()[m].max() < 1e-4
-    assert (ent_f - ent_p).abs()[m].max() < 1e-4
-    assert torch.allclose(loss_f, loss_p, rtol=1e-5, atol=1e-7)
-    assert g_f.keys() == g_p.keys() and g_f
-    for k in g_f:
-        scale = g_f[k].abs().max().clamp_min(1e-8)
-        assert ((g_f[k] - g_p[k]).abs().max() / scale) < 1e-4, k
+    assert_same_pass(flat_pass, packed_pass, flat.response_mask)
 
 
 def test_packed_logprobs_match_the_engine():
@@ -320,17 +325,10 @@ def test_block_mask_packing_equals_flat_logprobs_and_gradients(kind, monkeypatch
     monkeypatch.setattr(ta, "Q_TILE", 2)
     model = tiny.model(kind)
     trees = _rollout_trees(model) + [hand_tree(7)]
-    flat, packed, (lp_f, ent_f, loss_f, g_f), (lp_p, ent_p, loss_p, g_p) = flat_and_packed(
-        model, _samples(trees), attention="blocks")
+    flat, packed, flat_pass, packed_pass = flat_and_packed(model, _samples(trees), attention="blocks")
     assert packed.input_ids.shape[0] > 1 and packed.attention == "blocks"
     assert model.config._attn_implementation == "sdpa"  # switched for the packed pass only
-    m = flat.response_mask
-    assert (lp_f - lp_p).abs()[m].max() < 1e-4
-    assert (ent_f - ent_p).abs()[m].max() < 1e-4
-    assert torch.allclose(loss_f, loss_p, rtol=1e-5, atol=1e-7)
-    assert g_f.keys() == g_p.keys() and g_f
-    for k in g_f:
-        assert ((g_f[k] - g_p[k]).abs().max() / g_f[k].abs().max().clamp_min(1e-8)) < 1e-4, k
+    assert_same_pass(flat_pass, packed_pass, flat.response_mask)
 
 
 def test_the_run_picks_the_block_mask_on_cpu_and_says_why_not_flex():
@@ -440,11 +438,8 @@ def test_the_output_layer_in_chunks_gives_the_same_logprobs_entropies_and_gradie
     monkeypatch.setattr(logprobs, "HEAD_CHUNK", 7)  # several chunks, the last one partial
     chunked = flat_and_packed(model, samples)
     m = whole[0].response_mask
-    for (lp_a, ent_a, loss_a, g_a), (lp_b, ent_b, loss_b, g_b) in zip(whole[2:], chunked[2:]):
-        assert (lp_a - lp_b).abs()[m].max() < 1e-5 and (ent_a - ent_b).abs()[m].max() < 1e-5
-        assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-7) and g_a.keys() == g_b.keys()
-        for k in g_a:
-            assert ((g_a[k] - g_b[k]).abs().max() / g_a[k].abs().max().clamp_min(1e-8)) < 1e-4, k
+    for a, b in zip(whole[2:], chunked[2:]):  # the flat pass, then the packed one
+        assert_same_pass(a, b, m, tol=1e-5)
     with torch.no_grad():  # the sampling temperature divides the logits on both routes
         lp_t, _ = response_logprobs(model, whole[0], temperature=0.7)
         monkeypatch.setattr(logprobs, "BIG_LOGITS", 2**40)
