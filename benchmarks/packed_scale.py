@@ -35,22 +35,13 @@ from pathlib import Path
 import torch
 
 from treepo import io
+from treepo.gpu_check.scale import scale_model
 from treepo.tiny import PAPER_SHAPE, paper_shape_samples, paper_shape_tokens
 
 SEGS = (16, 48, 96, 192, 256)  # N = 3,296 / 9,376 / 18,496 / 36,736 / 48,896 unique tokens
 PATHS = ("flex", "dense", "flat")
 RESULTS = Path("benchmarks/results/packed_training.json")
 LEAVES, PROMPT, DEPTH = PAPER_SHAPE["leaves"], PAPER_SHAPE["prompt"], PAPER_SHAPE["depth"]
-
-
-def model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9,
-                      num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
-                      attn_implementation="sdpa")
-    return LlamaForCausalLM(cfg).train()
 
 
 def peak_gb() -> float:
@@ -68,7 +59,7 @@ def child(path: str, seg: int, memory_gb: float, logprobs_out: str) -> dict:
 
     limit = int(memory_gb * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    m = model()
+    m = scale_model()
     samples = paper_shape_samples(seg, m.config.vocab_size)
     start = time.perf_counter()
     try:

@@ -24,7 +24,9 @@ SEG = 512  # the paper's segment length
 FORMS = ("flex", "blocks", "dense", "flat")
 
 
-def _model(device, dtype):
+def scale_model(device="cpu", dtype=torch.float32):
+    """SmolLM2-135M's width (hidden 576, 9 query / 3 kv heads, MLP 1536, vocabulary 49,152), 2 layers, random
+    weights, train mode (also benchmarks/packed_scale.py's model)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -53,7 +55,7 @@ def _pass(model, samples, form: str) -> tuple[float, torch.Tensor]:
 
 
 def packed_scale(device: torch.device, report: dict, seg: int = SEG, dtype=torch.bfloat16) -> None:
-    model = _model(device, dtype)
+    model = scale_model(device, dtype)
     samples = paper_shape_samples(seg, model.config.vocab_size)
     report.update(seg=seg, unique_tokens=paper_shape_tokens(seg),
                   flat_tokens=sum(len(s.prompt_ids) + len(s.response_ids) for s in samples), forms={})
