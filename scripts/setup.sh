@@ -6,12 +6,18 @@
 #              C++ llama-server into ~/.cache/treepo (scripts/build_llama_server.sh: about 5-7 minutes on 2 cores,
 #              once per machine; later runs find it cached). llama-cpp-python is not installed: the text
 #              dialect it serves is tested against an in-process fake (tests/test_text_dialect.py).
+#              It also builds .venv-verl, as --verl does.
+#   --verl     build .venv-verl: verl[verl-core] 0.9.x (which pins transformers < 5.11, below treepo's own >= 5.17)
+#              with the same torch, and treepo installed there without its pins, for treepo.integrations.verl
+#              and its tests (tests/verl, run from tests/test_verl.py). About 1-2 minutes, 2.1 GB.
 set -euo pipefail
 SERVER=0
+VERL=0
 for arg in "$@"; do
     case "$arg" in
-        --server) SERVER=1 ;;
-        *) echo "setup: unknown option $arg (--server: also the TRL and server extras and llama.cpp's llama-server, for the tests)" >&2; exit 2 ;;
+        --server) SERVER=1; VERL=1 ;;
+        --verl) VERL=1 ;;
+        *) echo "setup: unknown option $arg (--server: also the TRL and server extras, llama.cpp's llama-server and .venv-verl, for the tests; --verl: .venv-verl only)" >&2; exit 2 ;;
     esac
 done
 cd "$(dirname "$0")/.."
@@ -38,5 +44,8 @@ fi
 if [ "$SERVER" = 1 ]; then
     # llama.cpp's own server (token-id prompts, --parallel slots): cached outside the checkout, built once.
     PYTHON=.venv/bin/python bash scripts/build_llama_server.sh
+fi
+if [ "$VERL" = 1 ]; then
+    bash scripts/setup_verl.sh
 fi
 .venv/bin/python -c "import treepo, torch; print(f'setup: treepo {treepo.__version__}, torch {torch.__version__}')"

@@ -1,7 +1,11 @@
+import importlib.util
 import os
 import sys
 
 import pytest
+
+# tests/verl runs in .venv-verl (verl pins transformers below treepo's), driven by tests/test_verl.py
+collect_ignore = [] if importlib.util.find_spec("verl") else ["verl"]
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import their helpers (fakes, tiny models) by name
 

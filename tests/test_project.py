@@ -83,7 +83,8 @@ def test_imports_run_down_the_pipeline_never_back_up():
 
 
 def test_the_core_package_never_imports_trl():
-    """Every module but treepo.integrations.* imports with TRL made unimportable (TRL is an optional extra)."""
+    """Every module but treepo.integrations.* (and its shared rows) imports with TRL, verl and Ray made unimportable
+    (optional extras)."""
     import subprocess
     import sys
 
@@ -92,11 +93,12 @@ def test_the_core_package_never_imports_trl():
         for p in (ROOT / "src" / "treepo").rglob("*.py")
         if not p.relative_to(ROOT / "src" / "treepo").as_posix().startswith("integrations/")
         or p.name == "__init__.py" and p.parent.name == "integrations"
+        or p.name == "rows.py" and p.parent.name == "integrations"
     )
     modules = [m for m in modules if not m.endswith("__main__")]
-    code = ("import importlib, sys\nsys.modules['trl'] = None\n"
+    code = ("import importlib, sys\nfor extra in ('trl', 'verl', 'ray'):\n    sys.modules[extra] = None\n"
             f"for m in {modules!r}:\n    importlib.import_module(m)\n"
-            "assert sys.modules['trl'] is None\nprint('ok', len(sys.argv))")
+            "assert sys.modules['trl'] is None and sys.modules['verl'] is None\nprint('ok', len(sys.argv))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")}, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

@@ -1,0 +1,74 @@
+"""A verl config treepo cannot honour stops at start-up with the setting and the fix; the plugin is found
+through verl's entry point in a fresh process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from treepo.errors import ConfigError
+from treepo.integrations.verl.settings import check_config
+
+
+def test_the_four_lines_give_treepos_tree(treepo_config):
+    s = check_config(treepo_config("+treepo.segment_len=8"), where="test")
+    assert (s.sampler.width, s.sampler.segment_len, s.sampler.depth) == (4, 8, 4)  # depth = response_length / segment
+    assert (s.advantage, s.whitening) == ("unbiased", "scale")
+    paper = check_config(treepo_config("algorithm.adv_estimator=treepo_paper", "+treepo.segment_len=8"), where="test")
+    assert paper.advantage == "average"
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["trainer.v1.trainer_mode=separate_async"], r"trainer.v1.trainer_mode=separate_async.*trainer_mode=treepo"),
+    (["trainer.v1.trainer_mode=colocate_async"], r"trainer_mode=colocate_async"),
+    (["trainer.use_v1=False"], r"trainer.use_v1 is off"),
+    (["actor_rollout_ref.rollout.agent.default_agent_loop=single_turn_agent"], r"default_agent_loop=single_turn_agent.*treepo_tree"),
+    (["algorithm.adv_estimator=grpo"], r"algorithm.adv_estimator=grpo.*treepo or treepo_paper"),
+    (["actor_rollout_ref.rollout.name=trtllm"], r"rollout.name=trtllm.*token-id generation"),
+    (["+treepo.width=8"], r"treepo.width.*actor_rollout_ref.rollout.n"),
+    (["++treepo.segment_len=16", "+treepo.depth=4"], r"64 response tokens exceeds actor_rollout_ref.rollout.response_length=32"),
+    (["+treepo.env=calculator"], r"treepo.env.*single-turn"),
+    (["+treepo.shape=adaptive"], r"treepo.shape=adaptive"),
+    (["+treepo.segmnt_len=8"], r"treepo.segmnt_len: not a treepo setting"),
+    (["+treepo.branching=0"], r"the treepo block.*branching"),
+    (["actor_rollout_ref.rollout.multi_turn.enable=True"], r"multi_turn.enable"),
+])
+def test_a_config_treepo_cannot_honour_is_refused_naming_the_setting(treepo_config, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        check_config(treepo_config("+treepo.segment_len=8", *overrides), where="test")
+
+
+def test_every_problem_is_named_at_once(treepo_config):
+    with pytest.raises(ConfigError) as e:
+        check_config(treepo_config("+treepo.segment_len=8", "algorithm.adv_estimator=gae",
+                                   "actor_rollout_ref.rollout.name=hf"), where="test")
+    assert "adv_estimator=gae" in str(e.value) and "rollout.name=hf" in str(e.value)
+
+
+def test_the_plugin_is_found_through_the_entry_point_in_a_fresh_process():
+    """`import verl` alone (as in each Ray worker) registers the agent loop, the estimators and the trainer mode."""
+    code = ("import verl\n"
+            "from verl.experimental.agent_loop.agent_loop import _agent_loop_registry as loops\n"
+            "from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY as est\n"
+            "from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY as modes\n"
+            "print(loops['treepo_tree']['_target_'], est['treepo'].__module__, est['treepo_paper'].__module__,"
+            " modes['treepo'].__module__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["treepo.integrations.verl.agent_loop.TreeAgentLoop",
+                                  "treepo.integrations.verl.estimators", "treepo.integrations.verl.estimators",
+                                  "treepo.integrations.verl.trainer"]
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "VERL_USE_EXTERNAL_PLUGINS": "none"})
+    assert off.returncode != 0 and "KeyError" in off.stderr  # so the registration above came from the entry point
+
+
+def test_the_check_command_says_what_is_wrong(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "treepo.integrations.verl"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and "trainer mode: registered" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "treepo.integrations.verl", "trainer.use_v1=True",
+                          "trainer.v1.trainer_mode=treepo", "algorithm.adv_estimator=treepo"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "default_agent_loop" in bad.stdout

@@ -1,0 +1,66 @@
+"""VerlEngine, treepo's engine protocol over verl's server client, with a scripted client (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from fakes import FakeTokenizer
+from verl.workers.rollout.replica import TokenOutput
+
+from treepo.engines.base import Engine, SegmentRequest
+from treepo.errors import ServerError
+from treepo.integrations.verl.engine import VerlEngine
+
+
+class Client:
+    """verl's LLMServerClient.generate, scripted: `answer(prompt_ids, max_tokens)` -> TokenOutput or raises."""
+
+    def __init__(self, answer):
+        self.answer, self.calls = answer, []
+
+    async def generate(self, request_id, *, prompt_ids, sampling_params):
+        self.calls.append((request_id, list(prompt_ids), dict(sampling_params)))
+        await asyncio.sleep(0)
+        return self.answer(prompt_ids, sampling_params["max_tokens"])
+
+
+def _run(engine_of, requests):
+    """Drive the engine from a thread, as the agent loop does, while its event loop runs."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        engine = engine_of(loop)
+        return engine, engine.generate(requests)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
+def test_a_round_goes_out_as_token_ids_with_the_segment_length_on_one_request_id():
+    client = Client(lambda ids, m: TokenOutput(token_ids=[40] * m if ids[-1] != 7 else [41, 0], log_probs=[-0.1] * (m if ids[-1] != 7 else 2),
+                                              stop_reason="completed", extra_fields={"num_cached_tokens": 2, "global_steps": 5}))
+    reqs = [SegmentRequest(0, (0,), ((1, 2, 3),), 4), SegmentRequest(0, (1,), ((1, 2, 3), (5, 6, 7)), 4)]
+    engine, outs = _run(lambda loop: VerlEngine(client, FakeTokenizer(), loop, request_id="treepo-u", sampling_params={
+        "temperature": 1.0, "logprobs": False}, max_context=64), reqs)
+    assert isinstance(engine, Engine)
+    assert [c[0] for c in client.calls] == ["treepo-u", "treepo-u"]  # sticky: one id per tree
+    assert [c[1] for c in client.calls] == [[1, 2, 3], [1, 2, 3, 5, 6, 7]]  # the parent's ids, never text
+    assert all(c[2]["max_tokens"] == 4 and c[2]["logprobs"] is True for c in client.calls)
+    assert [o.token_ids for o in outs] == [[40] * 4, [41, 0]]
+    assert [o.hit_eos for o in outs] == [False, True]  # EOS (id 0) returned last, as the embedded engine does
+    assert engine.cached_prompt_tokens == 4 and engine.stats.prefill_tokens == 3 + 6 - 4
+    assert engine.weight_versions == {5} and engine.stats.decode_tokens == 6
+
+
+@pytest.mark.parametrize("answer,match", [
+    (lambda ids, m: (_ for _ in ()).throw(RuntimeError("actor died")), r"server failed in the middle of tree treepo-u.*actor died"),
+    (lambda ids, m: TokenOutput(token_ids=[], stop_reason="aborted"), r"aborted a generation request"),
+    (lambda ids, m: TokenOutput(token_ids=[5] * (m + 1), log_probs=[0.0] * (m + 1)), r"does not honour max_tokens"),
+])
+def test_a_failing_server_fails_the_round_with_the_reason(answer, match):
+    with pytest.raises(ServerError, match=match):
+        _run(lambda loop: VerlEngine(Client(answer), FakeTokenizer(), loop, request_id="treepo-u", sampling_params={},
+                                     max_context=64), [SegmentRequest(0, (0,), ((1, 2),), 3)] * 2)

@@ -1,0 +1,111 @@
+"""The tree estimators on verl's own batch type (DataProto through verl's compute_advantage) equal
+treepo's on the same trees, to 1e-6; and they refuse to run without the trees."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import numpy as np
+import pytest
+import torch
+from fakes import FakeEngine
+from verl.protocol import DataProto
+from verl.trainer.config import AlgoConfig
+from verl.trainer.ppo.ray_trainer import compute_advantage
+
+import treepo.integrations.verl.plugin  # noqa: F401  (registers the estimators, as the entry point does)
+from treepo.config import SamplerConfig
+from treepo.errors import ConfigError
+from treepo.integrations.rows import completions, row_advantages
+from treepo.integrations.verl.estimators import StepRows, tree_rows_for_step
+from treepo.integrations.verl.settings import TreeSettings
+from treepo.integrations.verl.tree_rows import leaf_fields
+from treepo.rollout.sampler import TreeSampler
+
+
+def _trees(budget: str, seed: int):
+    rng = random.Random(seed)
+    stops = {}
+
+    def script(req):  # some paths end early at EOS, at random depths
+        key = (req.group, req.node_id)
+        if key not in stops:
+            stops[key] = rng.random() < 0.3
+        return {"text": "ab", "eos": True} if stops[key] else None
+
+    cfg = SamplerConfig(width=8, depth=4, segment_len=3, branching=2, init_divergence=2, budget=budget, seed=seed,
+                        answer_policy="none")
+    return TreeSampler(cfg, FakeEngine(script=script)).rollout([[5, 6, 7], [8, 9], [10]]).trees
+
+
+def _verl_batch(trees, rewards, order):
+    """verl's batch of the trees' rows in `order`: right-padded responses, reward at each row's last token."""
+    ids, _ = completions(trees)
+    fields = [f for t in trees for f in leaf_fields(t)]
+    uids = [f"uid-{g}" for g, t in enumerate(trees) for _ in range(t.group_size)]
+    length = max(len(r) for r in ids)
+    responses = torch.zeros(len(ids), length, dtype=torch.long)  # [B, L]
+    mask = torch.zeros(len(ids), length)  # [B, L]
+    scores = torch.zeros(len(ids), length)  # [B, L]
+    for i, r in enumerate(ids):
+        responses[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+        scores[i, len(r) - 1] = rewards[i]
+    data = DataProto.from_dict(
+        tensors={"responses": responses[order], "response_mask": mask[order], "token_level_rewards": scores[order]},
+        non_tensors={"uid": np.array([uids[i] for i in order], dtype=object)})
+    return data, [fields[i] for i in order]
+
+
+@pytest.mark.parametrize("budget", ["particles", "transfer"])
+@pytest.mark.parametrize("name,advantage,whitening", [("treepo", "unbiased", "scale"), ("treepo_paper", "average", "none"),
+                                                      ("treepo", "segment", "token"), ("treepo", "grpo", "none")])
+def test_verl_estimator_equals_treepos_on_the_same_trees(budget, name, advantage, whitening):
+    trees = _trees(budget, seed=3)
+    rows = sum(t.group_size for t in trees)
+    rng = random.Random(7)
+    rewards = [float(rng.choice([0.0, 1.0, 0.5])) for _ in range(rows)]
+    # copies of one leaf are one answer, scored alike (verl scores each session; a deterministic scorer agrees)
+    at = 0
+    for t in trees:
+        for m in t.leaf_counts():
+            rewards[at : at + m] = [rewards[at]] * m
+            at += m
+    order = list(range(rows))
+    random.Random(1).shuffle(order)  # verl's batch order is its own (balancing reorders rows)
+    data, fields = _verl_batch(trees, rewards, order)
+    settings = TreeSettings(SamplerConfig(width=8), advantage, whitening)
+    with tree_rows_for_step(StepRows(list(data.non_tensor_batch["uid"]), fields, data.batch["responses"], settings)):
+        out = compute_advantage(data, adv_estimator=name, config=AlgoConfig(adv_estimator=name))
+    expected = row_advantages(copy.deepcopy(trees), rewards, advantage, whitening)
+    got = out.batch["advantages"]  # [B, L]
+    assert got.shape == data.batch["response_mask"].shape
+    for pos, i in enumerate(order):
+        n = len(expected[i])
+        assert torch.allclose(got[pos, :n].double(), torch.tensor(expected[i], dtype=torch.float64), atol=1e-6)
+        assert torch.all(got[pos, n:] == 0)
+    assert torch.equal(out.batch["returns"], got)
+    assert got.abs().sum() > 0  # the rewards differ within groups: not a vacuous comparison of zeros
+
+
+def test_estimator_without_the_trainer_mode_names_the_fix():
+    trees = _trees("particles", seed=0)
+    rows = sum(t.group_size for t in trees)
+    data, _ = _verl_batch(trees, [1.0] * rows, list(range(rows)))
+    with pytest.raises(ConfigError, match=r"trainer.v1.trainer_mode=treepo"):
+        compute_advantage(data, adv_estimator="treepo", config=AlgoConfig(adv_estimator="treepo"))
+
+
+def test_rows_of_a_broken_tree_are_refused():
+    """A prompt whose session failed (a row missing) is refused at the advantage step, not trained on."""
+    trees = _trees("particles", seed=2)
+    rows = sum(t.group_size for t in trees)
+    data, fields = _verl_batch(trees, [1.0] * rows, list(range(rows)))
+    keep = list(range(1, rows))
+    data = data.select_idxs(keep)
+    settings = TreeSettings(SamplerConfig(width=8), "unbiased", "scale")
+    with tree_rows_for_step(StepRows(list(data.non_tensor_batch["uid"]), [fields[i] for i in keep],
+                                     data.batch["responses"], settings)):
+        with pytest.raises(Exception, match="not the whole tree|particles but it has"):
+            compute_advantage(data, adv_estimator="treepo", config=AlgoConfig(adv_estimator="treepo"))
