@@ -15,7 +15,7 @@ from treepo.integrations.verl.settings import check_config
 def test_the_four_lines_give_treepos_tree(treepo_config):
     s = check_config(treepo_config("+treepo.segment_len=8"), where="test")
     assert (s.sampler.width, s.sampler.segment_len, s.sampler.depth) == (4, 8, 4)  # depth = response_length / segment
-    assert (s.advantage, s.whitening) == ("unbiased", "scale")
+    assert (s.advantage, s.whitening, s.sampler.shape, s.sampler.budget) == ("unbiased", "scale", "adaptive", "particles")
     paper = check_config(treepo_config("algorithm.adv_estimator=treepo_paper", "+treepo.segment_len=8"), where="test")
     assert paper.advantage == "average"
 
@@ -30,7 +30,7 @@ def test_the_four_lines_give_treepos_tree(treepo_config):
     (["+treepo.width=8"], r"treepo.width.*actor_rollout_ref.rollout.n"),
     (["++treepo.segment_len=16", "+treepo.depth=4"], r"64 response tokens exceeds actor_rollout_ref.rollout.response_length=32"),
     (["+treepo.env=calculator"], r"treepo.env.*single-turn"),
-    (["+treepo.shape=adaptive"], r"treepo.shape=adaptive"),
+    (["+treepo.init_divergence=2"], r"init_divergence=2 contradicts --shape adaptive"),
     (["+treepo.segmnt_len=8"], r"treepo.segmnt_len: not a treepo setting"),
     (["+treepo.branching=0"], r"the treepo block.*branching"),
     (["actor_rollout_ref.rollout.multi_turn.enable=True"], r"multi_turn.enable"),

@@ -64,3 +64,33 @@ def test_a_failing_server_fails_the_round_with_the_reason(answer, match):
     with pytest.raises(ServerError, match=match):
         _run(lambda loop: VerlEngine(Client(answer), FakeTokenizer(), loop, request_id="treepo-u", sampling_params={},
                                      max_context=64), [SegmentRequest(0, (0,), ((1, 2),), 3)] * 2)
+
+
+def test_the_adaptive_shape_is_chosen_per_step_from_the_workers_earlier_steps():
+    """Step 1 samples independently (no lengths yet); its trees' lengths choose step 2's shape; every tree of a
+    step grows the same shape; a tree of an older step arriving late does not join the new step's lengths."""
+    from treepo.config.sampler import TrainSamplerConfig
+    from treepo.integrations.verl.shapes import StepShapes
+    from treepo.tree import Node, PromptTree
+
+    cfg = TrainSamplerConfig(width=8, depth=8, segment_len=16)
+    shapes = StepShapes(cfg)
+    first = shapes.shape_for(1)
+    assert first.independent and shapes.shape_for(1) is first
+
+    def long_answers() -> PromptTree:  # 8 independent answers that all run to the budget: long shared prefixes pay
+        tree = PromptTree(0, [1])
+        for i in range(8):
+            for k in range(1, 9):
+                tree.nodes[(i,) + (0,) * (k - 1)] = Node((i,) + (0,) * (k - 1), [5] * 16, [0.0] * 16, [0.0] * 16,
+                                                         start=16 * (k - 1))
+            tree.leaves.append((i,) + (0,) * 7)
+            tree.particles[tree.leaves[-1]] = 1
+        return tree
+
+    for _ in range(4):
+        shapes.finished(1, long_answers())
+    second = shapes.shape_for(2)
+    assert not second.independent and second.root_fanout < 8 and second.expected_saving > 0
+    shapes.finished(1, long_answers())  # late: step 2 has begun
+    assert shapes.trees == [] and shapes.shape_for(2) is second

@@ -89,30 +89,34 @@ def cluster(tmp_path_factory):
     ray.shutdown()
 
 
-def _config(model_path: str):
+def _config(model_path: str, *extra: str):
     return compose([f"actor_rollout_ref.model.path={model_path}", "trainer.use_v1=True", "trainer.v1.trainer_mode=treepo",
                     "actor_rollout_ref.rollout.agent.default_agent_loop=treepo_tree", "algorithm.adv_estimator=treepo",
                     "actor_rollout_ref.rollout.name=vllm", f"actor_rollout_ref.rollout.n={WIDTH}",
                     "actor_rollout_ref.rollout.prompt_length=64", f"actor_rollout_ref.rollout.response_length={SEGMENT * DEPTH}",
                     "actor_rollout_ref.rollout.calculate_log_probs=True", f"+treepo.segment_len={SEGMENT}",
-                    "+treepo.branching=2", "+treepo.init_divergence=2", "+treepo.answer_policy=none"])
+                    "+treepo.branching=2", "+treepo.answer_policy=none", *extra])
 
 
-def _rollout(config, servers: dict, prompts: list[str], timeout: float = 240):
-    """verl's v1 rollout of `prompts` through a real AgentLoopWorkerTQ; (row keys, statuses by uid)."""
+def _worker(config, servers: dict):
+    """verl's real v1 agent loop worker (a Ray actor) on verl's real server client and load balancer."""
     from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopWorkerTQ
     from verl.workers.rollout.llm_server import LLMServerClient
     from verl.workers.rollout.router import get_router_handle
 
-    balancer = get_router_handle(servers=servers)
-    client = LLMServerClient(config, load_balancer_handle=balancer)
-    worker = AgentLoopWorkerTQ.options(num_cpus=0).remote(config, client, None, [FakeReward.options(num_cpus=0).remote()])
+    client = LLMServerClient(config, load_balancer_handle=get_router_handle(servers=servers))
+    return AgentLoopWorkerTQ.options(num_cpus=0).remote(config, client, None, [FakeReward.options(num_cpus=0).remote()])
+
+
+def _rollout(config, servers: dict, prompts: list[str], timeout: float = 240, worker=None, step: int = 1):
+    """verl's v1 rollout of `prompts` (what the sync trainer submits for one step); (uids, row keys, statuses)."""
+    worker = worker or _worker(config, servers)
     uids = [str(uuid.uuid4()) for _ in prompts]
     batch = tu.get_tensordict({
         "raw_prompt": np.array([[{"role": "user", "content": p}] for p in prompts], dtype=object),
         "uid": np.array(uids, dtype=object), "index": np.arange(len(prompts)),
         "data_source": np.array(["toy"] * len(prompts), dtype=object)})
-    tu.assign_non_tensor_data(batch, "global_steps", 1)
+    tu.assign_non_tensor_data(batch, "global_steps", step)
     tq.kv_batch_put(keys=uids, partition_id="train", tags=[{"is_prompt": True, "status": "pending"} for _ in uids])
     ray.get(worker.generate_sequences.remote(batch))
     deadline = time.time() + timeout
@@ -142,7 +146,7 @@ def _advantage_step(config, keys):
 
 
 def test_a_tree_rollout_through_verls_worker_client_and_balancer(cluster):
-    config = _config(cluster)
+    config = _config(cluster, "+treepo.shape=fixed", "+treepo.init_divergence=2")
     servers = {"s0": FakeServer.options(num_cpus=0).remote("s0"), "s1": FakeServer.options(num_cpus=0).remote("s1")}
     uids, keys, status = _rollout(config, servers, ["count the r in strawberry", "2 + 2 = ?", "name a prime", "hi"])
     assert set(status.values()) == {"finished"}
@@ -186,8 +190,24 @@ def test_a_tree_rollout_through_verls_worker_client_and_balancer(cluster):
     assert metrics["treepo/distinct_leaves_per_group"] > 1
 
 
+def test_the_adaptive_shape_is_learnt_across_steps_in_the_worker(cluster):
+    """Step 1 samples independently (no lengths seen); step 2's trees all grow the one shape the worker chose."""
+    config = _config(cluster, "treepo.segment_len=2", "+treepo.depth=6")  # adaptive (the default): budget 12 tokens
+    servers = {"s0": FakeServer.options(num_cpus=0).remote("s0")}
+    worker = _worker(config, servers)
+    prompts = ["a", "bb", "ccc", "dddd", "eeeee", "ffffff"]
+    shapes = []
+    for step in (1, 2):
+        uids, keys, status = _rollout(config, servers, [f"{p} {step}" for p in prompts], worker=worker, step=step)
+        assert set(status.values()) == {"finished"}
+        fields = _column(tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["extra_fields"]), "extra_fields")
+        shapes.append({(f["treepo_tree_segment_len"], f["treepo_tree_root_fanout"]) for f in fields})
+    assert shapes[0] == {(2, WIDTH)}  # independent sampling, in the config's segments
+    assert len(shapes[1]) == 1  # one shape for the whole step
+
+
 def test_a_server_that_dies_mid_tree_fails_the_prompt_not_hangs(cluster):
-    config = _config(cluster)
+    config = _config(cluster, "+treepo.shape=fixed", "+treepo.init_divergence=2")
     servers = {"s0": FakeServer.options(num_cpus=0).remote("dying", die_after=3)}
     uids, keys, status = _rollout(config, servers, ["what is 3 * 7", "say yes"], timeout=120)
     assert set(status.values()) == {"failure"}  # every session of both prompts ended (with the tree's error)

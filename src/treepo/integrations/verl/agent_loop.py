@@ -26,6 +26,7 @@ from ...rollout.sampler import TreeSampler
 from ..rows import completions
 from .engine import VerlEngine
 from .settings import AGENT_LOOP, TreeSettings, check_config, get
+from .shapes import step_shape
 from .tree_rows import leaf_fields
 
 log = logging.getLogger(__name__)
@@ -100,13 +101,19 @@ class TreeAgentLoop(AgentLoopBase):
                               f"{sorted(expected)}; per-prompt n (__rollout_n__) is not supported by {AGENT_LOOP}.")
         prompt_ids = await self.ct_build_initial_tokens(list(kwargs["raw_prompt"]))
         cfg = dataclasses.replace(self.settings.sampler, width=width, seed=zlib.crc32(uid.encode()) & 0x7FFFFFFF)
+        kind = (width, *(str(sampling_params.get(k)) for k in ("temperature", "top_p", "top_k")))
+        step = kwargs.get("global_steps")
+        shape, shapes = step_shape(dataclasses.replace(cfg, seed=0), kind, step)
         engine = VerlEngine(self.server_manager, self.tokenizer, self.loop, request_id=f"treepo-{uid}",
                             sampling_params=sampling_params,
                             max_context=int(rollout.prompt_length) + int(rollout.response_length))
         started = time.perf_counter()
-        result = await self.loop.run_in_executor(_threads(), TreeSampler(cfg, engine).rollout, [prompt_ids])
+        sampler = TreeSampler(dataclasses.replace(cfg, shape="fixed"), engine)  # the step's shape, or the fixed one
+        result = await self.loop.run_in_executor(_threads(), lambda: sampler.rollout([prompt_ids], shape=shape))
         seconds = time.perf_counter() - started
         tree = result.trees[0]
+        if shapes is not None:
+            shapes.finished(step, tree)
         ids, logps = completions([tree])
         if len(ids) != width:
             raise TreepoError(f"prompt {uid}: the tree gave {len(ids)} rows for {width} sessions.")
@@ -116,6 +123,8 @@ class TreeAgentLoop(AgentLoopBase):
                   "treepo_tree_distinct_leaves": len(tree.leaves),
                   "treepo_tree_cached_prompt_tokens": engine.cached_prompt_tokens,
                   "treepo_tree_requests": engine.stats.generate_calls,
+                  "treepo_tree_segment_len": (shape.segment_len if shape else cfg.segment_len),
+                  "treepo_tree_root_fanout": (shape.root_fanout if shape else tree.root_fanout),
                   "min_global_steps": versions[0], "max_global_steps": versions[-1],
                   "turn_scores": [], "tool_rewards": []}
         want_logprobs = bool(sampling_params.get("logprobs"))

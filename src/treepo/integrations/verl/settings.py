@@ -78,10 +78,6 @@ def tree_settings(config: Any) -> TreeSettings:
     estimator = str(get(config, "algorithm.adv_estimator", ""))
     if advantage is None:
         advantage = ESTIMATORS.get(estimator, ESTIMATORS["treepo"])
-    block.setdefault("shape", "fixed")  # the adaptive shape learns across rollouts of one sampler: not here yet
-    if block["shape"] != "fixed":
-        raise ConfigError("treepo.shape=adaptive: the verl adapter grows each prompt's tree on its own and cannot "
-                          "learn the shape across rollouts yet; use treepo.shape=fixed with segment_len and depth.")
     segment_len = int(block.get("segment_len", TrainSamplerConfig.__dataclass_fields__["segment_len"].default))
     if "depth" not in block and response_length:
         block["depth"] = max(1, response_length // segment_len)
