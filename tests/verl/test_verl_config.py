@@ -34,10 +34,22 @@ def test_the_four_lines_give_treepos_tree(treepo_config):
     (["+treepo.segmnt_len=8"], r"treepo.segmnt_len: not a treepo setting"),
     (["+treepo.branching=0"], r"the treepo block.*branching"),
     (["actor_rollout_ref.rollout.multi_turn.enable=True"], r"multi_turn.enable"),
+    (["actor_rollout_ref.rollout.full_determinism=True"], r"full_determinism=True"),
+    (["actor_rollout_ref.rollout.max_model_len=80"], r"max_model_len=80 is below prompt_length \+ response_length = 96"),
+    (["actor_rollout_ref.rollout.val_kwargs.n=2", "+treepo.rep_count=1"], r"rep_count=1"),
 ])
 def test_a_config_treepo_cannot_honour_is_refused_naming_the_setting(treepo_config, overrides, match):
     with pytest.raises(ConfigError, match=match):
         check_config(treepo_config("+treepo.segment_len=8", *overrides), where="test")
+
+
+def test_validation_of_another_width_samples_independently(treepo_config):
+    """val_kwargs.n (1 by default) is not the tree width: validation draws independently, whatever the tree's fan-out."""
+    from treepo.integrations.verl.settings import validation_sampler
+
+    s = check_config(treepo_config("+treepo.segment_len=8", "+treepo.shape=fixed", "+treepo.init_divergence=4"), where="t")
+    val = validation_sampler(s.sampler, 1)
+    assert (val.width, val.mode, val.segment_len, val.depth) == (1, "independent", 8, 4)
 
 
 def test_every_problem_is_named_at_once(treepo_config):

@@ -58,12 +58,22 @@ def test_a_round_goes_out_as_token_ids_with_the_segment_length_on_one_request_id
 @pytest.mark.parametrize("answer,match", [
     (lambda ids, m: (_ for _ in ()).throw(RuntimeError("actor died")), r"server failed in the middle of tree treepo-u.*actor died"),
     (lambda ids, m: TokenOutput(token_ids=[], stop_reason="aborted"), r"aborted a generation request"),
+    (lambda ids, m: TokenOutput(token_ids=[5], stop_reason="abort"), r"aborted a generation request"),  # SGLang
+    (lambda ids, m: TokenOutput(token_ids=[], stop_reason="completed"), r"returned no tokens"),
     (lambda ids, m: TokenOutput(token_ids=[5] * (m + 1), log_probs=[0.0] * (m + 1)), r"does not honour max_tokens"),
 ])
 def test_a_failing_server_fails_the_round_with_the_reason(answer, match):
     with pytest.raises(ServerError, match=match):
         _run(lambda loop: VerlEngine(Client(answer), FakeTokenizer(), loop, request_id="treepo-u", sampling_params={},
                                      max_context=64), [SegmentRequest(0, (0,), ((1, 2),), 3)] * 2)
+
+
+def test_every_eos_id_of_the_generation_config_ends_a_path():
+    """Qwen2.5 stops at two ids; a full-length segment ending in the second one still ends its path."""
+    client = Client(lambda ids, m: TokenOutput(token_ids=[40] * (m - 1) + [99], log_probs=[-0.1] * m))
+    _, outs = _run(lambda loop: VerlEngine(client, FakeTokenizer(), loop, request_id="t", sampling_params={},
+                                           max_context=64, eos_ids=(99,)), [SegmentRequest(0, (0,), ((1,),), 3)])
+    assert outs[0].hit_eos and outs[0].token_ids == [40, 40, 99]
 
 
 def test_the_adaptive_shape_is_chosen_per_step_from_the_workers_earlier_steps():

@@ -97,15 +97,49 @@ def test_estimator_without_the_trainer_mode_names_the_fix():
         compute_advantage(data, adv_estimator="treepo", config=AlgoConfig(adv_estimator="treepo"))
 
 
-def test_rows_of_a_broken_tree_are_refused():
-    """A prompt whose session failed (a row missing) is refused at the advantage step, not trained on."""
-    trees = _trees("particles", seed=2)
+@pytest.mark.parametrize("budget,drop", [("particles", 0), ("transfer", 0), ("particles", -1), ("transfer", -1)])
+def test_rows_of_a_broken_tree_are_refused(budget, drop):
+    """A prompt whose session failed (its first or last row missing) is refused at the advantage step."""
+    trees = _trees(budget, seed=2)
     rows = sum(t.group_size for t in trees)
     data, fields = _verl_batch(trees, [1.0] * rows, list(range(rows)))
-    keep = list(range(1, rows))
+    keep = [i for i in range(rows) if i != range(rows)[drop]]
     data = data.select_idxs(keep)
     settings = TreeSettings(SamplerConfig(width=8), "unbiased", "scale")
     with tree_rows_for_step(StepRows(list(data.non_tensor_batch["uid"]), [fields[i] for i in keep],
                                      data.batch["responses"], settings)):
         with pytest.raises(Exception, match="not the whole tree|particles but it has"):
             compute_advantage(data, adv_estimator="treepo", config=AlgoConfig(adv_estimator="treepo"))
+
+
+def test_verls_padding_rows_and_rejected_tokens_are_handled():
+    """verl pads a batch with 'pad<hex>' rows (a copy of row 0's fields, one masked token) and may mask tokens out
+    (rollout rejection) before the estimator: padding gets 0, the rest treepo's advantages, masked."""
+    trees = _trees("particles", seed=5)
+    rows = sum(t.group_size for t in trees)
+    rng = random.Random(3)
+    rewards = [float(rng.choice([0.0, 1.0])) for _ in range(rows)]
+    at = 0
+    for t in trees:
+        for m in t.leaf_counts():
+            rewards[at : at + m] = [rewards[at]] * m
+            at += m
+    data, fields = _verl_batch(trees, rewards, list(range(rows)))
+    pad = DataProto.from_dict(
+        tensors={"responses": torch.zeros(2, data.batch["responses"].shape[1], dtype=torch.long),
+                 "response_mask": torch.zeros(2, data.batch["responses"].shape[1]),
+                 "token_level_rewards": torch.zeros(2, data.batch["responses"].shape[1])},
+        non_tensors={"uid": np.array(["pad0123", "pad0123"], dtype=object)})
+    data = DataProto.concat([data, pad])
+    fields = fields + [dict(fields[0]), dict(fields[0])]
+    data.batch["response_mask"][0, 0] = 0  # a token verl rejected
+    settings = TreeSettings(SamplerConfig(width=8), "unbiased", "scale")
+    with tree_rows_for_step(StepRows(list(data.non_tensor_batch["uid"]), fields, data.batch["responses"], settings)):
+        out = compute_advantage(data, adv_estimator="treepo", config=AlgoConfig(adv_estimator="treepo"))
+    got = out.batch["advantages"]
+    expected = row_advantages(copy.deepcopy(trees), rewards, "unbiased", "scale")
+    assert torch.all(got[rows:] == 0) and got[0, 0] == 0
+    for i in range(rows):
+        n = len(expected[i])
+        want = torch.tensor(expected[i], dtype=torch.float64) * data.batch["response_mask"][i, :n].double()
+        assert torch.allclose(got[i, :n].double(), want, atol=1e-6)

@@ -11,6 +11,7 @@ ends every session of its prompt with an error and the advantage step refuses th
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import time
@@ -47,6 +48,7 @@ class FakeServer:
     async def generate(self, prompt_ids, sampling_params, request_id, image_data=None, video_data=None, **kwargs):
         if self.die_after and len(self.log) >= self.die_after:
             os._exit(1)  # the server process dies in the middle of a tree
+        await asyncio.sleep(0.05)  # requests overlap, so the balancer's in-flight counts spread the trees
         m = int(sampling_params["max_tokens"])
         h = hashlib.sha256(repr(list(prompt_ids)).encode()).digest()
         tokens = [10 + h[i] % 40 for i in range(m)]  # a function of the context: distinct contexts, distinct segments
@@ -204,6 +206,18 @@ def test_the_adaptive_shape_is_learnt_across_steps_in_the_worker(cluster):
         shapes.append({(f["treepo_tree_segment_len"], f["treepo_tree_root_fanout"]) for f in fields})
     assert shapes[0] == {(2, WIDTH)}  # independent sampling, in the config's segments
     assert len(shapes[1]) == 1  # one shape for the whole step
+
+
+def test_the_trainer_mode_is_verls_sync_trainer(cluster):
+    """Constructed for real: the start-up check passes, and verl's base class sees a sync trainer (on-policy replay
+    buffer), not an async one, though trainer.v1.trainer_mode=treepo."""
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
+
+    from treepo.integrations.verl.trainer import TreePOTrainer
+
+    trainer = TreePOTrainer(_config(cluster))
+    assert trainer.trainer_mode == "sync" and trainer.treepo.sampler.width == WIDTH
+    assert isinstance(trainer.replay_buffer, ReplayBuffer) and not isinstance(trainer.replay_buffer, ReplayBufferAsync)
 
 
 def test_a_server_that_dies_mid_tree_fails_the_prompt_not_hangs(cluster):

@@ -25,7 +25,7 @@ from ...errors import ConfigError, TreepoError
 from ...rollout.sampler import TreeSampler
 from ..rows import completions
 from .engine import VerlEngine
-from .settings import AGENT_LOOP, TreeSettings, check_config, get
+from .settings import AGENT_LOOP, TreeSettings, check_config, get, validation_sampler
 from .shapes import step_shape
 from .tree_rows import leaf_fields
 
@@ -41,6 +41,8 @@ class _Group:
     rows: asyncio.Future
     sessions: int = 0
     collected: int = 0
+    started: bool = False  # the tree is growing: a session joining now would not get a row of it
+    task: Optional[asyncio.Future] = None
 
 
 _groups: dict[str, _Group] = {}  # prompt uid -> its group, while its sessions are running
@@ -51,6 +53,25 @@ def _threads() -> ThreadPoolExecutor:
     if _executor is None:
         _executor = ThreadPoolExecutor(TREE_THREADS, thread_name_prefix="treepo-tree")
     return _executor
+
+
+def _eos_ids(config, tokenizer) -> tuple[int, ...]:
+    """Every id the servers stop at: the tokenizer's EOS and the model's generation config's (Qwen2.5 has two)."""
+    path = str(get(config, "actor_rollout_ref.model.path", ""))
+    if path not in _EOS:
+        ids = {tokenizer.eos_token_id} - {None}
+        try:
+            from transformers import GenerationConfig
+
+            found = GenerationConfig.from_pretrained(path).eos_token_id
+            ids |= set(found if isinstance(found, (list, tuple)) else [found]) - {None}
+        except Exception:  # no generation config: the tokenizer's EOS (and a short segment) mark the end
+            pass
+        _EOS[path] = tuple(sorted(int(i) for i in ids))
+    return _EOS[path]
+
+
+_EOS: dict[str, tuple[int, ...]] = {}
 
 
 @register(AGENT_LOOP)
@@ -75,7 +96,11 @@ class TreeAgentLoop(AgentLoopBase):
         group = _groups.get(uid)
         if group is None:  # the first session: the group is grown once all have joined (next loop turn)
             group = _groups[uid] = _Group(self.loop.create_future())
-            self.loop.call_soon(lambda: asyncio.ensure_future(self._grow(uid, group, sampling_params, kwargs)))
+            self.loop.call_soon(self._start, uid, group, sampling_params, kwargs)
+        elif group.started:
+            raise TreepoError(f"prompt {uid}: a session joined after its tree had started growing (a reused uid, or "
+                              f"sessions not started together as verl's AgentLoopWorkerTQ does); {AGENT_LOOP} cannot "
+                              "give it a row.")
         group.sessions += 1  # (before any await: every session of the prompt joins in the same loop turn)
         try:
             rows = await asyncio.shield(group.rows)
@@ -84,6 +109,10 @@ class TreeAgentLoop(AgentLoopBase):
             if group.collected == group.sessions and _groups.get(uid) is group:
                 del _groups[uid]
         return rows[int(session)]
+
+    def _start(self, uid: str, group: _Group, sampling_params: dict, kwargs: dict) -> None:
+        group.started = True
+        group.task = asyncio.ensure_future(self._grow(uid, group, sampling_params, kwargs))
 
     async def _grow(self, uid: str, group: _Group, sampling_params: dict, kwargs: dict) -> None:
         try:
@@ -100,13 +129,18 @@ class TreeAgentLoop(AgentLoopBase):
             raise ConfigError(f"prompt {uid}: {width} sessions joined its tree but rollout.n / val_kwargs.n are "
                               f"{sorted(expected)}; per-prompt n (__rollout_n__) is not supported by {AGENT_LOOP}.")
         prompt_ids = await self.ct_build_initial_tokens(list(kwargs["raw_prompt"]))
-        cfg = dataclasses.replace(self.settings.sampler, width=width, seed=zlib.crc32(uid.encode()) & 0x7FFFFFFF)
+        seed = zlib.crc32(uid.encode()) & 0x7FFFFFFF
+        if width == self.settings.sampler.width:
+            cfg = dataclasses.replace(self.settings.sampler, seed=seed)
+        else:  # a validation pass of another width (val_kwargs.n): independent draws
+            cfg = dataclasses.replace(validation_sampler(self.settings.sampler, width), seed=seed)
         kind = (width, *(str(sampling_params.get(k)) for k in ("temperature", "top_p", "top_k")))
         step = kwargs.get("global_steps")
         shape, shapes = step_shape(dataclasses.replace(cfg, seed=0), kind, step)
         engine = VerlEngine(self.server_manager, self.tokenizer, self.loop, request_id=f"treepo-{uid}",
                             sampling_params=sampling_params,
-                            max_context=int(rollout.prompt_length) + int(rollout.response_length))
+                            max_context=int(rollout.prompt_length) + int(rollout.response_length),
+                            eos_ids=_eos_ids(self.config, self.tokenizer))
         started = time.perf_counter()
         sampler = TreeSampler(dataclasses.replace(cfg, shape="fixed"), engine)  # the step's shape, or the fixed one
         result = await self.loop.run_in_executor(_threads(), lambda: sampler.rollout([prompt_ids], shape=shape))

@@ -37,7 +37,7 @@ class VerlEngine:
         # verl's sampling parameters (temperature, top_p, top_k, ...); log-probs always asked for
         self.sampling_params = {**sampling_params, "logprobs": True}
         self.max_context = max_context
-        self.eos_ids = set(eos_ids) or ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+        self.eos_ids = set(eos_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
         self.stats = EngineStats()
         self.cached_prompt_tokens = 0  # prompt tokens the server reported from its prefix cache
         self.weight_versions: set = set()  # the servers' global_steps over the tree's requests
@@ -86,15 +86,20 @@ class VerlEngine:
     async def _one(self, r: SegmentRequest) -> SegmentOutput:
         ids = r.context_ids()
         params = {**self.sampling_params, "max_tokens": r.max_new_tokens}
+        params.pop("max_new_tokens", None)  # SGLang's server reads max_new_tokens before max_tokens
         out = await self.client.generate(request_id=self.request_id, prompt_ids=ids, sampling_params=params)
         return self._segment(out, r, len(ids))
 
     def _segment(self, out: Any, r: SegmentRequest, prompt_tokens: int) -> SegmentOutput:
         """verl's TokenOutput -> a segment; ServerError for an answer that cannot be one."""
-        if getattr(out, "stop_reason", None) == "aborted":
+        if getattr(out, "stop_reason", None) in ("aborted", "abort"):  # vLLM's spelling, SGLang's
             raise ServerError(f"tree {self.request_id}: verl aborted a generation request (the rollout was paused "
                               "or its weights updated mid-tree); TreePO needs a tree's segments from one policy.")
         tokens = [int(t) for t in out.token_ids]
+        if not tokens:
+            raise ServerError(f"tree {self.request_id}: the server returned no tokens for a segment of up to "
+                              f"{r.max_new_tokens} (SGLang does on a log-prob mismatch; a context at the server's "
+                              "max_model_len does too).")
         if len(tokens) > r.max_new_tokens:
             raise ServerError(f"tree {self.request_id}: the server returned {len(tokens)} tokens for a segment of at "
                               f"most {r.max_new_tokens}; it does not honour max_tokens.")
@@ -104,9 +109,9 @@ class VerlEngine:
         extra = getattr(out, "extra_fields", None) or {}
         cached: Optional[int] = extra.get("num_cached_tokens")
         version = extra.get("global_steps")
-        # vLLM and SGLang end a response at EOS (returned as its last id) or at max_tokens; short means stopped
-        hit_eos = bool(tokens) and (tokens[-1] in self.eos_ids or len(tokens) < r.max_new_tokens)
-        hit_eos = hit_eos or not tokens
+        # vLLM and SGLang end a response at an EOS id of the model's generation config (returned as its last id) or
+        # at max_tokens: a short segment stopped (check_config makes sure max_model_len does not cut one short)
+        hit_eos = tokens[-1] in self.eos_ids or len(tokens) < r.max_new_tokens
         self.stats.decode_tokens += len(tokens)
         self.stats.prefill_tokens += prompt_tokens - int(cached or 0)
         self.cached_prompt_tokens += int(cached or 0)

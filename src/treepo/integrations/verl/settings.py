@@ -96,6 +96,14 @@ def tree_settings(config: Any) -> TreeSettings:
     return TreeSettings(sampler, train.advantage, train.whitening)
 
 
+def validation_sampler(sampler: SamplerConfig, width: int) -> SamplerConfig:
+    """The sampler of a validation pass whose width (val_kwargs.n) is not the training width: independent draws,
+    in the training tree's segments (a width-1 "tree" is one path; mean accuracy is the policy's either way)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(SamplerConfig)
+                if f.name in ("init_divergence", "init_divergence_max", "fork_depth")}
+    return dataclasses.replace(sampler, width=width, mode="independent", shape="fixed", **defaults)
+
+
 def check_config(config: Any, *, where: str) -> TreeSettings:
     """Refuse a verl config treepo cannot honour, naming the setting and the fix; the settings if it can.
 
@@ -126,12 +134,29 @@ def check_config(config: Any, *, where: str) -> TreeSettings:
     if manager:
         problems.append(f"actor_rollout_ref.rollout.agent.agent_loop_manager_class={manager}: the tree groups a prompt's "
                         "n sessions as verl's own AgentLoopManagerTQ starts them; drop the custom manager.")
+    if get(config, "actor_rollout_ref.rollout.full_determinism", False):
+        problems.append("actor_rollout_ref.rollout.full_determinism=True: verl then hands the caller's request id to the "
+                        "server, and a tree's concurrent segments share one (for sticky routing); set it to False.")
+    prompt_length = int(get(config, "actor_rollout_ref.rollout.prompt_length", 0))
+    response_length = int(get(config, "actor_rollout_ref.rollout.response_length", 0))
+    max_model_len = get(config, "actor_rollout_ref.rollout.max_model_len")
+    if max_model_len is not None and int(max_model_len) < prompt_length + response_length:
+        problems.append(f"actor_rollout_ref.rollout.max_model_len={max_model_len} is below prompt_length + response_length "
+                        f"= {prompt_length + response_length}: the servers would cut segments short, which reads as an "
+                        "end of answer; raise max_model_len or leave it unset.")
     if get(config, "actor_rollout_ref.rollout.multi_turn.enable", False):
         problems.append("actor_rollout_ref.rollout.multi_turn.enable=True: the tree agent loop is single-turn; "
                         "set it to False.")
     settings: Optional[TreeSettings] = None
     try:
         settings = tree_settings(config)
+        val_n = int(get(config, "actor_rollout_ref.rollout.val_kwargs.n", 1))
+        if val_n != settings.sampler.width:
+            try:
+                validation_sampler(settings.sampler, val_n)
+            except ConfigError as e:
+                problems.append(f"actor_rollout_ref.rollout.val_kwargs.n={val_n}: validation samples independently at "
+                                f"that width, which the treepo block does not allow ({e}).")
     except ConfigError as e:
         problems.append(str(e))
     if problems:

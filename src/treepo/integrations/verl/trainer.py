@@ -1,6 +1,6 @@
 """The trainer mode `treepo` (`trainer.v1.trainer_mode=treepo`): verl's synchronous trainer, plus the tree.
 
-Two additions to `PPOTrainerSync`, nothing else:
+Two additions to `PPOTrainerSync` (which it is, to verl: its `trainer_mode` reads "sync"), nothing else:
 
 - at start-up it checks the whole config (`settings.check_config`): a setting treepo cannot honour
   stops the run before any worker starts, naming the setting and the fix;
@@ -25,6 +25,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from .estimators import StepRows, tree_rows_for_step
 from .settings import TRAINER_MODE, check_config
+from .tree_rows import PAD_UID
 
 log = logging.getLogger(__name__)
 FETCH = ["uid", "extra_fields", "responses"]
@@ -46,7 +47,8 @@ def tree_step_metrics(uids, fields) -> dict[str, float]:
     """What the step's trees decoded against what `n` independent draws of the same answers would."""
     first = {}
     for uid, f in zip(uids, fields):
-        first.setdefault(str(uid), f)
+        if not str(uid).startswith(PAD_UID):  # verl's padding rows copy a real row's fields
+            first.setdefault(str(uid), f)
     trees = list(first.values())
     decoded = sum(f["treepo_tree_decoded_tokens"] for f in trees)
     particle = sum(f["treepo_tree_particle_tokens"] for f in trees)
@@ -63,6 +65,16 @@ def tree_step_metrics(uids, fields) -> dict[str, float]:
 @register_trainer(TRAINER_MODE)
 class TreePOTrainer(PPOTrainerSync):
     """verl's synchronous PPO trainer with TreePO's start-up checks and tree advantage step."""
+
+    # verl's base trainer tests `trainer_mode == "sync"` to choose the on-policy replay buffer, batch sizes and
+    # checkpoint contents; this mode is that one, registered under another name.
+    @property
+    def trainer_mode(self) -> str:
+        return "sync"
+
+    @trainer_mode.setter
+    def trainer_mode(self, value: str) -> None:
+        pass  # verl sets it from trainer.v1.trainer_mode (= treepo)
 
     def __init__(self, config):
         self.treepo = check_config(config, where=f"trainer.v1.trainer_mode={TRAINER_MODE}")

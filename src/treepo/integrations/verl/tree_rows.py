@@ -9,6 +9,7 @@ particles it holds. Its `extra_fields` carry what the advantage step needs to se
     treepo_copies    the rows that hold this leaf (its particles; 1 without particles)
     treepo_weight    the leaf's weight, copies / width (sums to 1 over a tree's distinct leaves)
     treepo_row       i, the row's place in the tree's rows
+    treepo_width     the tree's rows, n
     treepo_particles whether the tree counts particles (budget 'particles')
 
 `trees_from_rows` rebuilds each prompt's tree from its rows (token ids from the responses, cut at the
@@ -27,7 +28,9 @@ from ...errors import InputError
 from ...tree import Node, PromptTree
 from ..rows import row_advantages
 
-FIELDS = ("treepo_leaf", "treepo_segments", "treepo_copies", "treepo_weight", "treepo_row", "treepo_particles")
+FIELDS = ("treepo_leaf", "treepo_segments", "treepo_copies", "treepo_weight", "treepo_row", "treepo_width",
+          "treepo_particles")
+PAD_UID = "pad"  # verl's upsample_batch_to_divisible_size: rows 'pad<hex>', a copy of row 0's fields, masked out
 
 
 def leaf_fields(tree: PromptTree) -> list[dict[str, Any]]:
@@ -38,7 +41,8 @@ def leaf_fields(tree: PromptTree) -> list[dict[str, Any]]:
         _, segments = tree.model_path(leaf)
         for _ in range(m):
             rows.append({"treepo_leaf": list(leaf), "treepo_segments": list(segments), "treepo_copies": m,
-                         "treepo_weight": m / width, "treepo_row": len(rows), "treepo_particles": bool(tree.particles)})
+                         "treepo_weight": m / width, "treepo_row": len(rows), "treepo_width": width,
+                         "treepo_particles": bool(tree.particles)})
     return rows
 
 
@@ -58,10 +62,10 @@ def trees_from_rows(uids: Sequence[str], fields: Sequence[dict], responses: Sequ
     trees, positions = [], []
     for g, (uid, rows) in enumerate(groups.items()):
         rows = sorted(rows, key=lambda i: int(fields[i]["treepo_row"]))
-        expected = list(range(len(rows)))
+        expected = list(range(int(fields[rows[0]]["treepo_width"])))
         if [int(fields[i]["treepo_row"]) for i in rows] != expected:
             raise InputError(f"prompt {uid}: its rows are {[int(fields[i]['treepo_row']) for i in rows]}, not the whole "
-                             f"tree 0..{len(rows) - 1}; a session of the tree failed (see the agent loop worker's log) "
+                             f"tree 0..{len(expected) - 1}; a session of the tree failed (see the agent loop worker's log) "
                              "or the batch was split.")
         tree = PromptTree(prompt_index=g, prompt_ids=[])
         for i in rows:
@@ -96,14 +100,14 @@ def trees_from_rows(uids: Sequence[str], fields: Sequence[dict], responses: Sequ
 
 def batch_advantages(uids: Sequence[str], fields: Sequence[dict], response_mask: torch.Tensor,
                      responses: torch.Tensor, scores: torch.Tensor, estimator: str, whitening: str) -> torch.Tensor:
-    """[B, L] advantages for verl's batch: treepo's for each row's tokens, 0 on padding.
+    """[B, L] advantages for verl's batch: treepo's for each row's tokens, 0 on padding (and on verl's padding rows).
 
-    response_mask [B, L] (1 on a response's tokens, which come first), responses [B, L] token ids,
-    scores [B] each row's reward (its token-level rewards summed)."""
-    lengths = response_mask.sum(-1).tolist()  # [B]
-    ids = [responses[i, : int(n)].tolist() for i, n in enumerate(lengths)]
-    trees, positions = trees_from_rows(uids, fields, ids)
-    order = [i for rows in positions for i in rows]  # batch positions in the trees' row order
+    response_mask [B, L] (verl may have masked tokens out by now: rollout rejection), responses [B, L] token ids,
+    scores [B] each row's reward (its token-level rewards summed). A row's length is its segments' sum."""
+    real = [i for i, u in enumerate(uids) if not str(u).startswith(PAD_UID)]
+    ids = [responses[i, : sum(int(n) for n in fields[i]["treepo_segments"])].tolist() for i in real]
+    trees, positions = trees_from_rows([uids[i] for i in real], [fields[i] for i in real], ids)
+    order = [real[i] for rows in positions for i in rows]  # batch positions in the trees' row order
     advs = row_advantages(trees, [float(scores[i]) for i in order], estimator, whitening)
     out = torch.zeros(response_mask.shape, dtype=torch.float32)  # [B, L]
     for i, adv in zip(order, advs):
