@@ -35,7 +35,7 @@ class DocsError(Exception):
 OTHER_FLAGS = {
     "config", "help",  # every treepo command: --config FILE.yaml, --help
     "max_png_trees", "terminal_trees", "out",  # treepo show's own
-    "server",  # scripts/setup.sh --server
+    "server", "verl",  # scripts/setup.sh --server, --verl
     "cpu_dry_run",  # scripts/gpu_check.sh
     "repeats", "only", "tasks", "seeds", "eos_prompts", "answers", "max_runs", "budget_scale",  # benchmarks/*.py
     "tiny",  # examples/trl_treepo.py
