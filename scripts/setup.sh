@@ -9,7 +9,7 @@
 #              It also builds .venv-verl, as --verl does.
 #   --verl     build .venv-verl: verl[verl-core] 0.9.x (which pins transformers < 5.11, below treepo's own >= 5.17)
 #              with the same torch, and treepo installed there without its pins, for treepo.integrations.verl
-#              and its tests (tests/verl, run from tests/test_verl.py). About 1-2 minutes, 2.1 GB.
+#              and its tests (tests/verl_plugin, run from tests/test_verl.py). About 1-2 minutes, 2.1 GB.
 set -euo pipefail
 SERVER=0
 VERL=0

@@ -2,7 +2,7 @@
 # Create .venv-verl: verl[verl-core] (the version range of treepo's `verl` extra) next to the torch of .venv, and
 # treepo in it (editable) with what its verl adapter imports. Idempotent. verl pins transformers < 5.11 while the
 # core needs >= 5.17, so the two cannot share an environment; treepo goes in with --no-deps, and the parts the
-# adapter uses (sampler, estimators, rows) import under verl's transformers (tests/verl checks it).
+# adapter uses (sampler, estimators, rows) import under verl's transformers (tests/verl_plugin checks it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

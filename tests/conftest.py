@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-# tests/verl runs in .venv-verl (verl pins transformers below treepo's), driven by tests/test_verl.py
-collect_ignore = [] if importlib.util.find_spec("verl") else ["verl"]
+# tests/verl_plugin runs in .venv-verl (verl pins transformers below treepo's), driven by tests/test_verl.py
+collect_ignore = [] if getattr(importlib.util.find_spec("verl"), "origin", None) else ["verl_plugin"]  # a real verl
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import their helpers (fakes, tiny models) by name
 

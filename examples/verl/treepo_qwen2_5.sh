@@ -6,7 +6,7 @@
 # Needs, on the cluster: pip install 'treepo[verl]' plus verl's own backend extra (verl[vllm] or verl[sglang]),
 # and GSM8K as verl's parquet files (python -m verl's examples/data_preprocess/gsm8k.py --local_save_dir ~/data/gsm8k).
 # TREEPO_CHECK_ONLY=1 composes verl's config with these lines and runs treepo's start-up check instead of
-# training (no GPU needed; tests/verl/test_verl_recipe.py runs it in CI). Not run on a GPU by treepo's authors:
+# training (no GPU needed; tests/verl_plugin/test_verl_recipe.py runs it in CI). Not run on a GPU by treepo's authors:
 # see docs/verl.md, "What has and has not run".
 set -euo pipefail
 BACKEND=${1:-vllm}

@@ -226,4 +226,4 @@ def test_a_server_that_dies_mid_tree_fails_the_prompt_not_hangs(cluster):
     uids, keys, status = _rollout(config, servers, ["what is 3 * 7", "say yes"], timeout=120)
     assert set(status.values()) == {"failure"}  # every session of both prompts ended (with the tree's error)
     assert keys == []  # and none delivered a row of a broken tree (the advantage step refuses partial trees:
-    # tests/verl/test_verl_estimator.py::test_rows_of_a_broken_tree_are_refused)
+    # tests/verl_plugin/test_verl_estimator.py::test_rows_of_a_broken_tree_are_refused)
