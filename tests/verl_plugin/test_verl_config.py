@@ -17,7 +17,8 @@ def test_the_four_lines_give_treepos_tree(treepo_config):
     assert (s.sampler.width, s.sampler.segment_len, s.sampler.depth) == (4, 8, 4)  # depth = response_length / segment
     assert (s.advantage, s.whitening, s.sampler.shape, s.sampler.budget) == ("unbiased", "scale", "adaptive", "particles")
     paper = check_config(treepo_config("algorithm.adv_estimator=treepo_paper", "+treepo.segment_len=8"), where="test")
-    assert paper.advantage == "average"
+    assert paper.advantage == "average" and paper.round_timeout == 0
+    assert check_config(treepo_config("+treepo.segment_len=8", "+treepo.round_timeout=600"), where="t").round_timeout == 600
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -32,6 +33,7 @@ def test_the_four_lines_give_treepos_tree(treepo_config):
     (["+treepo.env=calculator"], r"treepo.env.*single-turn"),
     (["+treepo.init_divergence=2"], r"init_divergence=2 contradicts --shape adaptive"),
     (["+treepo.segmnt_len=8"], r"treepo.segmnt_len: not a treepo setting"),
+    (["+treepo.round_timeout=-5"], r"treepo.round_timeout=-5.*seconds >= 0"),
     (["+treepo.branching=0"], r"the treepo block.*branching"),
     (["actor_rollout_ref.rollout.multi_turn.enable=True"], r"multi_turn.enable"),
     (["actor_rollout_ref.rollout.full_determinism=True"], r"full_determinism=True"),

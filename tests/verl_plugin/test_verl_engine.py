@@ -68,6 +68,16 @@ def test_a_failing_server_fails_the_round_with_the_reason(answer, match):
                                      max_context=64), [SegmentRequest(0, (0,), ((1, 2),), 3)] * 2)
 
 
+def test_a_hung_server_abandons_the_tree_after_the_round_timeout():
+    class Hung:
+        async def generate(self, request_id, *, prompt_ids, sampling_params):
+            await asyncio.sleep(3600)
+
+    with pytest.raises(ServerError, match=r"round_timeout=0.2 s; the server looks hung"):
+        _run(lambda loop: VerlEngine(Hung(), FakeTokenizer(), loop, request_id="t", sampling_params={}, max_context=64,
+                                     round_timeout=0.2), [SegmentRequest(0, (0,), ((1,),), 3)])
+
+
 def test_every_eos_id_of_the_generation_config_ends_a_path():
     """Qwen2.5 stops at two ids; a full-length segment ending in the second one still ends its path."""
     client = Client(lambda ids, m: TokenOutput(token_ids=[40] * (m - 1) + [99], log_probs=[-0.1] * m))

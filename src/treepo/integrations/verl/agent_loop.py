@@ -140,7 +140,7 @@ class TreeAgentLoop(AgentLoopBase):
         engine = VerlEngine(self.server_manager, self.tokenizer, self.loop, request_id=f"treepo-{uid}",
                             sampling_params=sampling_params,
                             max_context=int(rollout.prompt_length) + int(rollout.response_length),
-                            eos_ids=_eos_ids(self.config, self.tokenizer))
+                            eos_ids=_eos_ids(self.config, self.tokenizer), round_timeout=self.settings.round_timeout)
         started = time.perf_counter()
         sampler = TreeSampler(dataclasses.replace(cfg, shape="fixed"), engine)  # the step's shape, or the fixed one
         result = await self.loop.run_in_executor(_threads(), lambda: sampler.rollout([prompt_ids], shape=shape))

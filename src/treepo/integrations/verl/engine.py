@@ -11,7 +11,8 @@ shared prefixes.
 The sampler is synchronous and runs in a worker thread; verl's client is a coroutine on the agent loop
 worker's event loop. `generate` submits one round's requests to that loop together and blocks the
 sampler's thread (never the loop) until all are answered, or raises the first failure with the server
-error named: a round is never half delivered.
+error named: a round is never half delivered. With `treepo.round_timeout` set, a round that takes longer
+(a hung server: a dead one fails at once) abandons the tree with an error instead of waiting.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Optional, Sequence
 
 from ...engines.base import EngineStats, SegmentOutput, SegmentRequest
@@ -29,7 +31,7 @@ class VerlEngine:
     """`Engine` for one prompt's tree, over verl's `LLMServerClient` (`server_manager` of an agent loop)."""
 
     def __init__(self, client: Any, tokenizer: Any, loop: asyncio.AbstractEventLoop, *, request_id: str,
-                 sampling_params: dict, max_context: int, eos_ids: Sequence[int] = ()):
+                 sampling_params: dict, max_context: int, eos_ids: Sequence[int] = (), round_timeout: float = 0.0):
         self.client = client
         self.tokenizer = tokenizer
         self.loop = loop
@@ -42,6 +44,7 @@ class VerlEngine:
         self.cached_prompt_tokens = 0  # prompt tokens the server reported from its prefix cache
         self.weight_versions: set = set()  # the servers' global_steps over the tree's requests
         self.seed = 0
+        self.round_timeout = round_timeout  # seconds a round may take (0 = no limit)
 
     # -- protocol ---------------------------------------------------------------------------
     def generate(self, requests: Sequence[SegmentRequest]) -> list[SegmentOutput]:
@@ -49,7 +52,13 @@ class VerlEngine:
             return []
         self.stats.generate_calls += 1
         future: Future = asyncio.run_coroutine_threadsafe(self._round(list(requests)), self.loop)
-        return future.result()
+        try:
+            return future.result(timeout=self.round_timeout or None)
+        except FutureTimeout:
+            future.cancel()  # cancels the round's requests on the loop
+            raise ServerError(f"tree {self.request_id}: a round of {len(requests)} segments took over "
+                              f"treepo.round_timeout={self.round_timeout:g} s; the server looks hung, the tree is "
+                              "abandoned.") from None
 
     def release(self, group: int) -> None:
         pass  # the server's prefix cache evicts on its own

@@ -2,7 +2,7 @@
 
 A verl run selects treepo with four lines; the tree's own settings go in an optional `treepo:` block of
 the same config (Hydra: `+treepo.segment_len=512`), whose keys are `SamplerConfig`'s fields, plus
-`advantage` and `whitening` as in `treepo train`:
+`advantage` and `whitening` as in `treepo train`, and `round_timeout`:
 
     trainer.use_v1=True trainer.v1.trainer_mode=treepo
     actor_rollout_ref.rollout.agent.default_agent_loop=treepo_tree
@@ -35,7 +35,7 @@ TOKEN_ID_BACKENDS = ("vllm", "sglang")
 FIXED = {"width": "actor_rollout_ref.rollout.n", "mode": "(always 'tree')"}
 UNSUPPORTED = {"env": "multi-turn environments", "env_args": "multi-turn environments",
                "segment_mode": "turn segments", "max_turns": "multi-turn environments"}
-EXTRA = {"advantage", "whitening"}  # the block's keys that are not SamplerConfig fields
+EXTRA = {"advantage", "whitening", "round_timeout"}  # the block's keys that are not SamplerConfig fields
 
 
 def get(config: Any, path: str, default: Any = None) -> Any:
@@ -55,6 +55,9 @@ class TreeSettings:
     sampler: SamplerConfig
     advantage: str  # treepo's estimator name (train/advantages.py)
     whitening: str  # treepo's normalisation of the step's advantages
+    # Seconds one round of a tree's segments may take before the tree is abandoned as hung (0 = wait, as verl's
+    # own agent loops do). A dead server fails at once either way.
+    round_timeout: float = 0.0
 
 
 def tree_settings(config: Any) -> TreeSettings:
@@ -75,6 +78,14 @@ def tree_settings(config: Any) -> TreeSettings:
                               f"{', '.join(sorted((names - set(FIXED) - set(UNSUPPORTED)) | EXTRA))}.")
     advantage = block.pop("advantage", None)
     whitening = block.pop("whitening", None)
+    round_timeout = block.pop("round_timeout", 0)
+    try:
+        round_timeout = float(round_timeout)
+    except (TypeError, ValueError):
+        round_timeout = -1.0
+    if not round_timeout >= 0:
+        raise ConfigError(f"treepo.round_timeout={block.get('round_timeout', round_timeout)!r}: give seconds >= 0 "
+                          "(0 = no limit), e.g. +treepo.round_timeout=600.")
     estimator = str(get(config, "algorithm.adv_estimator", ""))
     if advantage is None:
         advantage = ESTIMATORS.get(estimator, ESTIMATORS["treepo"])
@@ -93,7 +104,7 @@ def tree_settings(config: Any) -> TreeSettings:
             f"treepo.depth={sampler.depth} x treepo.segment_len={sampler.segment_cap} = {sampler.response_budget} "
             f"response tokens exceeds actor_rollout_ref.rollout.response_length={response_length}: lower treepo.depth "
             "or raise response_length (verl pads every response to it).")
-    return TreeSettings(sampler, train.advantage, train.whitening)
+    return TreeSettings(sampler, train.advantage, train.whitening, round_timeout)
 
 
 def validation_sampler(sampler: SamplerConfig, width: int) -> SamplerConfig:
