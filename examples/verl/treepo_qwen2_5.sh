@@ -3,9 +3,10 @@
 #
 #   bash examples/verl/treepo_qwen2_5.sh vllm      # or: sglang
 #
-# Needs, on the cluster: pip install 'treepo[verl]' plus verl's own backend extra (verl[vllm] or verl[sglang]),
+# Needs, on the cluster: pip install 'verl[vllm]>=0.9.1,<0.10' (or verl[sglang]), then pip install --no-deps treepo
+# (treepo's own transformers pin is above verl's; docs/verl.md, "Install"),
 # and GSM8K as verl's parquet files (python -m verl's examples/data_preprocess/gsm8k.py --local_save_dir ~/data/gsm8k).
-# TREEPO_CHECK_ONLY=1 composes verl's config with these lines and runs treepo's start-up check instead of
+# TREEPO_CHECK_ONLY=1 composes verl's config with these lines and runs verl's and treepo's start-up checks instead of
 # training (no GPU needed; tests/verl_plugin/test_verl_recipe.py runs it in CI). Not run on a GPU by treepo's authors:
 # see docs/verl.md, "What has and has not run".
 set -euo pipefail
@@ -35,6 +36,7 @@ OVERRIDES=(
     data.max_response_length=7168                           # depth x segment_len
     actor_rollout_ref.actor.optim.lr=1e-6
     actor_rollout_ref.actor.ppo_mini_batch_size=32
+    actor_rollout_ref.actor.use_dynamic_bsz=True               # micro-batches by tokens (trees' rows vary in length)
     actor_rollout_ref.actor.use_kl_loss=False
     actor_rollout_ref.rollout.tensor_model_parallel_size=2
     actor_rollout_ref.rollout.gpu_memory_utilization=0.6

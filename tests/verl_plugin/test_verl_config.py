@@ -79,10 +79,21 @@ def test_the_plugin_is_found_through_the_entry_point_in_a_fresh_process():
     assert off.returncode != 0 and "KeyError" in off.stderr  # so the registration above came from the entry point
 
 
-def test_the_check_command_says_what_is_wrong(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "treepo.integrations.verl"], capture_output=True, text=True, timeout=300)
-    assert ok.returncode == 0 and "trainer mode: registered" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "treepo.integrations.verl", "trainer.use_v1=True",
-                          "trainer.v1.trainer_mode=treepo", "algorithm.adv_estimator=treepo"],
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "default_agent_loop" in bad.stdout
+def test_the_check_command_runs_verls_validation_and_treepos():
+    base = [sys.executable, "-m", "treepo.integrations.verl", "trainer.use_v1=True", "trainer.v1.trainer_mode=treepo",
+            "algorithm.adv_estimator=treepo"]
+    verl_says = subprocess.run(base, capture_output=True, text=True, timeout=300)  # verl's own check comes first
+    assert verl_says.returncode == 2 and "verl refuses this config" in verl_says.stdout and "micro_batch" in verl_says.stdout
+    treepo_says = subprocess.run(base + ["actor_rollout_ref.actor.use_dynamic_bsz=True"], capture_output=True,
+                                 text=True, timeout=300)
+    assert treepo_says.returncode == 2 and "default_agent_loop" in treepo_says.stdout
+
+
+def test_the_version_range_checked_at_import_is_the_one_setup_installs():
+    import tomllib
+    from pathlib import Path
+
+    from treepo.integrations.verl import BELOW_VERL, MIN_VERL
+
+    spec = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["tool"]["treepo"]["verl"]
+    assert spec == f"verl[verl-core]>={MIN_VERL},<{BELOW_VERL}"

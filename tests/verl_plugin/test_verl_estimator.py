@@ -16,7 +16,7 @@ from verl.trainer.ppo.ray_trainer import compute_advantage
 
 import treepo.integrations.verl.plugin  # noqa: F401  (registers the estimators, as the entry point does)
 from treepo.config import SamplerConfig
-from treepo.errors import ConfigError
+from treepo.errors import ConfigError, InputError
 from treepo.integrations.rows import completions, row_advantages
 from treepo.integrations.verl.estimators import StepRows, tree_rows_for_step
 from treepo.integrations.verl.settings import TreeSettings
@@ -98,18 +98,36 @@ def test_estimator_without_the_trainer_mode_names_the_fix():
 
 
 @pytest.mark.parametrize("budget,drop", [("particles", 0), ("transfer", 0), ("particles", -1), ("transfer", -1)])
-def test_rows_of_a_broken_tree_are_refused(budget, drop):
-    """A prompt whose session failed (its first or last row missing) is refused at the advantage step."""
+def test_a_prompt_that_lost_a_row_gets_no_advantage_and_is_counted(budget, drop):
+    """A session that failed after its tree was grown (its reward, say) leaves the prompt without a row: its other
+    rows get advantage 0 (no tree advantages without the whole tree), the whole prompts treepo's own; and a step
+    where no prompt is whole is refused."""
     trees = _trees(budget, seed=2)
     rows = sum(t.group_size for t in trees)
-    data, fields = _verl_batch(trees, [1.0] * rows, list(range(rows)))
-    keep = [i for i in range(rows) if i != range(rows)[drop]]
-    data = data.select_idxs(keep)
-    settings = TreeSettings(SamplerConfig(width=8), "unbiased", "scale")
-    with tree_rows_for_step(StepRows(list(data.non_tensor_batch["uid"]), [fields[i] for i in keep],
-                                     data.batch["responses"], settings)):
-        with pytest.raises(Exception, match="not the whole tree|particles but it has"):
-            compute_advantage(data, adv_estimator="treepo", config=AlgoConfig(adv_estimator="treepo"))
+    rewards = [float(i % 3 == 0) for i in range(rows)]
+    at = 0
+    for t in trees:
+        for m in t.leaf_counts():
+            rewards[at : at + m] = [rewards[at]] * m
+            at += m
+    data, fields = _verl_batch(trees, rewards, list(range(rows)))
+    first = trees[0].group_size  # the first prompt's rows are 0 .. first-1
+    lost = range(first)[drop]
+    keep = [i for i in range(rows) if i != lost]
+    step = StepRows(list(data.non_tensor_batch["uid"][keep]), [fields[i] for i in keep], data.batch["responses"][keep],
+                    TreeSettings(SamplerConfig(width=8), "unbiased", "none"))
+    with tree_rows_for_step(step):
+        out = compute_advantage(data.select_idxs(keep), adv_estimator="treepo", config=AlgoConfig(adv_estimator="treepo"))
+    got = out.batch["advantages"]
+    assert step.incomplete_rows == first - 1 and torch.all(got[: first - 1] == 0)
+    expected = row_advantages(copy.deepcopy(trees[1:]), rewards[first:], "unbiased", "none")
+    for pos, e in enumerate(expected, start=first - 1):
+        assert torch.allclose(got[pos, : len(e)].double(), torch.tensor(e, dtype=torch.float64), atol=1e-6)
+    only = [i for i in keep if i < first]
+    with tree_rows_for_step(StepRows(list(data.non_tensor_batch["uid"][only]), [fields[i] for i in only],
+                                     data.batch["responses"][only], step.settings)):
+        with pytest.raises(InputError, match="no prompt of the step has its whole tree"):
+            compute_advantage(data.select_idxs(only), adv_estimator="treepo", config=AlgoConfig(adv_estimator="treepo"))
 
 
 def test_verls_padding_rows_and_rejected_tokens_are_handled():

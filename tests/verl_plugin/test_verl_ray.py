@@ -5,8 +5,9 @@ mode's advantage step at the end. No GPU, no download: the servers are scripted 
 Checked: exactly n rows per prompt (the tree's leaves, each repeated for its particles); every request
 carries the token ids of its parent's context plus the parent's segment (prefixes reused, never
 re-tokenised); all requests of one tree reach one server (sticky routing); the tree metadata reaches
-the advantage step, whose advantages equal treepo's on the same trees; a server that dies mid-tree
-ends every session of its prompt with an error and the advantage step refuses the broken tree, no hang.
+the advantage step, whose advantages equal treepo's on the same trees; the adaptive shape is learnt
+across steps in one worker; a server that dies mid-tree ends every session of its prompt with an error
+(the prompt delivers no rows), no hang.
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ def test_a_tree_rollout_through_verls_worker_client_and_balancer(cluster):
     prompts = {u: rows["prompts"].unbind()[i].tolist() for i, u in enumerate(row_uids)}
     for u in uids:  # exactly n rows per prompt, session i holding row i of the tree
         assert sorted(f["treepo_row"] for uu, f in zip(row_uids, fields) if uu == u) == list(range(WIDTH))
-    trees, positions = trees_from_rows(row_uids, fields, responses)
+    trees, positions, incomplete = trees_from_rows(row_uids, fields, responses)
+    assert incomplete == []
     assert all(t.group_size == WIDTH for t in trees) and any(len(t.leaves) > 1 for t in trees)
     for tree, rows_ in zip(trees, positions):  # the trees' own accounting rode along, and prefixes were shared
         assert fields[rows_[0]]["treepo_tree_decoded_tokens"] == tree.decoded_tokens < tree.particle_tokens
@@ -194,7 +196,7 @@ def test_a_tree_rollout_through_verls_worker_client_and_balancer(cluster):
 
 def test_the_adaptive_shape_is_learnt_across_steps_in_the_worker(cluster):
     """Step 1 samples independently (no lengths seen); step 2's trees all grow the one shape the worker chose."""
-    config = _config(cluster, "treepo.segment_len=2", "+treepo.depth=6")  # adaptive (the default): budget 12 tokens
+    config = _config(cluster, "treepo.segment_len=2", "+treepo.depth=6", "+treepo.min_segment_len=2")  # adaptive (the default): budget 12 tokens
     servers = {"s0": FakeServer.options(num_cpus=0).remote("s0")}
     worker = _worker(config, servers)
     prompts = ["a", "bb", "ccc", "dddd", "eeeee", "ffffff"]
@@ -205,7 +207,7 @@ def test_the_adaptive_shape_is_learnt_across_steps_in_the_worker(cluster):
         fields = _column(tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["extra_fields"]), "extra_fields")
         shapes.append({(f["treepo_tree_segment_len"], f["treepo_tree_root_fanout"]) for f in fields})
     assert shapes[0] == {(2, WIDTH)}  # independent sampling, in the config's segments
-    assert len(shapes[1]) == 1  # one shape for the whole step
+    assert len(shapes[1]) == 1 and shapes[1] != shapes[0]  # one shape for the step, learnt: a tree that forks
 
 
 def test_the_trainer_mode_is_verls_sync_trainer(cluster):

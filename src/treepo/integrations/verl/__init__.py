@@ -1,6 +1,7 @@
 """TreePO inside verl's Ray trainer: tree rollouts through verl's servers, tree advantages in its PPO step.
 
-    pip install 'treepo[verl]'      # verl[verl-core] 0.9.x; verl's vllm / sglang extras on the cluster
+    pip install 'verl[vllm]>=0.9.1,<0.10'   # or verl[sglang]; verl[verl-core] to check configs on a laptop
+    pip install --no-deps treepo            # treepo's transformers pin is above verl's: not `treepo[verl]`
     python -m verl.trainer.main_ppo ... \\
         trainer.use_v1=True trainer.v1.trainer_mode=treepo \\
         actor_rollout_ref.rollout.agent.default_agent_loop=treepo_tree \\
@@ -31,8 +32,8 @@ def check_verl() -> str:
     try:
         import verl
     except ImportError as e:
-        raise ImportError("treepo.integrations.verl needs verl, which is not installed: pip install 'treepo[verl]' "
-                          f"(verl[verl-core]>={MIN_VERL},<{BELOW_VERL}).") from e
+        raise ImportError("treepo.integrations.verl needs verl, which is not installed: pip install "
+                          f"'verl[verl-core]>={MIN_VERL},<{BELOW_VERL}' (then treepo with --no-deps: docs/verl.md).") from e
     from packaging.version import Version
 
     if not Version(MIN_VERL) <= Version(verl.__version__) < Version(BELOW_VERL):

@@ -2,7 +2,8 @@
 
 Prints where treepo is registered in verl (agent loop, estimators, trainer mode) in a fresh process,
 as verl's Ray workers find it; with Hydra overrides, composes verl's ppo_trainer config with them and
-runs treepo's start-up check, so a cluster job's config can be checked on a laptop.
+runs verl's own config validation (what `python -m verl.trainer.main_ppo` runs first) and treepo's
+start-up check, so a cluster job's config can be checked on a laptop, whatever its trainer mode.
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ def main(argv: list[str]) -> int:
         config_dir = str(Path(verl.__file__).parent / "trainer" / "config")
         with initialize_config_dir(config_dir=config_dir, version_base=None):
             config = compose(config_name="ppo_trainer", overrides=argv)
+        from verl.trainer.ppo.utils import need_critic, need_reference_policy
+        from verl.utils.config import validate_config
+
+        try:
+            validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+        except Exception as e:  # verl raises assertions, ValueErrors and Hydra's instantiation errors
+            print(f"verl refuses this config: {e}")
+            return 2
         try:
             settings = check_config(config, where="python -m treepo.integrations.verl")
         except ConfigError as e:

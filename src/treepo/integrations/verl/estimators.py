@@ -33,6 +33,7 @@ class StepRows:
     fields: Sequence[dict]  # each row's extra_fields (tree metadata)
     responses: torch.Tensor  # [B, L] response token ids, right-padded
     settings: TreeSettings
+    incomplete_rows: int = 0  # set by the estimator: rows of prompts that lost a row (advantage 0)
 
 
 _STEP: ContextVar[Optional[StepRows]] = ContextVar("treepo_step_rows", default=None)
@@ -63,8 +64,8 @@ def tree_advantages(name: str, token_level_rewards: torch.Tensor, response_mask:
         raise RuntimeError("the advantage step's uids are not the rows' whose tree metadata was fetched.")
     advantage = step.settings.advantage if name == "treepo" else ESTIMATORS[name]
     scores = token_level_rewards.sum(dim=-1)  # [B] each row's reward
-    adv = batch_advantages(step.uids, step.fields, response_mask, step.responses, scores, advantage,
-                           step.settings.whitening)  # [B, L]
+    adv, step.incomplete_rows = batch_advantages(step.uids, step.fields, response_mask, step.responses, scores,
+                                                 advantage, step.settings.whitening)  # [B, L]
     adv = adv.to(token_level_rewards.device) * response_mask
     return adv, adv
 

@@ -55,7 +55,9 @@ def tree_step_metrics(uids, fields) -> dict[str, float]:
     return {
         "treepo/decoded_tokens": float(decoded),  # unique tokens the servers sampled for the trees
         "treepo/particle_tokens": float(particle),  # what n independent draws with exactly these answers decode
-        "treepo/saving_vs_own_leaves": 1.0 - decoded / particle if particle else 0.0,
+        # 1 - decoded / (n independent draws of exactly these answers); treepo's own saving_vs_own_leaves divides
+        # by the distinct leaves' tokens instead, a smaller figure under particles
+        "treepo/saving_vs_same_answers_drawn_independently": 1.0 - decoded / particle if particle else 0.0,
         "treepo/distinct_leaves_per_group": sum(f["treepo_tree_distinct_leaves"] for f in trees) / max(len(trees), 1),
         "treepo/cached_prompt_tokens": float(sum(f["treepo_tree_cached_prompt_tokens"] for f in trees)),
         "treepo/requests_per_tree": sum(f["treepo_tree_requests"] for f in trees) / max(len(trees), 1),
@@ -90,4 +92,9 @@ class TreePOTrainer(PPOTrainerSync):
         with tree_rows_for_step(rows):
             out = super()._compute_advantage(batch, metrics)
         metrics.update(tree_step_metrics(uids, fields))
+        metrics["treepo/incomplete_tree_rows"] = float(rows.incomplete_rows)
+        if rows.incomplete_rows:
+            log.warning("treepo: %d rows belong to prompts that lost a row after their tree was grown (a reward or "
+                        "TransferQueue failure; see the agent loop workers' logs): they get advantage 0 this step",
+                        rows.incomplete_rows)
         return out

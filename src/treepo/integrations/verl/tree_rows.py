@@ -47,11 +47,13 @@ def leaf_fields(tree: PromptTree) -> list[dict[str, Any]]:
 
 
 def trees_from_rows(uids: Sequence[str], fields: Sequence[dict], responses: Sequence[Sequence[int]]
-                    ) -> tuple[list[PromptTree], list[list[int]]]:
-    """(one tree per prompt, and per tree the batch positions of its rows in the tree's row order).
+                    ) -> tuple[list[PromptTree], list[list[int]], list[int]]:
+    """(one tree per whole prompt, per tree the batch positions of its rows in the tree's row order, and the
+    positions of the rows of incomplete trees).
 
-    InputError when a row lacks the tree fields (it did not come from the tree agent loop), a prompt's
-    rows are not its whole tree, or two rows disagree about a segment they share."""
+    A prompt whose rows are not its whole tree (a session failed after its tree was grown: its reward, say)
+    is left out: its rows cannot be given tree advantages. InputError when a row lacks the tree fields (it
+    did not come from the tree agent loop) or two rows disagree about a segment they share."""
     groups: dict[str, list[int]] = defaultdict(list)
     for i, (uid, f) in enumerate(zip(uids, fields)):
         if not isinstance(f, dict) or any(k not in f for k in FIELDS):
@@ -59,14 +61,13 @@ def trees_from_rows(uids: Sequence[str], fields: Sequence[dict], responses: Sequ
                              "the treepo_tree agent loop; set actor_rollout_ref.rollout.agent.default_agent_loop="
                              "treepo_tree.")
         groups[str(uid)].append(i)
-    trees, positions = [], []
+    trees, positions, incomplete = [], [], []
     for g, (uid, rows) in enumerate(groups.items()):
         rows = sorted(rows, key=lambda i: int(fields[i]["treepo_row"]))
         expected = list(range(int(fields[rows[0]]["treepo_width"])))
         if [int(fields[i]["treepo_row"]) for i in rows] != expected:
-            raise InputError(f"prompt {uid}: its rows are {[int(fields[i]['treepo_row']) for i in rows]}, not the whole "
-                             f"tree 0..{len(expected) - 1}; a session of the tree failed (see the agent loop worker's log) "
-                             "or the batch was split.")
+            incomplete += rows
+            continue
         tree = PromptTree(prompt_index=g, prompt_ids=[])
         for i in rows:
             f = fields[i]
@@ -92,24 +93,31 @@ def trees_from_rows(uids: Sequence[str], fields: Sequence[dict], responses: Sequ
                     tree.particles[leaf] = int(f["treepo_copies"])
         if tree.particles and sum(tree.particles.values()) != len(rows):
             raise InputError(f"prompt {uid}: its leaves hold {sum(tree.particles.values())} particles but it has "
-                             f"{len(rows)} rows; a session of the tree failed or the batch was split.")
+                             f"{len(rows)} rows; the tree metadata is damaged.")
         trees.append(tree)
         positions.append(rows)
-    return trees, positions
+    return trees, positions, incomplete
 
 
 def batch_advantages(uids: Sequence[str], fields: Sequence[dict], response_mask: torch.Tensor,
-                     responses: torch.Tensor, scores: torch.Tensor, estimator: str, whitening: str) -> torch.Tensor:
-    """[B, L] advantages for verl's batch: treepo's for each row's tokens, 0 on padding (and on verl's padding rows).
+                     responses: torch.Tensor, scores: torch.Tensor, estimator: str, whitening: str
+                     ) -> tuple[torch.Tensor, int]:
+    """([B, L] advantages for verl's batch, rows of incomplete trees): treepo's advantages for each row's tokens,
+    0 on padding, on verl's padding rows and on the rows of a prompt that lost a row (which GRPO would still
+    train on, with n-1 rows; a tree without one of its rows has no tree advantages). InputError when no
+    prompt of the batch is whole.
 
     response_mask [B, L] (verl may have masked tokens out by now: rollout rejection), responses [B, L] token ids,
     scores [B] each row's reward (its token-level rewards summed). A row's length is its segments' sum."""
     real = [i for i, u in enumerate(uids) if not str(u).startswith(PAD_UID)]
     ids = [responses[i, : sum(int(n) for n in fields[i]["treepo_segments"])].tolist() for i in real]
-    trees, positions = trees_from_rows([uids[i] for i in real], [fields[i] for i in real], ids)
+    trees, positions, incomplete = trees_from_rows([uids[i] for i in real], [fields[i] for i in real], ids)
+    if not trees and real:
+        raise InputError(f"no prompt of the step has its whole tree ({len(real)} rows of incomplete trees): sessions "
+                         "failed after their trees were grown; see the agent loop workers' logs.")
     order = [real[i] for rows in positions for i in rows]  # batch positions in the trees' row order
     advs = row_advantages(trees, [float(scores[i]) for i in order], estimator, whitening)
     out = torch.zeros(response_mask.shape, dtype=torch.float32)  # [B, L]
     for i, adv in zip(order, advs):
         out[i, : len(adv)] = torch.tensor(adv, dtype=torch.float32)
-    return out
+    return out, len(incomplete)
