@@ -39,6 +39,18 @@ def _trees(budget: str, seed: int):
     return TreeSampler(cfg, FakeEngine(script=script)).rollout([[5, 6, 7], [8, 9], [10]]).trees
 
 
+def _leaf_rewards(trees, draw):
+    """One reward per row, `draw(row)`, the copies of one leaf given its first copy's: they are one answer, scored
+    alike (verl scores each session; a deterministic scorer agrees)."""
+    rewards = [draw(i) for i in range(sum(t.group_size for t in trees))]
+    at = 0
+    for t in trees:
+        for m in t.leaf_counts():
+            rewards[at : at + m] = [rewards[at]] * m
+            at += m
+    return rewards
+
+
 def _verl_batch(trees, rewards, order):
     """verl's batch of the trees' rows in `order`: right-padded responses, reward at each row's last token."""
     ids, _ = completions(trees)
@@ -65,13 +77,7 @@ def test_verl_estimator_equals_treepos_on_the_same_trees(budget, name, advantage
     trees = _trees(budget, seed=3)
     rows = sum(t.group_size for t in trees)
     rng = random.Random(7)
-    rewards = [float(rng.choice([0.0, 1.0, 0.5])) for _ in range(rows)]
-    # copies of one leaf are one answer, scored alike (verl scores each session; a deterministic scorer agrees)
-    at = 0
-    for t in trees:
-        for m in t.leaf_counts():
-            rewards[at : at + m] = [rewards[at]] * m
-            at += m
+    rewards = _leaf_rewards(trees, lambda i: float(rng.choice([0.0, 1.0, 0.5])))
     order = list(range(rows))
     random.Random(1).shuffle(order)  # verl's batch order is its own (balancing reorders rows)
     data, fields = _verl_batch(trees, rewards, order)
@@ -104,12 +110,7 @@ def test_a_prompt_that_lost_a_row_gets_no_advantage_and_is_counted(budget, drop)
     where no prompt is whole is refused."""
     trees = _trees(budget, seed=2)
     rows = sum(t.group_size for t in trees)
-    rewards = [float(i % 3 == 0) for i in range(rows)]
-    at = 0
-    for t in trees:
-        for m in t.leaf_counts():
-            rewards[at : at + m] = [rewards[at]] * m
-            at += m
+    rewards = _leaf_rewards(trees, lambda i: float(i % 3 == 0))
     data, fields = _verl_batch(trees, rewards, list(range(rows)))
     first = trees[0].group_size  # the first prompt's rows are 0 .. first-1
     lost = range(first)[drop]
@@ -136,12 +137,7 @@ def test_verls_padding_rows_and_rejected_tokens_are_handled():
     trees = _trees("particles", seed=5)
     rows = sum(t.group_size for t in trees)
     rng = random.Random(3)
-    rewards = [float(rng.choice([0.0, 1.0])) for _ in range(rows)]
-    at = 0
-    for t in trees:
-        for m in t.leaf_counts():
-            rewards[at : at + m] = [rewards[at]] * m
-            at += m
+    rewards = _leaf_rewards(trees, lambda i: float(rng.choice([0.0, 1.0])))
     data, fields = _verl_batch(trees, rewards, list(range(rows)))
     pad = DataProto.from_dict(
         tensors={"responses": torch.zeros(2, data.batch["responses"].shape[1], dtype=torch.long),

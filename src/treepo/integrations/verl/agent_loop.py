@@ -136,7 +136,7 @@ class TreeAgentLoop(AgentLoopBase):
             cfg = dataclasses.replace(validation_sampler(self.settings.sampler, width), seed=seed)
         kind = (width, *(str(sampling_params.get(k)) for k in ("temperature", "top_p", "top_k")))
         step = kwargs.get("global_steps")
-        shape, shapes = step_shape(dataclasses.replace(cfg, seed=0), kind, step)
+        shape, shapes = step_shape(cfg, kind, step)
         engine = VerlEngine(self.server_manager, self.tokenizer, self.loop, request_id=f"treepo-{uid}",
                             sampling_params=sampling_params,
                             max_context=int(rollout.prompt_length) + int(rollout.response_length),
